@@ -1,0 +1,20 @@
+"""emocircuits: find and control the circuits through which a language model expresses emotion.
+
+A TransformerLens (``TransformerBridge``) plugin implementing "Do LLMs 'Feel'? Emotion
+Circuits Discovery and Control" (2025) as composable analysis functions.
+"""
+
+from . import data, emotions, judges, prompts, sites
+from .emotions import EKMAN6, EmotionSet, emotion_set
+from .generation import GenerationConfig, GenerationResult, generate
+from .judges.readout import emotion_readout
+from .models import load_model
+from .prompts import Prompt, TokenBatch, tokenize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EKMAN6", "EmotionSet", "GenerationConfig", "GenerationResult", "Prompt", "TokenBatch",
+    "data", "emotion_readout", "emotion_set", "emotions", "generate", "judges", "load_model",
+    "prompts", "sites", "tokenize",
+]

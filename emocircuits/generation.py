@@ -1,0 +1,222 @@
+"""Batched greedy generation with hooks active and the KV cache.
+
+One prefill forward over the left-padded prompts, then one forward per new token that
+feeds only that token and the HF cache. Hooks therefore see the whole prompt once and
+then sequences of length 1: "the last position of every forward call" (the paper's
+steering/modulation position) is the last prompt token, then every generated token.
+
+Logits processing follows HF's greedy decoding (so that with no hooks the output is
+token-for-token that of ``model.generate(do_sample=False)``):
+
+* repetition penalty p: for every token id already in the row (prompt + generated),
+  logit <- logit / p if logit > 0 else logit * p;
+* no-repeat n-gram n: a token that would complete an n-gram already in the row gets -inf;
+* min new tokens: EOS gets -inf until that many tokens were generated.
+
+Rows stop at EOS independently; finished rows are fed the pad token (masked out).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .prompts import Prompt, TokenBatch, tokenize
+
+_PHASE_ATTR = "_emocircuits_decoding"
+
+
+def is_decoding(model) -> bool:
+    """True inside ``generate`` while a forward call decodes one new token from the cache."""
+    return bool(getattr(model, _PHASE_ATTR, False))
+
+
+@contextmanager
+def _phase(model, decoding: bool):
+    prev = getattr(model, _PHASE_ATTR, False)
+    object.__setattr__(model, _PHASE_ATTR, decoding)
+    try:
+        yield
+    finally:
+        object.__setattr__(model, _PHASE_ATTR, prev)
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding settings. The paper's stage-03 steering setting is ``GenerationConfig.paper_steering()``."""
+
+    max_new_tokens: int = 100
+    min_new_tokens: int = 0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.min_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 1 and min_new_tokens >= 0")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError("min_new_tokens > max_new_tokens")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0")
+
+    @classmethod
+    def paper_prompting(cls) -> GenerationConfig:
+        return cls(max_new_tokens=100)
+
+    @classmethod
+    def paper_steering(cls) -> GenerationConfig:
+        return cls(max_new_tokens=100, min_new_tokens=10, repetition_penalty=1.05,
+                   no_repeat_ngram_size=3)
+
+    @classmethod
+    def paper_modulation(cls) -> GenerationConfig:
+        return cls(max_new_tokens=100, min_new_tokens=10, repetition_penalty=1.1,
+                   no_repeat_ngram_size=3)
+
+
+@dataclass
+class GenerationResult:
+    texts: list[str]
+    tokens: list[list[int]]  # generated ids per row (EOS excluded)
+    prompt_lengths: list[int]
+    seconds: float = 0.0
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+
+def _apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, p: float) -> torch.Tensor:
+    """seen: bool [b, vocab]; HF's multiplicative penalty on every seen id."""
+    if p == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / p, logits * p)
+    return torch.where(seen, penalised, logits)
+
+
+def _banned_ngram_tokens(rows: list[list[int]], n: int) -> list[list[int]]:
+    """For each row, the tokens that would complete an n-gram already present."""
+    out: list[list[int]] = []
+    for ids in rows:
+        if len(ids) + 1 < n:
+            out.append([])
+            continue
+        prefix = tuple(ids[len(ids) - n + 1:]) if n > 1 else ()
+        banned = [
+            ids[i + n - 1]
+            for i in range(len(ids) - n + 1)
+            if tuple(ids[i:i + n - 1]) == prefix
+        ]
+        out.append(banned)
+    return out
+
+
+@torch.no_grad()
+def _generate_batch(model, batch: TokenBatch, cfg: GenerationConfig, eos_ids: set[int]):
+    tok = model.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    b = batch.tokens.shape[0]
+    vocab = model.cfg.d_vocab
+    device = batch.tokens.device
+    rows = [batch.tokens[i, batch.tokens.shape[1] - int(batch.lengths[i]):].tolist() for i in range(b)]
+    seen = torch.zeros(b, vocab, dtype=torch.bool, device=device)
+    if cfg.repetition_penalty != 1.0:
+        for i, r in enumerate(rows):
+            seen[i, torch.tensor(r, device=device)] = True
+    generated: list[list[int]] = [[] for _ in range(b)]
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    mask = batch.attention_mask
+    eos_t = torch.tensor(sorted(eos_ids), device=device)
+    with _phase(model, False):
+        logits, cache = model(batch.tokens, attention_mask=mask, return_type="logits_and_cache",
+                              use_cache=True, logits_to_keep=1)
+    for step in range(cfg.max_new_tokens):
+        nxt_logits = logits[:, -1, :].float()
+        nxt_logits = _apply_repetition_penalty(nxt_logits, seen, cfg.repetition_penalty)
+        if cfg.no_repeat_ngram_size > 0:
+            for i, banned in enumerate(_banned_ngram_tokens(rows, cfg.no_repeat_ngram_size)):
+                if banned:
+                    nxt_logits[i, banned] = -float("inf")
+        if step < cfg.min_new_tokens:
+            nxt_logits[:, eos_t] = -float("inf")
+        nxt = nxt_logits.argmax(dim=-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        for i in range(b):
+            if not done[i]:
+                t = int(nxt[i])
+                if t in eos_ids:
+                    done[i] = True
+                else:
+                    generated[i].append(t)
+                    rows[i].append(t)
+                    seen[i, t] = True
+        if bool(done.all()) or step == cfg.max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, (~done).long().unsqueeze(1)], dim=1)
+        with _phase(model, True):
+            logits, cache = model(nxt.unsqueeze(1), attention_mask=mask, past_key_values=cache,
+                                  return_type="logits_and_cache", use_cache=True)
+    return generated
+
+
+def _eos_ids(model) -> set[int]:
+    tok = model.tokenizer
+    ids = set()
+    if tok.eos_token_id is not None:
+        ids.add(int(tok.eos_token_id))
+    gen_cfg = getattr(model.original_model, "generation_config", None)
+    extra = getattr(gen_cfg, "eos_token_id", None)
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif isinstance(extra, (list, tuple)):
+        ids.update(int(x) for x in extra)
+    return ids
+
+
+def generate(
+    model,
+    prompts: Sequence[str | Prompt] | str,
+    config: GenerationConfig | None = None,
+    *,
+    progress: bool = True,
+    **overrides,
+) -> GenerationResult:
+    """Greedy-generate a continuation for every prompt, with whatever hooks are active.
+
+    ``overrides`` replace fields of ``config`` (e.g. ``max_new_tokens=20``). Prompts are
+    sorted by length into batches of ``config.batch_size`` to limit padding; results come
+    back in input order. Texts are decoded without special tokens and stripped.
+    """
+    cfg = config or GenerationConfig()
+    if overrides:
+        cfg = GenerationConfig(**{**cfg.__dict__, **overrides})
+    if isinstance(prompts, (str, Prompt)):
+        prompts = [prompts]
+    texts = [p.text if isinstance(p, Prompt) else p for p in prompts]
+    eos_ids = _eos_ids(model)
+    lengths = [len(model.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    out_tokens: list[list[int]] = [[] for _ in texts]
+    prompt_lengths = [0] * len(texts)
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(texts), desc="generate", disable=not progress, leave=False)
+    try:
+        for s in range(0, len(order), cfg.batch_size):
+            idx = order[s:s + cfg.batch_size]
+            batch = tokenize(model, [texts[i] for i in idx])
+            gen = _generate_batch(model, batch, cfg, eos_ids)
+            for j, i in enumerate(idx):
+                out_tokens[i] = gen[j]
+                prompt_lengths[i] = int(batch.lengths[j])
+            bar.update(len(idx))
+    finally:
+        bar.close()
+    decoded = [model.tokenizer.decode(t, skip_special_tokens=True).strip() for t in out_tokens]
+    return GenerationResult(decoded, out_tokens, prompt_lengths, time.perf_counter() - t0,
+                            meta={"config": cfg.__dict__})

