@@ -6,6 +6,7 @@ Circuits Discovery and Control" (2025) as composable analysis functions.
 
 from . import data, emotions, judges, prompts, sites
 from .emotions import EKMAN6, EmotionSet, emotion_set
+from .activations import Activations, collect
 from .generation import GenerationConfig, GenerationResult, generate
 from .judges.readout import emotion_readout
 from .models import load_model
@@ -14,7 +15,7 @@ from .prompts import Prompt, TokenBatch, tokenize
 __version__ = "0.1.0"
 
 __all__ = [
-    "EKMAN6", "EmotionSet", "GenerationConfig", "GenerationResult", "Prompt", "TokenBatch",
+    "Activations", "EKMAN6", "EmotionSet", "collect", "GenerationConfig", "GenerationResult", "Prompt", "TokenBatch",
     "data", "emotion_readout", "emotion_set", "emotions", "generate", "judges", "load_model",
     "prompts", "sites", "tokenize",
 ]

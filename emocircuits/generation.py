@@ -19,7 +19,7 @@ Rows stop at EOS independently; finished rows are fed the pad token (masked out)
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -117,8 +117,14 @@ def _banned_ngram_tokens(rows: list[list[int]], n: int) -> list[list[int]]:
     return out
 
 
+LogitsProcessor = Callable[[int, list[list[int]], torch.Tensor], torch.Tensor]
+"""``(step, rows, logits[b, vocab]) -> logits``: rows are each row's ids so far (prompt +
+generated); called before the built-in processors, in order, at every step."""
+
+
 @torch.no_grad()
-def _generate_batch(model, batch: TokenBatch, cfg: GenerationConfig, eos_ids: set[int]):
+def _generate_batch(model, batch: TokenBatch, cfg: GenerationConfig, eos_ids: set[int],
+                    processors: Sequence[LogitsProcessor] = ()):
     tok = model.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     b = batch.tokens.shape[0]
@@ -138,6 +144,8 @@ def _generate_batch(model, batch: TokenBatch, cfg: GenerationConfig, eos_ids: se
                               use_cache=True, logits_to_keep=1)
     for step in range(cfg.max_new_tokens):
         nxt_logits = logits[:, -1, :].float()
+        for proc in processors:
+            nxt_logits = proc(step, rows, nxt_logits)
         nxt_logits = _apply_repetition_penalty(nxt_logits, seen, cfg.repetition_penalty)
         if cfg.no_repeat_ngram_size > 0:
             for i, banned in enumerate(_banned_ngram_tokens(rows, cfg.no_repeat_ngram_size)):
@@ -185,6 +193,7 @@ def generate(
     config: GenerationConfig | None = None,
     *,
     progress: bool = True,
+    logits_processors: Sequence[LogitsProcessor] = (),
     **overrides,
 ) -> GenerationResult:
     """Greedy-generate a continuation for every prompt, with whatever hooks are active.
@@ -192,6 +201,8 @@ def generate(
     ``overrides`` replace fields of ``config`` (e.g. ``max_new_tokens=20``). Prompts are
     sorted by length into batches of ``config.batch_size`` to limit padding; results come
     back in input order. Texts are decoded without special tokens and stripped.
+    ``logits_processors`` (see ``LogitsProcessor``) adjust each step's logits, e.g. the
+    emotion-vocabulary bias of ``emocircuits.control``.
     """
     cfg = config or GenerationConfig()
     if overrides:
@@ -210,7 +221,7 @@ def generate(
         for s in range(0, len(order), cfg.batch_size):
             idx = order[s:s + cfg.batch_size]
             batch = tokenize(model, [texts[i] for i in idx])
-            gen = _generate_batch(model, batch, cfg, eos_ids)
+            gen = _generate_batch(model, batch, cfg, eos_ids, logits_processors)
             for j, i in enumerate(idx):
                 out_tokens[i] = gen[j]
                 prompt_lengths[i] = int(batch.lengths[j])

@@ -1,0 +1,264 @@
+"""Collect only the activations asked for: chosen sites, layers and positions.
+
+``collect(model, prompts, sites, position)`` runs batched, left-padded forwards with one
+hook per (site, layer) that copies only the wanted positions to float32 on the CPU, and
+stops the forward after the deepest layer needed (no unembedding unless ``final_norm``
+is asked). Never materialises a full ``run_with_cache``.
+
+Positions:
+
+* ``"last"``: the last prompt token -> ``[n, layer, *width]``;
+* ``"all"``: every real token, left-aligned and zero-padded -> ``[n, layer, max_len, *width]``
+  with ``Activations.lengths``;
+* an int tensor ``[n, k]`` (or ``[k]`` for all prompts) of positions in each unpadded
+  prompt, negative counting from the end -> ``[n, layer, k, *width]``.
+
+``final_norm`` has no layer axis (its "layer" axis has size 1). ``head_result`` is
+``z_h @ W_O[h]`` computed in the hook. With ``out_dir`` the results are streamed to disk in
+safetensors shards (one per batch group) and ``Activations.load(out_dir)`` reads them back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from jaxtyping import Float
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import sites as S
+from .prompts import Prompt, tokenize
+
+Position = str | torch.Tensor
+
+
+@dataclass
+class Activations:
+    """``acts[site]``: float32 CPU tensor ``[n, layer, (pos,) *width]``; ``layers[site]`` lists its layers."""
+
+    acts: dict[str, Float[torch.Tensor, "n layer ..."]]
+    layers: dict[str, list[int]]
+    position: str
+    lengths: torch.Tensor | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __getitem__(self, site: str) -> torch.Tensor:
+        if site not in self.acts:
+            raise KeyError(f"site {site!r} was not collected; have {list(self.acts)}")
+        return self.acts[site]
+
+    def __len__(self) -> int:
+        return next(iter(self.acts.values())).shape[0]
+
+    def layer(self, site: str, layer: int) -> torch.Tensor:
+        """The slice of one layer: ``[n, (pos,) *width]``."""
+        try:
+            j = self.layers[site].index(layer)
+        except ValueError:
+            raise KeyError(f"layer {layer} of {site!r} not collected; have {self.layers[site]}") from None
+        return self.acts[site][:, j]
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """One safetensors file + a JSON sidecar, written atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"acts/{k}": v.contiguous() for k, v in self.acts.items()}
+        if self.lengths is not None:
+            tensors["lengths"] = self.lengths
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+        _atomic_json(path.with_suffix(".json"), {"layers": self.layers, "position": self.position,
+                                                 "meta": self.meta})
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Activations:
+        """Load a ``save``d file, or a folder of shards written by ``collect(out_dir=...)``."""
+        path = Path(path)
+        if path.is_dir():
+            index = json.loads((path / "index.json").read_text())
+            parts = [load_file(str(path / s)) for s in index["shards"]]
+            acts = {k: torch.cat([p[f"acts/{k}"] for p in parts]) for k in index["layers"]}
+            lengths = torch.cat([p["lengths"] for p in parts]) if "lengths" in parts[0] else None
+            return cls(acts, index["layers"], index["position"], lengths, index.get("meta", {}))
+        t = load_file(str(path))
+        side = json.loads(path.with_suffix(".json").read_text())
+        acts = {k[5:]: v for k, v in t.items() if k.startswith("acts/")}
+        return cls(acts, side["layers"], side["position"], t.get("lengths"), side.get("meta", {}))
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def prompts_hash(prompts: Sequence[str | Prompt]) -> str:
+    h = hashlib.sha256()
+    for p in prompts:
+        h.update((p.text if isinstance(p, Prompt) else p).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _columns(batch, position: Position, rows: slice) -> torch.Tensor | None:
+    """Column indices [b, k] into the padded batch for the requested positions (None = all)."""
+    if isinstance(position, str):
+        if position == "last":
+            return torch.full((len(batch), 1), batch.tokens.shape[1] - 1, dtype=torch.long)
+        if position == "all":
+            return None
+        raise ValueError(f"position must be 'last', 'all' or an index tensor, got {position!r}")
+    idx = position
+    if idx.dim() == 1:
+        idx = idx.unsqueeze(0).expand(len(batch), -1)
+    else:
+        idx = idx[rows]
+    if not (idx < batch.lengths.unsqueeze(1).cpu()).all() or not (idx >= -batch.lengths.unsqueeze(1).cpu()).all():
+        raise IndexError("collect: a position index is outside its prompt")
+    return batch.positions(idx.to(batch.tokens.device)).cpu()
+
+
+@torch.no_grad()
+def collect(
+    model,
+    prompts: Sequence[str | Prompt],
+    sites: Sequence[str] | str,
+    position: Position = "last",
+    *,
+    layers: Sequence[int] | None = None,
+    batch_size: int = 16,
+    out_dir: str | os.PathLike | None = None,
+    shard_size: int = 1024,
+    progress: bool = True,
+) -> Activations:
+    """Activations at ``sites`` × ``layers`` × ``position`` for every prompt (module docstring)."""
+    if isinstance(sites, str):
+        sites = (sites,)
+    for s in sites:
+        S.check_site(s)
+    if len(prompts) == 0:
+        raise ValueError("collect: no prompts")
+    lay = S.layers_of(model, layers)
+    site_layers = {s: ([model.cfg.n_layers - 1] if s == "final_norm" else lay) for s in sites}
+    if isinstance(position, torch.Tensor):
+        position = position.long().cpu()
+        if position.dim() == 2 and position.shape[0] != len(prompts):
+            raise ValueError(f"position tensor has {position.shape[0]} rows for {len(prompts)} prompts")
+    texts = [p.text if isinstance(p, Prompt) else p for p in prompts]
+    stop = None if "final_norm" in sites else max(lay) + 1
+    if stop is not None and stop >= model.cfg.n_layers:
+        stop = None
+    chunks: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
+    lengths_all: list[torch.Tensor] = []
+    shards: list[str] = []
+    n_in_shard = 0
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    def flush() -> None:
+        nonlocal n_in_shard
+        if out_dir is None or n_in_shard == 0:
+            return
+        name = f"shard_{len(shards):05d}.safetensors"
+        tensors = {f"acts/{s}": torch.cat(chunks[s]).contiguous() for s in sites}
+        if position == "all":
+            tensors["lengths"] = torch.cat(lengths_all)
+        tmp = out_dir / (name + ".tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, out_dir / name)
+        shards.append(name)
+        for s in sites:
+            chunks[s].clear()
+        lengths_all.clear()
+        n_in_shard = 0
+
+    bar = tqdm(total=len(texts), desc="collect", disable=not progress, leave=False)
+    try:
+        for start in range(0, len(texts), batch_size):
+            rows = slice(start, start + batch_size)
+            batch = tokenize(model, texts[rows])
+            cols = _columns(batch, position, rows)
+            store: dict[tuple[str, int], torch.Tensor] = {}
+
+            def make_hook(site: str, layer: int):
+                def hook(x, hook):  # noqa: ARG001 - TL hook signature
+                    if site == "head_result":
+                        y = S.head_result_from_z(model, layer, x)
+                    else:
+                        y = x
+                    if cols is None:
+                        store[(site, layer)] = y.detach().float().cpu()
+                    else:
+                        c = cols.to(y.device)
+                        gather = c.view(c.shape[0], c.shape[1], *([1] * (y.dim() - 2)))
+                        gather = gather.expand(-1, -1, *y.shape[2:])
+                        store[(site, layer)] = torch.gather(y, 1, gather).detach().float().cpu()
+                    return x
+                return hook
+
+            fwd = [(S.hook_name(model, s, None if s == "final_norm" else layer), make_hook(s, layer))
+                   for s in sites for layer in site_layers[s]]
+            with model.hooks(fwd_hooks=fwd):
+                if stop is None:
+                    model(batch.tokens, attention_mask=batch.attention_mask, logits_to_keep=1)
+                else:
+                    model(batch.tokens, attention_mask=batch.attention_mask, stop_at_layer=stop)
+            for s in sites:
+                per_layer = [store[(s, layer)] for layer in site_layers[s]]
+                t = torch.stack(per_layer, dim=1)  # [b, layer, pos|k, *width]
+                if position == "last":
+                    t = t[:, :, 0]
+                elif position == "all":
+                    t = _left_align(t, batch.lengths.cpu())
+                chunks[s].append(t)
+            if position == "all":
+                lengths_all.append(batch.lengths.cpu())
+            n_in_shard += len(batch)
+            if out_dir is not None and n_in_shard >= shard_size:
+                flush()
+            bar.update(len(batch))
+    finally:
+        bar.close()
+    meta = {"prompts_hash": prompts_hash(prompts), "n": len(texts),
+            "model": getattr(model.cfg, "emocircuits_alias", getattr(model.cfg, "model_name", ""))}
+    if out_dir is not None:
+        flush()
+        _atomic_json(out_dir / "index.json", {"shards": shards, "layers": site_layers,
+                                              "position": position if isinstance(position, str) else "index",
+                                              "meta": meta})
+        return Activations.load(out_dir)
+    if position == "all":
+        width = max(c.shape[2] for c in chunks[sites[0]])
+        acts = {s: torch.cat([_pad_right(c, width) for c in chunks[s]]) for s in sites}
+        lengths = torch.cat(lengths_all)
+    else:
+        acts = {s: torch.cat(chunks[s]) for s in sites}
+        lengths = None
+    return Activations(acts, site_layers, position if isinstance(position, str) else "index",
+                       lengths, meta)
+
+
+def _left_align(t: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """[b, layer, pos, ...] left-padded -> left-aligned, zeros after each row's length."""
+    b, _, width = t.shape[:3]
+    out = torch.zeros_like(t)
+    for i in range(b):
+        n = int(lengths[i])
+        out[i, :, :n] = t[i, :, width - n:]
+    return out
+
+
+def _pad_right(t: torch.Tensor, width: int) -> torch.Tensor:
+    if t.shape[2] == width:
+        return t
+    pad = torch.zeros(*t.shape[:2], width - t.shape[2], *t.shape[3:], dtype=t.dtype)
+    return torch.cat([t, pad], dim=2)

@@ -1,0 +1,161 @@
+"""Evaluation shared by every method: accuracy tables and the fluency guard.
+
+* ``accuracy_table(rows)``: accuracy overall, per emotion, per valence and per
+  emotion × valence from rows ``{"emotion", "valence", "match"}`` (the paper's 01/3 layout).
+* ``fluency(model, prompts, texts)``: the perplexity of each generated text under the
+  (unhooked) model given its prompt, exp(−mean log p(token | prefix)), and the repeated-
+  n-gram rate, 1 − (#distinct n-grams / #n-grams) over the generated tokens.
+* ``evaluate_texts``: judge + fluency for one method's generations, as one result.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from .prompts import Prompt, encode
+
+
+@dataclass
+class AccuracyTable:
+    overall: float
+    n: int
+    by_emotion: dict[str, float]
+    by_valence: dict[str, float]
+    by_emotion_valence: dict[str, float]  # key "emotion/valence"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def format(self, title: str = "") -> str:
+        emos = list(self.by_emotion)
+        vals = list(self.by_valence)
+        head = f"{title:<28}{'overall':>9}" + "".join(f"{e[:9]:>10}" for e in emos) + "".join(
+            f"{v[:9]:>10}" for v in vals)
+        row = f"{'':<28}{100 * self.overall:>8.1f}%" + "".join(
+            f"{100 * self.by_emotion[e]:>9.1f}%" for e in emos) + "".join(
+            f"{100 * self.by_valence[v]:>9.1f}%" for v in vals)
+        return head + "\n" + row
+
+
+def accuracy_table(rows: Sequence[dict]) -> AccuracyTable:
+    """Accuracy = mean(match) overall and grouped (empty groups are left out)."""
+    if not rows:
+        raise ValueError("accuracy_table: no rows")
+    groups: dict[str, dict[str, list[bool]]] = {"e": defaultdict(list), "v": defaultdict(list),
+                                                 "ev": defaultdict(list)}
+    for r in rows:
+        m = bool(r["match"])
+        groups["e"][r["emotion"]].append(m)
+        if r.get("valence") is not None:
+            groups["v"][r["valence"]].append(m)
+            groups["ev"][f"{r['emotion']}/{r['valence']}"].append(m)
+    mean = lambda xs: float(np.mean(xs))  # noqa: E731
+    return AccuracyTable(
+        overall=mean([bool(r["match"]) for r in rows]), n=len(rows),
+        by_emotion={k: mean(v) for k, v in groups["e"].items()},
+        by_valence={k: mean(v) for k, v in groups["v"].items()},
+        by_emotion_valence={k: mean(v) for k, v in groups["ev"].items()},
+    )
+
+
+def repeated_ngram_rate(tokens: Sequence, n: int = 3) -> float:
+    """1 − distinct/total over the n-grams of one sequence (0 when shorter than n)."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    if not grams:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+@dataclass
+class FluencyResult:
+    perplexity: list[float]
+    repeated_ngram_rate: list[float]
+    n: int = 3
+
+    @property
+    def mean_perplexity(self) -> float:
+        finite = [p for p in self.perplexity if math.isfinite(p)]
+        return float(np.exp(np.mean(np.log(finite)))) if finite else float("nan")
+
+    @property
+    def mean_repeated_ngram_rate(self) -> float:
+        return float(np.mean(self.repeated_ngram_rate)) if self.repeated_ngram_rate else 0.0
+
+    def summary(self) -> dict:
+        return {"perplexity_geomean": self.mean_perplexity,
+                "repeated_ngram_rate": self.mean_repeated_ngram_rate, "ngram_n": self.n}
+
+
+@torch.no_grad()
+def fluency(model, prompts: Sequence[str | Prompt], texts: Sequence[str], *, n: int = 3,
+            batch_size: int = 8, generated_tokens: Sequence[Sequence[int]] | None = None
+            ) -> FluencyResult:
+    """Perplexity of each text given its prompt under ``model`` as is (call it outside any
+    steering context to score under the unsteered model), and the repeated-n-gram rate."""
+    if len(prompts) != len(texts):
+        raise ValueError(f"fluency: {len(prompts)} prompts but {len(texts)} texts")
+    tok = model.tokenizer
+    ppl: list[float] = []
+    rep: list[float] = []
+    for s in range(0, len(texts), batch_size):
+        ps = prompts[s:s + batch_size]
+        ts = texts[s:s + batch_size]
+        rows, spans = [], []
+        for j, (p, t) in enumerate(zip(ps, ts)):
+            pid = encode(model, p.text if isinstance(p, Prompt) else p)
+            gid = (list(generated_tokens[s + j]) if generated_tokens is not None
+                   else tok(t, add_special_tokens=False)["input_ids"])
+            rows.append(pid + gid)
+            spans.append((len(pid), len(gid)))
+            rep.append(repeated_ngram_rate(gid, n))
+        width = max(len(r) for r in rows)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+        logits = model(ids.to(model.cfg.device), attention_mask=mask.to(model.cfg.device))
+        logp = torch.log_softmax(logits.float(), -1).cpu()
+        for i, (plen, glen) in enumerate(spans):
+            if glen == 0:
+                ppl.append(float("nan"))
+                continue
+            start = width - len(rows[i]) + plen
+            tgt = ids[i, start:start + glen]
+            lp = logp[i, start - 1:start - 1 + glen].gather(-1, tgt[:, None])[:, 0]
+            ppl.append(float(torch.exp(-lp.mean())))
+    return FluencyResult(ppl, rep, n)
+
+
+@dataclass
+class MethodEvaluation:
+    """One method's generations judged and guarded."""
+
+    method: str
+    accuracy: AccuracyTable
+    fluency: dict
+    rows: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "accuracy": self.accuracy.to_dict(),
+                "fluency": self.fluency}
+
+
+def evaluate_texts(method: str, prompts: Sequence[Prompt], texts: Sequence[str],
+                   targets: Sequence[str], judge, *, model=None,
+                   generated_tokens: Sequence[Sequence[int]] | None = None) -> MethodEvaluation:
+    """Judge ``texts`` against ``targets`` (valence from each prompt) and, with ``model``,
+    add the fluency guard."""
+    res = judge.judge(list(texts), list(targets))
+    rows = [{"emotion": t, "valence": getattr(p, "valence", None), "match": bool(m),
+             "label": lab, "text": x, "key": getattr(p, "key", None)}
+            for p, t, m, lab, x in zip(prompts, targets, res.match, res.labels, texts)]
+    flu = fluency(model, prompts, texts, generated_tokens=generated_tokens).summary() if model is not None else {}
+    return MethodEvaluation(method, accuracy_table(rows), flu, rows)

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from emocircuits import sites as S
+from emocircuits.activations import Activations, collect
+from emocircuits.prompts import tokenize
+
+TEXTS = ["Short one.", "A considerably longer prompt with many more tokens in it.", "Mid size text."]
+SITES = ("resid_mid", "resid_post", "z", "head_result", "mlp_post", "final_norm")
+
+
+def _reference(model, text, site, layer):
+    b = tokenize(model, [text])
+    name = S.hook_name(model, site, None if site == "final_norm" else layer)
+    with torch.no_grad():
+        _, c = model.run_with_cache(b.tokens, names_filter=[name])
+    x = c[name][0]
+    if site == "head_result":
+        x = S.head_result_from_z(model, layer, x)
+    return x
+
+
+@pytest.mark.parametrize("position", ["last", "all", "index"])
+def test_collect_equals_run_with_cache(tiny, position):
+    pos = torch.tensor([[0, -1], [2, -3], [1, -2]]) if position == "index" else position
+    acts = collect(tiny, TEXTS, SITES, pos, layers=[0, 2], batch_size=2, progress=False)
+    for site in SITES:
+        for j, layer in enumerate(acts.layers[site]):
+            for i, t in enumerate(TEXTS):
+                ref = _reference(tiny, t, site, layer)
+                got = acts[site][i, j]
+                if position == "last":
+                    want = ref[-1]
+                elif position == "all":
+                    n = ref.shape[0]
+                    assert int(acts.lengths[i]) == n
+                    assert got[n:].abs().max() == 0 if got.shape[0] > n else True
+                    got, want = got[:n], ref
+                else:
+                    want = ref[pos[i]]
+                assert got.dtype == torch.float32 and got.device.type == "cpu"
+                assert (got - want).abs().max() <= 1e-4, (site, layer, i)
+
+
+def test_collect_deterministic_and_sharded(tiny_llama, tmp_path):
+    a = collect(tiny_llama, TEXTS * 3, ("resid_post", "mlp_post"), batch_size=2, progress=False)
+    b = collect(tiny_llama, TEXTS * 3, ("resid_post", "mlp_post"), batch_size=2, progress=False,
+                out_dir=tmp_path / "sh", shard_size=4)
+    assert len(list((tmp_path / "sh").glob("shard_*.safetensors"))) >= 2
+    for s in ("resid_post", "mlp_post"):
+        assert torch.equal(a[s], b[s])
+    a.save(tmp_path / "a.safetensors")
+    c = Activations.load(tmp_path / "a.safetensors")
+    assert torch.equal(c["resid_post"], a["resid_post"]) and c.layers == a.layers
+
+
+def test_collect_bad_input(tiny_llama):
+    with pytest.raises(KeyError, match="unknown site"):
+        collect(tiny_llama, TEXTS, "resid_middle", progress=False)
+    with pytest.raises(IndexError, match="out of range"):
+        collect(tiny_llama, TEXTS, "resid_post", layers=[9], progress=False)
+    with pytest.raises(IndexError, match="outside its prompt"):
+        collect(tiny_llama, TEXTS, "resid_post", torch.tensor([50]), progress=False)
+    with pytest.raises(ValueError, match="no prompts"):
+        collect(tiny_llama, [], "resid_post", progress=False)
