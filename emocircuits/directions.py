@@ -14,11 +14,18 @@ or v (``normalize=True``) for any feature shape (e.g. ``[layer, d_model]``, ``[l
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 from jaxtyping import Float
+
+from .activations import Activations, collect, prompts_hash
+from .prompts import Prompt
 
 EPS = 1e-12
 
@@ -63,7 +70,7 @@ def group_centered_means(
     sums: dict[Hashable, torch.Tensor] = {}
     counts: dict[Hashable, torch.Tensor] = {}
     xf = x.double()
-    for i, (g, lab) in enumerate(zip(groups, labels)):
+    for i, (g, lab) in enumerate(zip(groups, labels, strict=True)):
         if lab not in emo_idx:
             continue
         if g not in sums:
@@ -76,7 +83,7 @@ def group_centered_means(
         if (c > 0).all():
             used.append(g)
         else:
-            dropped[g] = [e for e, k in zip(emotions, c) if k == 0]
+            dropped[g] = [e for e, k in zip(emotions, c, strict=True) if k == 0]
     if not used:
         raise ValueError(
             f"no complete scenario–event group: every group lacks some of {list(emotions)} "
@@ -93,3 +100,607 @@ def group_centered_means(
         dims = tuple(range(u.dim() - norm_dims, u.dim()))
         u = u / (u.norm(dim=dims, keepdim=True) + EPS)
     return u.float(), GroupInfo(used, dropped)
+
+
+# ============================================================================ directions API
+
+
+SITE_SHORT = {"resid_mid": "Attn", "resid_post": "MLP", "resid_pre": "Pre", "attn_out": "AttnOut",
+              "mlp_out": "MLPOut"}
+
+
+@dataclass
+class EmotionDirections:
+    """Unit emotion directions per site: ``vectors[site]`` is ``[emotion, layer, d_model]``.
+
+    ``layers[j]`` is the model layer of row ``j``; ``meta`` records the model id, the method,
+    the data hash and the groups used/dropped.
+    """
+
+    emotions: list[str]
+    layers: list[int]
+    vectors: dict[str, Float[torch.Tensor, "emotion layer d_model"]]
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.emotions = list(self.emotions)
+        self.layers = [int(x) for x in self.layers]
+        for s, v in self.vectors.items():
+            if v.dim() != 3 or v.shape[0] != len(self.emotions) or v.shape[1] != len(self.layers):
+                raise ValueError(f"vectors[{s!r}] has shape {tuple(v.shape)}; expected "
+                                 f"[{len(self.emotions)} emotions, {len(self.layers)} layers, d_model]")
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.vectors)
+
+    @property
+    def d_model(self) -> int:
+        return next(iter(self.vectors.values())).shape[-1]
+
+    def _site(self, site: str) -> torch.Tensor:
+        if site not in self.vectors:
+            raise KeyError(f"directions have no site {site!r}; have {self.sites}")
+        return self.vectors[site]
+
+    def _emo(self, emotion: str) -> int:
+        if emotion not in self.emotions:
+            raise KeyError(f"directions have no emotion {emotion!r}; have {self.emotions}")
+        return self.emotions.index(emotion)
+
+    def get(self, emotion: str, site: str = "resid_post") -> Float[torch.Tensor, "layer d_model"]:
+        """The ``[layer, d_model]`` directions of one emotion at one site."""
+        return self._site(site)[self._emo(emotion)]
+
+    def at(self, emotion: str, layer: int, site: str = "resid_post") -> Float[torch.Tensor, "d_model"]:
+        """One direction: emotion at model layer ``layer``."""
+        if layer not in self.layers:
+            raise KeyError(f"layer {layer} not in the directions' layers {self.layers}")
+        return self.get(emotion, site)[self.layers.index(layer)]
+
+    def __getitem__(self, site: str) -> dict[str, torch.Tensor]:
+        """``dirs[site][emotion]`` -> ``[layer, d_model]``."""
+        v = self._site(site)
+        return {e: v[i] for i, e in enumerate(self.emotions)}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """safetensors (``{site}``: [emotion, layer, d_model]) + JSON sidecar, both atomic."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({s: v.contiguous().float() for s, v in self.vectors.items()}, str(tmp))
+        os.replace(tmp, path)
+        side = path.with_suffix(".json")
+        tmpj = side.with_name(side.name + ".tmp")
+        tmpj.write_text(json.dumps({"emotions": self.emotions, "layers": self.layers,
+                                    "sites": self.sites, "meta": self.meta}, indent=1, default=str))
+        os.replace(tmpj, side)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> EmotionDirections:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        side = path.with_suffix(".json")
+        if not path.exists() or not side.exists():
+            raise FileNotFoundError(f"directions file {path} or its sidecar {side} is missing")
+        t = load_file(str(path))
+        info = json.loads(side.read_text())
+        return cls(info["emotions"], info["layers"], {s: t[s] for s in info["sites"]}, info.get("meta", {}))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / (x.norm(dim=-1, keepdim=True) + EPS)
+
+
+def _check_rows(acts: Activations, prompts: Sequence[Prompt], who: str) -> None:
+    if len(acts) != len(prompts):
+        raise ValueError(f"{who}: activations have {len(acts)} rows but {len(prompts)} prompts were given")
+    if acts.position not in ("last", "index") or any(v.dim() != 3 for v in acts.acts.values()):
+        raise ValueError(f"{who}: need one position per prompt ([n, layer, d_model]); got position "
+                         f"{acts.position!r} with shapes {[tuple(v.shape) for v in acts.acts.values()]}")
+
+
+def _sites(acts: Activations, sites: Sequence[str] | str | None) -> list[str]:
+    if sites is None:
+        return list(acts.acts)
+    if isinstance(sites, str):
+        sites = [sites]
+    for s in sites:
+        acts[s]  # raises a KeyError naming the site
+    return list(sites)
+
+
+def _layers(acts: Activations, sites: Sequence[str]) -> list[int]:
+    lay = acts.layers[sites[0]]
+    for s in sites[1:]:
+        if acts.layers[s] != lay:
+            raise ValueError(f"sites {sites[0]!r} and {s!r} were collected at different layers")
+    return list(lay)
+
+
+def _check_finite(x: torch.Tensor, site: str) -> None:
+    if not torch.isfinite(x).all():
+        rows = (~torch.isfinite(x.reshape(x.shape[0], -1))).any(1).nonzero()[:5, 0].tolist()
+        raise ValueError(f"activations at site {site!r} contain NaN/inf (rows {rows}...)")
+
+
+def _meta(acts: Activations, prompts: Sequence[Prompt], method: str, sites, **extra) -> dict:
+    return {"model": acts.meta.get("model", ""), "method": method, "sites": list(sites),
+            "data_hash": acts.meta.get("prompts_hash") or prompts_hash(prompts), "n": len(prompts), **extra}
+
+
+def _group_meta(info: GroupInfo) -> dict:
+    return {"n_groups_used": len(info.used), "n_groups_dropped": len(info.dropped),
+            "dropped": {"/".join(map(str, g)) if isinstance(g, tuple) else str(g): m
+                        for g, m in info.dropped.items()}}
+
+
+def _complete_rows(prompts: Sequence[Prompt], emotions: Sequence[str]):
+    """(groups, labels, per-row mask of rows in complete groups, GroupInfo-like dropped dict)."""
+    have: dict[Hashable, set] = {}
+    for p in prompts:
+        if p.emotion in emotions:
+            have.setdefault(p.group, set()).add(p.emotion)
+    complete = {g for g, s in have.items() if len(s) == len(set(emotions))}
+    dropped = {g: [e for e in emotions if e not in s] for g, s in have.items() if g not in complete}
+    mask = np.array([p.group in complete and p.emotion in emotions for p in prompts])
+    return complete, dropped, mask
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def context_agnostic(
+    acts: Activations,
+    prompts: Sequence[Prompt],
+    emotions: Sequence[str],
+    *,
+    sites: Sequence[str] | str | None = None,
+) -> EmotionDirections:
+    """The paper's directions (§3.2): v_e = unit(mean_g (h_{g,e} − μ_g) − c̄), per site and layer.
+
+    Groups are ``Prompt.group`` = (skeleton_id, valence); incomplete groups are dropped and
+    listed in ``meta["dropped"]``.
+    """
+    _check_rows(acts, prompts, "context_agnostic")
+    sites = _sites(acts, sites)
+    groups = [p.group for p in prompts]
+    labels = [p.emotion for p in prompts]
+    vecs, info = {}, None
+    for s in sites:
+        _check_finite(acts[s], s)
+        vecs[s], info = group_centered_means(acts[s], groups, labels, emotions, normalize=True)
+    return EmotionDirections(list(emotions), _layers(acts, sites), vecs,
+                             _meta(acts, prompts, "context_agnostic", sites, **_group_meta(info)))
+
+
+def mean_difference(
+    acts: Activations,
+    prompts: Sequence[Prompt],
+    emotions: Sequence[str],
+    neutral_acts: Activations,
+    *,
+    sites: Sequence[str] | str | None = None,
+) -> EmotionDirections:
+    """v_e = unit(mean_{i: e_i = e} h_i − mean_j h_j^neutral): emotion prompts against neutral ones."""
+    _check_rows(acts, prompts, "mean_difference")
+    sites = _sites(acts, sites)
+    labels = np.array([p.emotion for p in prompts])
+    vecs = {}
+    for s in sites:
+        x, xn = acts[s].double(), neutral_acts[s].double()
+        _check_finite(x, s)
+        _check_finite(xn, s)
+        if neutral_acts.layers[s] != acts.layers[s]:
+            raise ValueError(f"neutral activations at {s!r} have layers {neutral_acts.layers[s]}, "
+                             f"emotion activations {acts.layers[s]}")
+        missing = [e for e in emotions if not (labels == e).any()]
+        if missing:
+            raise ValueError(f"mean_difference: no prompts for emotions {missing}")
+        mu_n = xn.mean(0)
+        vecs[s] = _unit(torch.stack([x[torch.from_numpy(labels == e)].mean(0) - mu_n
+                                     for e in emotions])).float()
+    return EmotionDirections(list(emotions), _layers(acts, sites), vecs,
+                             _meta(acts, prompts, "mean_difference", sites, n_neutral=len(neutral_acts),
+                                   neutral_hash=neutral_acts.meta.get("prompts_hash")))
+
+
+def _deltas(x: torch.Tensor, prompts: Sequence[Prompt], emotions: Sequence[str]):
+    """δ_{g,e} = h_{g,e} − μ_g over complete groups -> [group, emotion, *feat] (float64)."""
+    complete, dropped, _ = _complete_rows(prompts, emotions)
+    if not complete:
+        raise ValueError(f"no complete scenario–event group for {list(emotions)}")
+    order = sorted(complete, key=str)
+    gi = {g: i for i, g in enumerate(order)}
+    ei = {e: i for i, e in enumerate(emotions)}
+    h = torch.zeros(len(order), len(emotions), *x.shape[1:], dtype=torch.float64)
+    cnt = torch.zeros(len(order), len(emotions), dtype=torch.float64)
+    for i, p in enumerate(prompts):
+        if p.group in gi and p.emotion in ei:
+            h[gi[p.group], ei[p.emotion]] += x[i].double()
+            cnt[gi[p.group], ei[p.emotion]] += 1
+    h = h / cnt.view(*cnt.shape, *([1] * (x.dim() - 1)))
+    return h - h.mean(1, keepdim=True), GroupInfo(order, dropped)
+
+
+def pca_directions(
+    acts: Activations,
+    prompts: Sequence[Prompt],
+    emotions: Sequence[str],
+    *,
+    sites: Sequence[str] | str | None = None,
+) -> EmotionDirections:
+    """Per emotion and layer, the top principal axis of that emotion's group-centred vectors.
+
+    v_e = first right-singular vector of the matrix D_e = [δ_{g,e}]_g (uncentred PCA, i.e. the
+    axis maximising mean_g ⟨δ_{g,e}, v⟩²), signed so that mean_g ⟨δ_{g,e}, v⟩ > 0. With a
+    shared emotion offset plus noise it agrees with ``context_agnostic``; it differs when the
+    groups disagree on the emotion's offset.
+    """
+    _check_rows(acts, prompts, "pca_directions")
+    sites = _sites(acts, sites)
+    vecs, info = {}, None
+    for s in sites:
+        _check_finite(acts[s], s)
+        d, info = _deltas(acts[s], prompts, emotions)  # [g, e, layer, d]
+        out = torch.empty(len(emotions), d.shape[2], d.shape[3], dtype=torch.float64)
+        for k in range(len(emotions)):
+            m = d[:, k].permute(1, 0, 2)  # [layer, g, d]
+            _, _, vh = torch.linalg.svd(m, full_matrices=False)
+            v = vh[:, 0]  # [layer, d]
+            sign = torch.sign((m @ v.unsqueeze(-1)).squeeze(-1).mean(1))
+            sign[sign == 0] = 1
+            out[k] = v * sign.unsqueeze(-1)
+        vecs[s] = _unit(out).float()
+    return EmotionDirections(list(emotions), _layers(acts, sites), vecs,
+                             _meta(acts, prompts, "pca", sites, **_group_meta(info)))
+
+
+def probe_directions(
+    acts: Activations,
+    prompts: Sequence[Prompt],
+    emotions: Sequence[str],
+    *,
+    sites: Sequence[str] | str | None = None,
+    C: float = 1.0,
+    group_center: bool = False,
+    max_iter: int = 2000,
+) -> EmotionDirections:
+    """One-vs-rest logistic-regression weights per layer, mapped back to activation space, unit.
+
+    Features are standardised (z = (h − m)/s, which matters for models with huge residual
+    norms); the weight of emotion e in activation space is w_e / s, then normalised.
+    ``group_center=True`` fits on δ_{g,e} (complete groups) instead of raw h. L2 penalty ``C``.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    _check_rows(acts, prompts, "probe_directions")
+    sites = _sites(acts, sites)
+    vecs = {}
+    extra: dict = {"C": C, "group_center": group_center}
+    for s in sites:
+        x = acts[s]
+        _check_finite(x, s)
+        if group_center:
+            d, info = _deltas(x, prompts, emotions)
+            feats = d.reshape(-1, *d.shape[2:])
+            y = np.tile(np.arange(len(emotions)), d.shape[0])
+            extra.update(_group_meta(info))
+        else:
+            keep = [i for i, p in enumerate(prompts) if p.emotion in emotions]
+            feats = x[keep].double()
+            y = np.array([list(emotions).index(prompts[i].emotion) for i in keep])
+        missing = [e for k, e in enumerate(emotions) if not (y == k).any()]
+        if missing:
+            raise ValueError(f"probe_directions: no rows for emotions {missing}")
+        out = torch.empty(len(emotions), feats.shape[1], feats.shape[2], dtype=torch.float64)
+        for j in range(feats.shape[1]):
+            f = feats[:, j].numpy()
+            m, sd = f.mean(0), f.std(0) + 1e-8
+            z = (f - m) / sd
+            for k in range(len(emotions)):
+                clf = LogisticRegression(C=C, max_iter=max_iter)
+                clf.fit(z, (y == k).astype(int))
+                out[k, j] = torch.from_numpy(clf.coef_[0] / sd)
+        vecs[s] = _unit(out).float()
+    return EmotionDirections(list(emotions), _layers(acts, sites), vecs,
+                             _meta(acts, prompts, "probe", sites, **extra))
+
+
+# ----------------------------------------------------------------------------- cosines
+
+
+@dataclass
+class CosineMatrix:
+    """``matrix[i, j]`` = cos(labels[i], labels[j])."""
+
+    labels: list[str]
+    matrix: Float[np.ndarray, "p p"]
+
+    def off_diagonal_mean(self) -> float:
+        n = len(self.labels)
+        return float((self.matrix.sum() - np.trace(self.matrix)) / (n * n - n)) if n > 1 else float("nan")
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.matrix, index=self.labels, columns=self.labels)
+
+    def to_dict(self) -> dict:
+        return {"labels": self.labels, "matrix": self.matrix.tolist()}
+
+
+def cosine_across_layers(dirs: EmotionDirections, emotion: str,
+                         sites: Sequence[str] = ("resid_mid", "resid_post")) -> CosineMatrix:
+    """The paper's 56-position matrix, generalised: positions Attn0, MLP0, Attn1, ... (layer-major,
+    sites in the given order; resid_mid -> Attn, resid_post -> MLP, other sites by name)."""
+    vs, labels = [], []
+    per = {s: _unit(dirs.get(emotion, s).double()) for s in sites}
+    for j, layer in enumerate(dirs.layers):
+        for s in sites:
+            vs.append(per[s][j])
+            labels.append(f"{SITE_SHORT.get(s, s)}{layer}")
+    v = torch.stack(vs)
+    return CosineMatrix(labels, (v @ v.T).numpy())
+
+
+def cosine_across_emotions(dirs: EmotionDirections, site: str = "resid_post",
+                           layer: int | None = None) -> CosineMatrix:
+    """cos(v_e, v_e') between emotions at one site and model layer (default: the middle one)."""
+    if layer is None:
+        layer = dirs.layers[len(dirs.layers) // 2]
+    v = _unit(torch.stack([dirs.at(e, layer, site) for e in dirs.emotions]).double())
+    return CosineMatrix(list(dirs.emotions), (v @ v.T).numpy())
+
+
+# ----------------------------------------------------------------------------- validity checks
+
+
+@dataclass
+class Decodability:
+    """Held-out nearest-centroid accuracy per layer, with and without group-centring.
+
+    ``centered[j]``: test groups are centred (δ = h − μ_g) and matched to the train centroids
+    c_e = mean_g δ_{g,e}; ``uncentered[j]``: raw h matched to the train means of h per label.
+    Folds split by scenario (skeleton_id), so no group is on both sides.
+    """
+
+    site: str
+    layers: list[int]
+    labels: list[str]
+    centered: Float[np.ndarray, "layer"]
+    uncentered: Float[np.ndarray, "layer"]
+    n_groups: int
+    n_folds: int
+
+    @property
+    def chance(self) -> float:
+        return 1.0 / len(self.labels)
+
+    def to_dict(self) -> dict:
+        return {"site": self.site, "layers": self.layers, "labels": self.labels,
+                "centered": self.centered.tolist(), "uncentered": self.uncentered.tolist(),
+                "chance": self.chance, "n_groups": self.n_groups, "n_folds": self.n_folds}
+
+
+def _fold_of(prompts: Sequence[Prompt], n_folds: int) -> np.ndarray:
+    scen = sorted({str(p.skeleton_id) for p in prompts})
+    if n_folds < 2 or n_folds > len(scen):
+        raise ValueError(f"n_folds={n_folds} needs 2 <= n_folds <= {len(scen)} scenarios")
+    f = {s: i % n_folds for i, s in enumerate(scen)}
+    return np.array([f[str(p.skeleton_id)] for p in prompts])
+
+
+def nearest_centroid_accuracy(
+    acts: Activations,
+    prompts: Sequence[Prompt],
+    emotions: Sequence[str],
+    site: str = "resid_post",
+    n_folds: int = 5,
+) -> Decodability:
+    """Cross-validated nearest-centroid (Euclidean) emotion decoding per layer (see ``Decodability``).
+
+    Only complete groups are used (both variants), so the two numbers are comparable.
+    Beware: when prompts differ only by the emotion word, the centred variant decodes the
+    word itself (compare ``keyword_control``).
+    """
+    _check_rows(acts, prompts, "nearest_centroid_accuracy")
+    x = acts[site]
+    _check_finite(x, site)
+    complete, _, mask = _complete_rows(prompts, emotions)
+    if not complete:
+        raise ValueError(f"nearest_centroid_accuracy: no complete group for {list(emotions)}")
+    keep = np.nonzero(mask)[0]
+    ps = [prompts[i] for i in keep]
+    xs = x[keep].double()
+    folds = _fold_of(ps, n_folds)
+    E = len(emotions)
+    eidx = np.array([list(emotions).index(p.emotion) for p in ps])
+    hit_c = torch.zeros(x.shape[1], dtype=torch.float64)
+    hit_u = torch.zeros(x.shape[1], dtype=torch.float64)
+    n_c = n_u = 0
+    for k in range(n_folds):
+        tr, te = np.nonzero(folds != k)[0], np.nonzero(folds == k)[0]
+        # centred
+        d_tr, _ = _deltas(xs[tr], [ps[i] for i in tr], emotions)  # [g, e, L, d]
+        cent = d_tr.mean(0)  # [e, L, d]
+        d_te, _ = _deltas(xs[te], [ps[i] for i in te], emotions)
+        dist = torch.cdist(d_te.permute(2, 0, 1, 3).reshape(x.shape[1], -1, x.shape[2]),
+                           cent.permute(1, 0, 2))  # [L, g*e, e]
+        truth = torch.arange(E).repeat(d_te.shape[0])
+        hit_c += (dist.argmin(-1) == truth).double().sum(1)
+        n_c += d_te.shape[0] * E
+        # un-centred
+        mu = torch.stack([xs[tr][torch.from_numpy(eidx[tr] == e)].mean(0) for e in range(E)])  # [e, L, d]
+        dist_u = torch.cdist(xs[te].permute(1, 0, 2), mu.permute(1, 0, 2))  # [L, n_te, e]
+        hit_u += (dist_u.argmin(-1) == torch.from_numpy(eidx[te])).double().sum(1)
+        n_u += len(te)
+    return Decodability(site, list(acts.layers[site]), list(emotions), (hit_c / n_c).numpy(),
+                        (hit_u / n_u).numpy(), len(complete), n_folds)
+
+
+@dataclass
+class KeywordControlResult:
+    """Decodability of the emotion instruction vs the same instruction with control words (A3)."""
+
+    emotion: Decodability
+    control: Decodability
+    control_words: list[str]
+    cosine_to_control: Float[np.ndarray, "layer"] | None = None
+
+    def to_dict(self) -> dict:
+        return {"emotion": self.emotion.to_dict(), "control": self.control.to_dict(),
+                "control_words": self.control_words}
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        return pd.DataFrame({
+            "layer": self.emotion.layers,
+            "emotion_centered": self.emotion.centered, "control_centered": self.control.centered,
+            "emotion_uncentered": self.emotion.uncentered, "control_uncentered": self.control.uncentered,
+        })
+
+    def format(self) -> str:
+        lines = [f"{'layer':>5} {'emo(c)':>8} {'ctrl(c)':>8} {'emo(u)':>8} {'ctrl(u)':>8}   "
+                 f"chance emo {self.emotion.chance:.2f} / ctrl {self.control.chance:.2f}"]
+        for j, layer in enumerate(self.emotion.layers):
+            lines.append(f"{layer:>5} {self.emotion.centered[j]:>8.3f} {self.control.centered[j]:>8.3f} "
+                         f"{self.emotion.uncentered[j]:>8.3f} {self.control.uncentered[j]:>8.3f}")
+        return "\n".join(lines)
+
+
+def keyword_control(
+    model,
+    records: Sequence,
+    emotions: Sequence[str],
+    control_words: Sequence[str] = ("red", "blue", "green", "yellow", "purple", "orange"),
+    *,
+    site: str = "resid_post",
+    layers: Sequence[int] | None = None,
+    n_folds: int = 4,
+    chat: bool | None = None,
+    batch_size: int = 16,
+    emotion_acts: Activations | None = None,
+    progress: bool = True,
+) -> KeywordControlResult:
+    """Same extraction and decoding with "Always reply in {word}." for non-emotion words.
+
+    If the control words decode as well as the emotions, decodability says little beyond the
+    keyword's identity (flaw A3). ``emotion_acts`` reuses already collected emotion activations
+    (rows in ``emotion_prompts(model, records, emotions)`` order).
+    """
+    from .prompts import emotion_prompts
+
+    if len(set(control_words)) != len(control_words) or len(control_words) < 2:
+        raise ValueError(f"control_words must be >= 2 distinct words, got {list(control_words)}")
+    clash = set(control_words) & set(emotions)
+    if clash:
+        raise ValueError(f"control words {sorted(clash)} are emotions")
+    ep = emotion_prompts(model, records, emotions, chat=chat)
+    cp = emotion_prompts(model, records, list(control_words), chat=chat)
+    ea = emotion_acts if emotion_acts is not None else collect(
+        model, ep, [site], layers=layers, batch_size=batch_size, progress=progress)
+    ca = collect(model, cp, [site], layers=ea.layers[site], batch_size=batch_size, progress=progress)
+    ed = nearest_centroid_accuracy(ea, ep, emotions, site, n_folds)
+    cd = nearest_centroid_accuracy(ca, cp, list(control_words), site, n_folds)
+    return KeywordControlResult(ed, cd, list(control_words))
+
+
+# ----------------------------------------------------------------------------- reply directions
+
+
+def reply_mean_activations(
+    model,
+    prompts: Sequence[Prompt | str],
+    reply_tokens: Sequence[Sequence[int]],
+    sites: Sequence[str] | str = ("resid_post",),
+    *,
+    layers: Sequence[int] | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> tuple[Activations, list[int]]:
+    """Mean activation over each reply's token positions, prompt + reply fed as one sequence.
+
+    Returns ``(acts [n_kept, layer, d_model], kept row indices)``; rows with an empty reply
+    are dropped. Positions come from re-tokenising prompt + decoded reply (index tensor into
+    ``collect``), so the mean is over exactly the reply tokens of the re-tokenised text.
+    """
+    from .prompts import encode
+
+    if isinstance(sites, str):
+        sites = (sites,)
+    if len(prompts) != len(reply_tokens):
+        raise ValueError(f"{len(prompts)} prompts but {len(reply_tokens)} replies")
+    tok = model.tokenizer
+    texts, ks, kept = [], [], []
+    for i, (p, r) in enumerate(zip(prompts, reply_tokens, strict=True)):
+        pt = p.text if isinstance(p, Prompt) else p
+        full = pt + tok.decode(list(r), skip_special_tokens=True)
+        k = len(encode(model, full)) - len(encode(model, pt))
+        if len(r) == 0 or k <= 0:
+            continue
+        texts.append(full)
+        ks.append(k)
+        kept.append(i)
+    if not texts:
+        raise ValueError("reply_mean_activations: every reply is empty")
+    out: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
+    lay = None
+    from tqdm.auto import tqdm
+
+    for s0 in tqdm(range(0, len(texts), batch_size), desc="reply acts", disable=not progress, leave=False):
+        kk = ks[s0:s0 + batch_size]
+        K = max(kk)
+        idx = torch.tensor([[-(k - min(j, k - 1)) for j in range(K)] for k in kk])  # -k..-1, then -1
+        w = torch.tensor([[1.0 if j < k else 0.0 for j in range(K)] for k in kk])
+        a = collect(model, texts[s0:s0 + batch_size], list(sites), position=idx, layers=layers,
+                    batch_size=batch_size, progress=False)
+        lay = a.layers
+        for s in sites:
+            x = a[s]  # [b, L, K, d]
+            out[s].append((x * w[:, None, :, None]).sum(2) / w.sum(1)[:, None, None])
+    acts = Activations({s: torch.cat(v) for s, v in out.items()}, lay, "index",
+                       meta={"prompts_hash": prompts_hash(texts), "n": len(texts),
+                             "model": getattr(model.cfg, "emocircuits_alias", ""),
+                             "reply_tokens_mean": float(np.mean(ks))})
+    return acts, kept
+
+
+def reply_directions(
+    model,
+    records: Sequence,
+    emotions: Sequence[str],
+    *,
+    sites: Sequence[str] | str = ("resid_post",),
+    layers: Sequence[int] | None = None,
+    config=None,
+    chat: bool | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> EmotionDirections:
+    """Directions read from what the model *wrote*: generate under "Always reply in {e}", take
+    the mean activation over the reply tokens, then group-centre as in ``context_agnostic``.
+
+    Groups whose reply is empty for some emotion are dropped (``meta["dropped"]``).
+    """
+    from .generation import GenerationConfig, generate
+    from .prompts import emotion_prompts
+
+    ep = emotion_prompts(model, records, emotions, chat=chat)
+    gen = generate(model, ep, config or GenerationConfig(max_new_tokens=30), progress=progress)
+    acts, kept = reply_mean_activations(model, ep, gen.tokens, sites, layers=layers,
+                                        batch_size=batch_size, progress=progress)
+    kp = [ep[i] for i in kept]
+    d = context_agnostic(acts, kp, emotions)
+    d.meta.update(method="reply_mean", data_hash=prompts_hash(ep), n_empty_replies=len(ep) - len(kept),
+                  reply_tokens_mean=acts.meta["reply_tokens_mean"],
+                  examples=[{"key": ep[i].key, "text": gen.texts[i]} for i in range(min(6, len(ep)))])
+    return d

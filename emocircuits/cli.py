@@ -1,0 +1,88 @@
+"""The ``emocircuits`` command line.
+
+    emocircuits run --preset quick --model smollm2-135m-instruct --out runs/quick
+    emocircuits run --preset quick --out runs/quick --dry-run        # the plan, sizes, cached?
+    emocircuits directions --preset quick --out runs/quick           # one stage (+ its upstream)
+    emocircuits report runs/quick                                    # rebuild report.html
+    emocircuits stages                                               # list the stages
+
+Settings: ``--preset`` (``quick``/``full`` or a TOML path), ``--set section.key=value``
+(TOML values, repeatable), ``--model`` (any name ``load_model`` accepts, or ``tiny-llama`` /
+``tiny-gemma``). Finished stages are cached in the run folder and skipped on reruns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+from . import pipeline as P
+
+
+def _common(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--preset", default="quick", help="quick | full | path/to/preset.toml")
+    ap.add_argument("--model", default=None, help="model name (default: the preset's)")
+    ap.add_argument("--out", default=None, help="run folder (default: runs/<preset>)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="SECTION.KEY=VALUE", help="override a preset value (repeatable)")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--stop-on-error", action="store_true",
+                    help="stop at the first failing stage (default: record it and go on)")
+    ap.add_argument("--no-report", action="store_true", help="do not write report.html")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="emocircuits", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    _common(sub.add_parser("run", help="run every stage (cached stages are skipped)"))
+    for st in P.default_stages():
+        _common(sub.add_parser(st.name, help=f"run stage {st.name!r} (and what it needs)"))
+    rep = sub.add_parser("report", help="rebuild report.html of a run folder")
+    rep.add_argument("run_dir")
+    sub.add_parser("stages", help="list the stages and whether their modules are available")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "stages":
+        for st in P.default_stages():
+            miss = st.missing_modules()
+            state = "available" if not miss else f"unavailable ({', '.join(miss)} missing)"
+            req = f" after {', '.join(st.requires)}" if st.requires else ""
+            print(f"{st.name:<12} {st.title}{req} — {state}")
+        return 0
+    if args.command == "report":
+        from .viz.report import build_report
+
+        print(build_report(args.run_dir))
+        return 0
+    try:
+        cfg = P.apply_overrides(P.load_preset(args.preset), args.overrides, model=args.model)
+        cfg = P.validate_config(cfg)
+    except (FileNotFoundError, P.PipelineError) as e:
+        print(f"emocircuits: {e}", file=sys.stderr)
+        return 2
+    out = args.out or f"runs/{cfg['run'].get('preset', 'run')}"
+    only = None if args.command == "run" else [args.command]
+    if args.dry_run:
+        print(P.dry_run(cfg, out))
+        return 0
+    t = time.perf_counter()
+    res = P.run_pipeline(cfg, out, only=only, keep_going=not args.stop_on_error,
+                         report=not args.no_report, progress=not args.no_progress)
+    wall = time.perf_counter() - t
+    print(f"ran {res.ran or '-'}; cached {res.cached or '-'}; skipped {res.skipped or '-'}; "
+          f"failed {res.failed or '-'}")
+    print(f"results: {res.run_dir / 'results.json'}")
+    if res.report:
+        print(f"report:  {res.report}")
+    print(f"wall time: {wall:.1f} s")
+    return 1 if res.failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

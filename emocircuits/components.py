@@ -1,0 +1,695 @@
+"""Local emotion components (PAPER_METHOD.md §5): MLP neurons and attention heads.
+
+**Neuron contribution** (§5.1). For emotion e, layer l, neuron n, with v̂_e^l the unit
+resid_post direction of the same layer and g^l = mlp_post at the last prompt token:
+
+    β_{e,n}^l = (W_out^l v̂_e^l)_n          c_{e,n}^l(x) = g_n^l(x) · β_{e,n}^l
+
+aggregated over the prompts of emotion e: ``C_mean`` = mean c, ``C_pos`` = mean max(c, 0),
+``C_neg`` = mean max(−c, 0), ``H_mean`` = mean g. Since β does not depend on x these are
+computed exactly from mean g, mean max(g, 0) and mean max(−g, 0) (one batched collect).
+Promoting neurons rank by C_mean descending, suppressing ones ascending (§10 A7).
+
+**Head ablation importance** (§5.2): zero head h's z at layer l at every position and read
+
+    s_l = ⟨x̃_l[last], v̂_{attn,e}^l⟩,   x̃_l = RMSNorm₂(resid_mid_l)·γ₂ (``blocks.l.ln2.hook_out``)
+
+with v̂_attn the unit resid_mid direction of the same layer; importance I_{l,h} = s_l(base) −
+s_l(head h zeroed). All heads of a layer run in one forward (the batch repeated n_heads + 1
+times, copy k zeroing head k − 1), stopped right after layer l.
+
+**Head attribution** (``head_attribution``): the first-order estimate of the same importance,
+I_{l,h} ≈ Σ_pos Σ_d z_{h}·∂s/∂z_{h} (zero ablation: Δs ≈ (0 − z)·∂s/∂z; I = −Δs), from one
+forward + one backward per emotion. Readouts:
+
+* ``"same_layer"`` — the paper's s_l. Every layer has its own readout; we back-propagate
+  Σ_l s_l with the gradient cut at every resid_pre (values unchanged), so ∂/∂z_l only sees s_l:
+  exact per-layer gradients in one backward pass.
+* ``"final"`` — s = ⟨final_norm[last], v_ref,e⟩ (downstream effect of every head).
+* ``"logit"`` — s = log Σ_{t∈T_e} p(t), the emotion's next-token word mass.
+
+v_ref (``reference_direction``) is the unit mean of the sign-aligned resid_mid and resid_post
+directions over a late band of layers (paper: 21–25 of 28, scaled to depth).
+
+**Sweeps** (``component_sweep``, paper Sec. 6): the emotion score is measured twice,
+s_final = ⟨final_norm[last], v_ref,e⟩ and s_logit = log Σ_{t∈T_e} p(t); we report
+Δs = s(intervened) − s(base), averaged over prompts, for the top-k components and for random
+k-sets (several seeds).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from jaxtyping import Float
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import sites as S
+from .activations import collect
+from .directions import group_centered_means
+from .patching import (
+    Metric,
+    _forward,
+    _texts,
+    attribution_patching,
+    cut_between_layers_hooks,
+    hook_of,
+    logit_readout_metric,
+)
+from .prompts import Prompt, tokenize
+
+EPS = 1e-12
+PromptLike = str | Prompt
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _labels(prompts: Sequence[PromptLike], labels: Sequence[str] | None) -> list[str]:
+    if labels is None:
+        labels = [getattr(p, "emotion", None) for p in prompts]
+        if any(lab is None for lab in labels):
+            raise ValueError("labels not given and some prompts carry no .emotion")
+    if len(labels) != len(prompts):
+        raise ValueError(f"{len(labels)} labels for {len(prompts)} prompts")
+    return list(labels)  # type: ignore[arg-type]
+
+
+def _layer_dirs(model, directions: torch.Tensor, emotions: Sequence[str], lay: list[int],
+                name: str) -> Float[torch.Tensor, "emotion layer d_model"]:
+    """Directions for ``lay`` (the layer axis is either all model layers or exactly ``lay``), unit."""
+    if directions.dim() != 3 or directions.shape[0] != len(emotions):
+        raise ValueError(f"{name} must be [emotion={len(emotions)}, layer, d_model], "
+                         f"got {tuple(directions.shape)}")
+    if directions.shape[2] != model.cfg.d_model:
+        raise ValueError(f"{name} has width {directions.shape[2]}, the model's d_model is "
+                         f"{model.cfg.d_model}")
+    if directions.shape[1] == model.cfg.n_layers:
+        d = directions[:, lay]
+    elif directions.shape[1] == len(lay):
+        d = directions
+    else:
+        raise ValueError(f"{name} has {directions.shape[1]} layers: expected all "
+                         f"{model.cfg.n_layers} model layers or one per requested layer ({len(lay)})")
+    d = d.detach().float().cpu()
+    return d / (d.norm(dim=-1, keepdim=True) + EPS)
+
+
+def _emotion_rows(labels: list[str], emotions: Sequence[str]) -> dict[str, list[int]]:
+    rows = {e: [i for i, lab in enumerate(labels) if lab == e] for e in emotions}
+    empty = [e for e, r in rows.items() if not r]
+    if empty:
+        raise ValueError(f"no prompts labelled {empty} (labels present: {sorted(set(labels))})")
+    return rows
+
+
+def _atomic_save(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+    side = path.with_suffix(".json")
+    tmpj = side.with_name(side.name + ".tmp")
+    tmpj.write_text(json.dumps(meta, indent=1))
+    os.replace(tmpj, side)
+    return path
+
+
+def _top_rows(scores: torch.Tensor, layers: list[int], layer: int | None, k: int,
+              largest: bool) -> list[tuple[int, int, float]]:
+    """scores [layer, comp] -> top (layer, index, score) rows (within one layer or over all)."""
+    if layer is not None:
+        if layer not in layers:
+            raise KeyError(f"layer {layer} not in the result (layers {layers})")
+        row = scores[layers.index(layer)]
+        idx = torch.topk(row, min(k, row.numel()), largest=largest).indices
+        return [(layer, int(i), float(row[i])) for i in idx]
+    flat = scores.flatten()
+    idx = torch.topk(flat, min(k, flat.numel()), largest=largest).indices
+    n = scores.shape[1]
+    return [(layers[int(i) // n], int(i) % n, float(flat[i])) for i in idx]
+
+
+# ----------------------------------------------------------------------------- neurons
+
+
+@dataclass
+class NeuronContributions:
+    """Per-emotion neuron contribution tables ``[emotion, layer, d_mlp]`` (module docstring)."""
+
+    emotions: list[str]
+    layers: list[int]
+    C_mean: Float[torch.Tensor, "emotion layer d_mlp"]
+    C_pos: Float[torch.Tensor, "emotion layer d_mlp"]
+    C_neg: Float[torch.Tensor, "emotion layer d_mlp"]
+    beta: Float[torch.Tensor, "emotion layer d_mlp"]
+    H_mean: Float[torch.Tensor, "emotion layer d_mlp"]
+    n_samples: dict[str, int] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def _e(self, emotion: str) -> int:
+        if emotion not in self.emotions:
+            raise KeyError(f"emotion {emotion!r} not in {self.emotions}")
+        return self.emotions.index(emotion)
+
+    def top(self, emotion: str, layer: int | None = None, k: int = 10,
+            sign: Literal["promote", "suppress"] = "promote") -> list[tuple[int, int, float]]:
+        """(layer, neuron, C_mean) rows: promoting = C_mean descending, suppressing = ascending."""
+        if sign not in ("promote", "suppress"):
+            raise ValueError(f"sign must be 'promote' or 'suppress', got {sign!r}")
+        return _top_rows(self.C_mean[self._e(emotion)], self.layers, layer, k, sign == "promote")
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        E, L, N = self.C_mean.shape
+        idx = torch.cartesian_prod(torch.arange(E), torch.arange(L), torch.arange(N))
+        return pd.DataFrame({
+            "emotion": [self.emotions[i] for i in idx[:, 0].tolist()],
+            "layer": [self.layers[i] for i in idx[:, 1].tolist()],
+            "neuron": idx[:, 2].numpy(),
+            "C_mean": self.C_mean.flatten().numpy(), "C_pos": self.C_pos.flatten().numpy(),
+            "C_neg": self.C_neg.flatten().numpy(), "beta": self.beta.flatten().numpy(),
+            "H_mean": self.H_mean.flatten().numpy(),
+        })
+
+    def save(self, path: str | os.PathLike) -> Path:
+        t = {k: getattr(self, k) for k in ("C_mean", "C_pos", "C_neg", "beta", "H_mean")}
+        return _atomic_save(Path(path), t, {"emotions": self.emotions, "layers": self.layers,
+                                            "n_samples": self.n_samples, "meta": self.meta})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> NeuronContributions:
+        path = Path(path)
+        t = load_file(str(path))
+        m = json.loads(path.with_suffix(".json").read_text())
+        return cls(m["emotions"], m["layers"], t["C_mean"], t["C_pos"], t["C_neg"], t["beta"],
+                   t["H_mean"], m["n_samples"], m["meta"])
+
+
+def neuron_betas(model, directions: torch.Tensor, emotions: Sequence[str],
+                 layers: Sequence[int] | None = None) -> Float[torch.Tensor, "emotion layer d_mlp"]:
+    """β_e^l = W_out^l · v̂_e^l (v renormalised to unit length)."""
+    lay = S.layers_of(model, layers)
+    v = _layer_dirs(model, directions, emotions, lay, "directions")
+    W = torch.stack([S.W_out(model, layer).detach().float().cpu() for layer in lay])  # [L, N, D]
+    return torch.einsum("lnd,eld->eln", W, v)
+
+
+def neuron_contributions(model, prompts: Sequence[PromptLike], labels: Sequence[str] | None,
+                         directions: Float[torch.Tensor, "emotion layer d_model"],
+                         emotions: Sequence[str], layers: Sequence[int] | None = None,
+                         batch_size: int = 16, progress: bool = True) -> NeuronContributions:
+    """Neuron contribution tables (module docstring); ``directions`` = resid_post directions.
+
+    ``labels[i]`` is prompt i's emotion (default: ``prompt.emotion``); prompts whose label is
+    not in ``emotions`` are ignored; every emotion needs at least one prompt.
+    """
+    labels = _labels(prompts, labels)
+    lay = S.layers_of(model, layers)
+    beta = neuron_betas(model, directions, emotions, lay)
+    rows = _emotion_rows(labels, emotions)
+    keep = sorted(i for r in rows.values() for i in r)
+    acts = collect(model, [prompts[i] for i in keep], "mlp_post", "last", layers=lay,
+                   batch_size=batch_size, progress=progress)
+    g = acts["mlp_post"].double()  # [n, L, N]
+    pos = {i: j for j, i in enumerate(keep)}
+    H, Gp, Gn = [], [], []
+    for e in emotions:
+        ge = g[[pos[i] for i in rows[e]]]
+        H.append(ge.mean(0))
+        Gp.append(ge.clamp(min=0).mean(0))
+        Gn.append((-ge).clamp(min=0).mean(0))
+    H_mean, G_pos, G_neg = torch.stack(H), torch.stack(Gp), torch.stack(Gn)
+    b = beta.double()
+    C_mean = H_mean * b
+    # max(gβ, 0) = β·max(g, 0) for β ≥ 0 and |β|·max(−g, 0) for β < 0 (likewise for max(−gβ, 0)).
+    C_pos = torch.where(b >= 0, b * G_pos, -b * G_neg)
+    C_neg = torch.where(b >= 0, b * G_neg, -b * G_pos)
+    return NeuronContributions(list(emotions), lay, C_mean.float(), C_pos.float(), C_neg.float(),
+                               beta, H_mean.float(), {e: len(rows[e]) for e in emotions},
+                               {"position": "last", "direction_site": "resid_post"})
+
+
+# ----------------------------------------------------------------------------- heads
+
+
+@dataclass
+class HeadImportance:
+    """``mean[emotion, layer, head]`` importance (paper sign: s(base) − s(ablated))."""
+
+    emotions: list[str]
+    layers: list[int]
+    mean: Float[torch.Tensor, "emotion layer head"]
+    std: Float[torch.Tensor, "emotion layer head"] | None = None
+    baseline_mean: Float[torch.Tensor, "emotion layer"] | None = None
+    n_samples: dict[str, int] = field(default_factory=dict)
+    method: str = "ablation"
+    meta: dict = field(default_factory=dict)
+
+    def top(self, emotion: str, layer: int | None = None, k: int = 10,
+            sign: Literal["promote", "suppress"] = "promote") -> list[tuple[int, int, float]]:
+        """(layer, head, importance) rows, descending (``suppress``: ascending)."""
+        if emotion not in self.emotions:
+            raise KeyError(f"emotion {emotion!r} not in {self.emotions}")
+        if sign not in ("promote", "suppress"):
+            raise ValueError(f"sign must be 'promote' or 'suppress', got {sign!r}")
+        return _top_rows(self.mean[self.emotions.index(emotion)], self.layers, layer, k,
+                         sign == "promote")
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        rows = []
+        for ei, e in enumerate(self.emotions):
+            for li, layer in enumerate(self.layers):
+                for h in range(self.mean.shape[2]):
+                    r = {"emotion": e, "layer": layer, "head": h,
+                         "mean_importance": float(self.mean[ei, li, h])}
+                    if self.std is not None:
+                        r["std_importance"] = float(self.std[ei, li, h])
+                    if self.baseline_mean is not None:
+                        r["baseline_mean"] = float(self.baseline_mean[ei, li])
+                    r["samples"] = self.n_samples.get(e, 0)
+                    rows.append(r)
+        return pd.DataFrame(rows)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        t = {"mean": self.mean}
+        if self.std is not None:
+            t["std"] = self.std
+        if self.baseline_mean is not None:
+            t["baseline_mean"] = self.baseline_mean
+        return _atomic_save(Path(path), t, {"emotions": self.emotions, "layers": self.layers,
+                                            "n_samples": self.n_samples, "method": self.method,
+                                            "meta": self.meta})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> HeadImportance:
+        path = Path(path)
+        t = load_file(str(path))
+        m = json.loads(path.with_suffix(".json").read_text())
+        return cls(m["emotions"], m["layers"], t["mean"], t.get("std"), t.get("baseline_mean"),
+                   m["n_samples"], m["method"], m["meta"])
+
+
+def mlp_in_projection(model, layer: int, directions: torch.Tensor) -> Metric:
+    """s_l = ⟨ln2 output at layer l, last token, v_row⟩ with ``directions`` [n_prompts, d]."""
+    hook = hook_of(model, "mlp_in", layer)
+    v = directions.float()
+
+    def fn(logits, cache, rows):  # noqa: ARG001
+        a = cache[hook][:, -1].float()
+        return (a * v.to(a.device)[rows.to(a.device)]).sum(-1)
+
+    return Metric(fn, (hook,), False, f"s_{layer}")
+
+
+def head_ablation_importance(model, prompts: Sequence[PromptLike], labels: Sequence[str] | None,
+                             directions_mid: Float[torch.Tensor, "emotion layer d_model"],
+                             emotions: Sequence[str], layers: Sequence[int] | None = None, *,
+                             batch_size: int = 8, batched: bool = True,
+                             progress: bool = True) -> HeadImportance:
+    """The paper's exact head importance (module docstring); ``directions_mid`` = resid_mid dirs.
+
+    ``batched=False`` is the paper's loop: batch 1, one full forward per (prompt, layer, head)
+    (the reference and the timing baseline).
+    """
+    labels = _labels(prompts, labels)
+    lay = S.layers_of(model, layers)
+    v = _layer_dirs(model, directions_mid, emotions, lay, "directions_mid")  # [E, L, D]
+    rows = _emotion_rows(labels, emotions)
+    keep = sorted(i for r in rows.values() for i in r)
+    texts = _texts([prompts[i] for i in keep])
+    emo_of = torch.tensor([list(emotions).index(labels[i]) for i in keep])
+    H = model.cfg.n_heads
+    n = len(texts)
+    imp = torch.zeros(n, len(lay), H, dtype=torch.float64)
+    base = torch.zeros(n, len(lay), dtype=torch.float64)
+    bs = batch_size if batched else 1
+    total = n * len(lay)
+    bar = tqdm(total=total, desc="head ablation", disable=not progress, leave=False)
+    with torch.no_grad():
+        for s in range(0, n, bs):
+            tb = tokenize(model, texts[s:s + bs])
+            b = len(tb)
+            ridx = torch.arange(s, s + b)
+            for li, layer in enumerate(lay):
+                metric = mlp_in_projection(model, layer, v[emo_of, li])
+                zhook = S.hook_name(model, "z", layer)
+                if batched:
+                    def zero_heads(x, hook, b=b):  # noqa: ARG001
+                        x = x.clone()
+                        for h in range(H):
+                            x[(h + 1) * b:(h + 2) * b, :, h, :] = 0
+                        return x
+                    m = _forward(model, tb, metric, ridx, [(zhook, zero_heads)], repeat=H + 1)
+                    m = m.double().cpu().view(H + 1, b)
+                    base[s:s + b, li] = m[0]
+                    imp[s:s + b, li] = (m[0:1] - m[1:]).T
+                else:
+                    m0 = _forward(model, tb, metric, ridx, stop_early=False).double().cpu()
+                    base[s:s + b, li] = m0
+                    for h in range(H):
+                        def zero_one(x, hook, h=h):  # noqa: ARG001
+                            x = x.clone()
+                            x[:, :, h, :] = 0
+                            return x
+                        mh = _forward(model, tb, metric, ridx, [(zhook, zero_one)],
+                                      stop_early=False).double().cpu()
+                        imp[s:s + b, li, h] = m0 - mh
+                bar.update(b)
+    bar.close()
+    mean, std, bmean = [], [], []
+    for e in emotions:
+        sel = [keep.index(i) for i in rows[e]]
+        mean.append(imp[sel].mean(0))
+        std.append(imp[sel].std(0, unbiased=False) if len(sel) > 1 else torch.zeros(len(lay), H))
+        bmean.append(base[sel].mean(0))
+    return HeadImportance(list(emotions), lay, torch.stack(mean).float(), torch.stack(std).float(),
+                          torch.stack(bmean).float(), {e: len(rows[e]) for e in emotions},
+                          "ablation" if batched else "ablation_loop",
+                          {"readout": "same_layer", "ablation": "zero z, all positions"})
+
+
+def reference_direction(directions_mid: torch.Tensor, directions_post: torch.Tensor,
+                        band: Sequence[int] | None = None) -> Float[torch.Tensor, "emotion d_model"]:
+    """v_ref,e: unit mean of the sign-aligned resid_mid and resid_post directions over ``band``.
+
+    Default band: layers ⌊21·L/28⌋ .. ⌊25·L/28⌋ (the paper's 21–25 of 28, scaled to depth L).
+    Signs are aligned to the first vector (resid_mid at the first band layer), as in the paper.
+    """
+    if directions_mid.shape != directions_post.shape or directions_mid.dim() != 3:
+        raise ValueError("directions_mid and directions_post must both be [emotion, layer, d_model]")
+    L = directions_mid.shape[1]
+    band = list(range(21 * L // 28, 25 * L // 28 + 1)) if band is None else list(band)
+    if not band or any(not 0 <= b < L for b in band):
+        raise ValueError(f"reference band {band} outside 0..{L - 1}")
+    out = []
+    for e in range(directions_mid.shape[0]):
+        vecs = []
+        for b in band:
+            vecs += [directions_mid[e, b], directions_post[e, b]]
+        vecs = [x.float() / (x.float().norm() + EPS) for x in vecs]
+        ref = vecs[0]
+        aligned = [x if float(x @ ref) >= 0 else -x for x in vecs]
+        m = torch.stack(aligned).mean(0)
+        out.append(m / (m.norm() + EPS))
+    return torch.stack(out)
+
+
+def final_projection(model, v: torch.Tensor) -> Metric:
+    """s = ⟨final_norm[last], v⟩ (``v`` [d] or [n_prompts, d])."""
+    hook = S.hook_name(model, "final_norm")
+    vv = v.float()
+
+    def fn(logits, cache, rows):  # noqa: ARG001
+        a = cache[hook][:, -1].float()
+        d = vv.to(a.device)
+        return a @ d if d.dim() == 1 else (a * d[rows.to(a.device)]).sum(-1)
+
+    return Metric(fn, (hook,), False, "s_final")
+
+
+def same_layer_readout_sum(model, layers: Sequence[int], v_layers: torch.Tensor) -> Metric:
+    """Σ_l ⟨ln2_l[last], v_l⟩ over ``layers`` (``v_layers`` [L, d]); pair with cut hooks."""
+    hooks = tuple(hook_of(model, "mlp_in", layer) for layer in layers)
+    vv = v_layers.float()
+
+    def fn(logits, cache, rows):  # noqa: ARG001
+        return sum((cache[h][:, -1].float() * vv[i].to(cache[h].device)).sum(-1)
+                   for i, h in enumerate(hooks))
+
+    return Metric(fn, hooks, False, "sum_l s_l")
+
+
+def head_attribution(model, prompts: Sequence[PromptLike], labels: Sequence[str] | None,
+                     emotions: Sequence[str], *,
+                     readout: Literal["same_layer", "final", "logit"] = "same_layer",
+                     directions_mid: torch.Tensor | None = None, v_ref: torch.Tensor | None = None,
+                     layers: Sequence[int] | None = None, batch_size: int = 8,
+                     progress: bool = True) -> HeadImportance:
+    """Attribution-patching estimate of head importance (paper sign), one backward per emotion.
+
+    ``same_layer`` needs ``directions_mid`` [emotion, layer, d]; ``final`` needs ``v_ref``
+    [emotion, d]; ``logit`` uses the emotion's word mass (``emotion_tokens``).
+    """
+    labels = _labels(prompts, labels)
+    lay = S.layers_of(model, layers)
+    rows = _emotion_rows(labels, emotions)
+    if readout == "same_layer":
+        if directions_mid is None:
+            raise ValueError("readout='same_layer' needs directions_mid")
+        v = _layer_dirs(model, directions_mid, emotions, lay, "directions_mid")
+    elif readout == "final":
+        if v_ref is None or v_ref.shape != (len(emotions), model.cfg.d_model):
+            raise ValueError(f"readout='final' needs v_ref [emotion={len(emotions)}, d_model]")
+    elif readout != "logit":
+        raise ValueError(f"readout must be 'same_layer', 'final' or 'logit', got {readout!r}")
+    means = []
+    for ei, e in enumerate(emotions):
+        ps = [prompts[i] for i in rows[e]]
+        extra: list = []
+        if readout == "same_layer":
+            metric = same_layer_readout_sum(model, lay, v[ei])
+            extra = cut_between_layers_hooks(model)
+        elif readout == "final":
+            metric = final_projection(model, v_ref[ei] / (v_ref[ei].norm() + EPS))  # type: ignore[index]
+        else:
+            metric = logit_readout_metric(model, e, emotions)
+        r = attribution_patching(model, ps, metric, sites=("z",), layers=lay, extra_hooks=extra,
+                                 batch_size=batch_size, progress=progress)["z"]
+        means.append(-r.effect)
+    return HeadImportance(list(emotions), lay, torch.stack(means), None, None,
+                          {e: len(rows[e]) for e in emotions}, f"attribution:{readout}",
+                          {"readout": readout})
+
+
+def head_importance(model, prompts: Sequence[PromptLike], labels: Sequence[str] | None,
+                    directions_mid: Float[torch.Tensor, "emotion layer d_model"],
+                    emotions: Sequence[str], *,
+                    method: Literal["ablation", "attribution", "loop"] = "ablation",
+                    layers: Sequence[int] | None = None, batch_size: int = 8,
+                    progress: bool = True) -> HeadImportance:
+    """The paper's same-layer head importance by exact batched ablation, attribution or the loop."""
+    if method == "ablation":
+        return head_ablation_importance(model, prompts, labels, directions_mid, emotions, layers,
+                                        batch_size=batch_size, progress=progress)
+    if method == "loop":
+        return head_ablation_importance(model, prompts, labels, directions_mid, emotions, layers,
+                                        batched=False, progress=progress)
+    if method == "attribution":
+        return head_attribution(model, prompts, labels, emotions, readout="same_layer",
+                                directions_mid=directions_mid, layers=layers,
+                                batch_size=batch_size, progress=progress)
+    raise ValueError(f"method must be 'ablation', 'attribution' or 'loop', got {method!r}")
+
+
+def rank_agreement(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> dict[str, float]:
+    """Spearman ρ between two score tables (flattened) and the overlap of their top-k sets."""
+    from scipy.stats import spearmanr
+
+    if a.shape != b.shape:
+        raise ValueError(f"score tables differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    k = min(k, a.numel())
+    x, y = a.flatten().double().numpy(), b.flatten().double().numpy()
+    rho = float(spearmanr(x, y).statistic)
+    ta = set(torch.topk(a.flatten(), k).indices.tolist())
+    tb = set(torch.topk(b.flatten(), k).indices.tolist())
+    return {"spearman": rho, f"top{k}_overlap": len(ta & tb) / k}
+
+
+def jaccard(a: Sequence, b: Sequence) -> float:
+    sa, sb = set(a), set(b)
+    return len(sa & sb) / max(1, len(sa | sb))
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+
+def difference_vectors(model, prompts: Sequence[PromptLike], emotions: Sequence[str],
+                       site: Literal["mlp_post", "z"], layers: Sequence[int] | None = None,
+                       batch_size: int = 16, progress: bool = True
+                       ) -> Float[torch.Tensor, "emotion layer ..."]:
+    """Δμ_e^l (§6.1): group-centred means (unnormalised) of ``site`` at the last token.
+
+    Groups are ``prompt.group`` (skeleton, valence); returns [emotion, layer, *width].
+    """
+    groups = [p.group for p in prompts]  # type: ignore[union-attr]
+    labels = _labels(prompts, None)
+    acts = collect(model, prompts, site, "last", layers=layers, batch_size=batch_size,
+                   progress=progress)
+    u, _ = group_centered_means(acts[site], groups, labels, emotions, normalize=False)
+    return u
+
+
+@dataclass
+class SweepResult:
+    """Δs vs k for the top-k components and random k-sets (mean ± std over seeds)."""
+
+    emotion: str
+    kind: str
+    mode: str
+    ks: list[int]
+    metrics: list[str]  # names of the score columns
+    baseline: Float[torch.Tensor, "metric"]
+    top: Float[torch.Tensor, "k metric"]
+    random_mean: Float[torch.Tensor, "k metric"]
+    random_std: Float[torch.Tensor, "k metric"]
+    random_all: Float[torch.Tensor, "seed k metric"]
+    meta: dict = field(default_factory=dict)
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        rows = []
+        for i, k in enumerate(self.ks):
+            for j, m in enumerate(self.metrics):
+                rows.append({"emotion": self.emotion, "kind": self.kind, "mode": self.mode,
+                             "k": k, "metric": m, "top": float(self.top[i, j]),
+                             "random_mean": float(self.random_mean[i, j]),
+                             "random_std": float(self.random_std[i, j]),
+                             "baseline": float(self.baseline[j])})
+        return pd.DataFrame(rows)
+
+    def to_dict(self) -> dict:
+        return {"emotion": self.emotion, "kind": self.kind, "mode": self.mode, "ks": self.ks,
+                "metrics": self.metrics, "baseline": self.baseline.tolist(),
+                "top": self.top.tolist(), "random_mean": self.random_mean.tolist(),
+                "random_std": self.random_std.tolist(), "random_all": self.random_all.tolist(),
+                "meta": self.meta}
+
+
+def _emotion_score_metric(model, emotion: str, emotions, v_ref: torch.Tensor | None) -> Metric:
+    """[b, 2]: (s_final = ⟨final_norm[last], v_ref⟩ or NaN, s_logit = log word mass)."""
+    logit = logit_readout_metric(model, emotion, emotions)
+    hook = S.hook_name(model, "final_norm")
+
+    def fn(logits, cache, rows):
+        lm = logit.fn(logits, cache, rows)
+        if v_ref is None:
+            sf = torch.full_like(lm, float("nan"))
+        else:
+            sf = cache[hook][:, -1].float() @ v_ref.float().to(logits.device)
+        return torch.stack([sf, lm], -1)
+
+    return Metric(fn, (hook,), True, "emotion_score")
+
+
+def _intervention_hooks(model, comps: Sequence[tuple[int, int]], kind: str, mode: str,
+                        delta_mu: torch.Tensor | None, lam: float, position: int | None) -> list:
+    by_layer: dict[int, list[int]] = {}
+    for layer, idx in comps:
+        by_layer.setdefault(int(layer), []).append(int(idx))
+    hooks = []
+    for layer, idxs in by_layer.items():
+        site = "mlp_post" if kind == "neuron" else "z"
+        ix = torch.tensor(idxs)
+
+        def fn(x, hook, layer=layer, ix=ix):  # noqa: ARG001
+            x = x.clone()
+            view = x if position is None else x[:, -1:]  # a view: writes land in x
+            i = ix.to(x.device)
+            if mode == "ablate":
+                view[:, :, i] = 0
+            else:
+                view[:, :, i] += lam * delta_mu[layer][ix].to(x.device, x.dtype)  # type: ignore[index]
+            return x
+
+        hooks.append((S.hook_name(model, site, layer), fn))
+    return hooks
+
+
+@torch.no_grad()
+def _scores(model, texts: list[str], metric: Metric, hooks: list, batch_size: int) -> torch.Tensor:
+    out = []
+    for s in range(0, len(texts), batch_size):
+        tb = tokenize(model, texts[s:s + batch_size])
+        out.append(_forward(model, tb, metric, torch.arange(s, s + len(tb)), hooks).double().cpu())
+    return torch.cat(out)
+
+
+def component_sweep(model, prompts: Sequence[PromptLike], emotion: str,
+                    ranking: Sequence[Sequence], kind: Literal["neuron", "head"] = "neuron",
+                    ks: Sequence[int] = (1, 2, 4, 8, 16, 32),
+                    mode: Literal["ablate", "enhance"] = "ablate",
+                    delta_mu: torch.Tensor | None = None, lam: float = 1.0, n_random: int = 3,
+                    seed: int = 0, *, v_ref: torch.Tensor | None = None,
+                    emotions: Sequence[str] | None = None, layers: Sequence[int] | None = None,
+                    batch_size: int = 16, progress: bool = True) -> SweepResult:
+    """Top-k vs random-k ablation/enhancement curves (paper Sec. 6; no released code, §10 A18).
+
+    Emotion score, per prompt, at the last prompt token: s_final = ⟨final_norm[last], v_ref,e⟩
+    (NaN without ``v_ref``) and s_logit = log Σ_{t∈T_e} p(t) (the emotion's next-token word
+    mass). Reported: mean over prompts of Δs = s(intervened) − s(base).
+
+    ``ranking``: rows (layer, index, ...) best first (e.g. ``.top(emotion, k=max(ks))``).
+    Neurons are intervened at the last token, heads at every position; ``ablate`` zeroes them,
+    ``enhance`` adds λ·Δμ (``delta_mu``: this emotion's [layer, d_mlp] for neurons,
+    [layer, head, d_head] for heads, from ``difference_vectors``). Random controls draw k
+    components uniformly from all components of ``layers`` (default: every layer) except the
+    top max(ks), with seeds seed, seed+1, ...
+    """
+    if kind not in ("neuron", "head"):
+        raise ValueError(f"kind must be 'neuron' or 'head', got {kind!r}")
+    if mode not in ("ablate", "enhance"):
+        raise ValueError(f"mode must be 'ablate' or 'enhance', got {mode!r}")
+    ks = sorted(int(k) for k in ks)
+    if not ks or ks[0] < 1:
+        raise ValueError(f"ks must be positive, got {ks}")
+    if len(ranking) < ks[-1]:
+        raise ValueError(f"ranking has {len(ranking)} components, fewer than max k = {ks[-1]}")
+    width = model.cfg.d_mlp if kind == "neuron" else model.cfg.n_heads
+    comps = [(S.check_layer(model, int(r[0])), int(r[1])) for r in ranking]
+    for layer, idx in comps:
+        if not 0 <= idx < width:
+            raise IndexError(f"{kind} {idx} out of range (0..{width - 1}) at layer {layer}")
+    if mode == "enhance":
+        want = (model.cfg.n_layers, model.cfg.d_mlp) if kind == "neuron" else \
+            (model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head)
+        if delta_mu is None or tuple(delta_mu.shape) != want:
+            raise ValueError(f"mode='enhance' needs delta_mu of shape {want} (this emotion's Δμ "
+                             f"over all layers), got {None if delta_mu is None else tuple(delta_mu.shape)}")
+    texts = _texts(prompts)
+    if not texts:
+        raise ValueError("component_sweep: no prompts")
+    if v_ref is not None:
+        v_ref = v_ref.float() / (v_ref.float().norm() + EPS)
+    metric = _emotion_score_metric(model, emotion, emotions, v_ref)
+    position = -1 if kind == "neuron" else None
+    base = _scores(model, texts, metric, [], batch_size).mean(0)
+    top_set = set(comps[:ks[-1]])
+    pool = [(layer, i) for layer in S.layers_of(model, layers) for i in range(width)
+            if (layer, i) not in top_set]
+    t0 = time.perf_counter()
+    steps = len(ks) * (1 + n_random)
+    bar = tqdm(total=steps, desc=f"sweep {kind} {mode}", disable=not progress, leave=False)
+    top = []
+    for k in ks:
+        hooks = _intervention_hooks(model, comps[:k], kind, mode, delta_mu, lam, position)
+        top.append(_scores(model, texts, metric, hooks, batch_size).mean(0) - base)
+        bar.update(1)
+    rand = torch.zeros(n_random, len(ks), 2, dtype=torch.float64)
+    for r in range(n_random):
+        rng = random.Random(seed + r)
+        for i, k in enumerate(ks):
+            pick = rng.sample(pool, min(k, len(pool)))
+            hooks = _intervention_hooks(model, pick, kind, mode, delta_mu, lam, position)
+            rand[r, i] = _scores(model, texts, metric, hooks, batch_size).mean(0) - base
+            bar.update(1)
+    bar.close()
+    std = rand.std(0, unbiased=False) if n_random > 1 else torch.zeros(len(ks), 2)
+    return SweepResult(emotion, kind, mode, ks, ["s_final", "s_logit"], base.float(),
+                       torch.stack(top).float(), rand.mean(0).float(), std.float(), rand.float(),
+                       {"lam": lam, "n_prompts": len(texts), "n_random": n_random, "seed": seed,
+                        "seconds": time.perf_counter() - t0,
+                        "position": "last" if kind == "neuron" else "all"})

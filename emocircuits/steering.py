@@ -1,0 +1,364 @@
+"""Activation steering with emotion directions (PAPER_METHOD.md §4, A2, A12).
+
+At each steered layer l (hook ``site`` of block l) and each chosen position t:
+
+    scale="rms":   h_t <- h_t + α · rms(h_t) · v_l,   rms(h) = sqrt(mean_d h_d² + 1e-12)
+    scale="unit":  h_t <- h_t + α · v_l
+
+with rms computed per position *before* the addition (the paper: α = 8, resid_post,
+layers 11–20 of 28, "last"). Positions, per forward call:
+
+* ``"last"``: the last position of every call — the last prompt token in prefill and then
+  every generated token (each decode call has length 1);
+* ``"all"``: every position of every call;
+* ``"generated"``: only decode calls inside ``generate`` (``is_decoding(model)``);
+* an int tensor ``[k]`` or ``[batch, k]``: those prefill positions only (negative = from the
+  end, which is the same in left-padded and unpadded prompts; non-negative = batch column).
+
+``alpha`` may be a callable ``alpha(step)``: step is 0 for a prefill (any non-decode call)
+and k for the k-th decode call after it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from types import MappingProxyType
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from tqdm.auto import tqdm
+
+from . import sites as S
+from .directions import EmotionDirections
+from .generation import GenerationConfig, generate, is_decoding
+from .prompts import Prompt
+
+RMS_EPS = 1e-12
+_PAPER_BAND = (11, 21, 28)  # layers [11, 21) of 28
+
+
+def paper_layers(model_or_n_layers) -> list[int]:
+    """The paper's band (layers 11–20 of 28) scaled to the model's depth:
+    [round(11 n / 28), round(21 n / 28)) — 11..20 for n = 28, 12..22 for SmolLM2 (n = 30)."""
+    n = model_or_n_layers if isinstance(model_or_n_layers, int) else model_or_n_layers.cfg.n_layers
+    lo, hi, ref = _PAPER_BAND
+    start, stop = int(math.floor(lo * n / ref + 0.5)), int(math.floor(hi * n / ref + 0.5))
+    return list(range(start, max(stop, start + 1)))
+
+
+PAPER_STEERING: Mapping = MappingProxyType(
+    dict(site="resid_post", scale="rms", alpha=8.0, positions="last", layers=paper_layers))
+"""``steer(model, dirs, emotion=e, **PAPER_STEERING)`` reproduces stage 03 (layers are resolved
+by ``paper_layers(model)``)."""
+
+Alpha = float | Callable[[int], float]
+Positions = str | torch.Tensor
+EmotionSpec = str | Sequence[tuple[str, float]] | Mapping[str, float]
+
+
+def _resolve_layers(model, layers) -> list[int]:
+    if callable(layers):
+        layers = layers(model)
+    if layers is None:
+        raise ValueError("steer: pass layers= (e.g. paper_layers(model))")
+    if isinstance(layers, int):
+        layers = [layers]
+    out = S.layers_of(model, list(layers))
+    if len(set(out)) != len(out):
+        raise ValueError(f"steer: repeated layers {list(layers)}")
+    return out
+
+
+def steering_vectors(
+    model,
+    directions: torch.Tensor | EmotionDirections,
+    layers: Sequence[int],
+    *,
+    emotion: EmotionSpec | None = None,
+    site: str = "resid_post",
+) -> dict[int, Float[torch.Tensor, "d"]]:
+    """The vector added at each layer: ``{layer: v_l}``.
+
+    ``directions``: a tensor ``[n_layers, d]`` indexed by the model's layer, a single ``[d]``
+    vector used at every layer, or ``EmotionDirections`` with ``emotion`` = a name, or several
+    ``(emotion, weight)`` pairs (v_l = Σ w_e v_{e,l}, not renormalised).
+    """
+    S.check_site(site)
+    if site not in S.PER_LAYER:
+        raise ValueError(f"steer: site {site!r} is not per layer")
+    width = S.site_width(model, site)
+    if len(width) != 1:
+        raise ValueError(f"steer: site {site!r} has per-position shape {width}; only vector sites "
+                         f"(resid_*, attn_out, mlp_out, mlp_post, ...) can be steered")
+    d = width[0]
+    out: dict[int, torch.Tensor] = {}
+    if isinstance(directions, EmotionDirections):
+        if emotion is None:
+            raise ValueError(f"steer: EmotionDirections need emotion= (one of {directions.emotions} "
+                             f"or [(emotion, weight), ...])")
+        pairs = ([(emotion, 1.0)] if isinstance(emotion, str)
+                 else list(emotion.items()) if isinstance(emotion, Mapping) else list(emotion))
+        for layer in layers:
+            if layer not in directions.layers:
+                raise KeyError(f"steer: layer {layer} not in the directions' layers {directions.layers}")
+            out[layer] = sum(float(w) * directions.at(e, layer, site).double() for e, w in pairs).float()
+    elif isinstance(directions, torch.Tensor):
+        if emotion is not None:
+            raise ValueError("steer: emotion= only applies to EmotionDirections")
+        if directions.dim() == 1:
+            out = {layer: directions for layer in layers}
+        elif directions.dim() == 2:
+            if directions.shape[0] != model.cfg.n_layers:
+                raise ValueError(f"steer: direction tensor has {directions.shape[0]} rows; expected "
+                                 f"one per model layer ({model.cfg.n_layers}), indexed by layer")
+            out = {layer: directions[layer] for layer in layers}
+        else:
+            raise ValueError(f"steer: direction tensor must be [n_layers, d] or [d], got {tuple(directions.shape)}")
+    else:
+        raise TypeError(f"steer: directions must be a tensor or EmotionDirections, got {type(directions).__name__}")
+    for layer, v in out.items():
+        if v.shape[-1] != d:
+            raise ValueError(f"steer: direction at layer {layer} has width {v.shape[-1]} but site "
+                             f"{site!r} has {d} (d_model mismatch: directions from another model?)")
+        if not torch.isfinite(v).all():
+            raise ValueError(f"steer: direction at layer {layer} contains NaN/inf")
+    return {layer: v.detach().float() for layer, v in out.items()}
+
+
+def _check_positions(positions: Positions) -> None:
+    if isinstance(positions, torch.Tensor):
+        if positions.dtype.is_floating_point or positions.dim() not in (1, 2):
+            raise ValueError("steer: an index tensor of positions must be integer [k] or [batch, k]")
+    elif positions not in ("last", "all", "generated"):
+        raise ValueError(f"steer: positions must be 'last', 'all', 'generated' or an index tensor, "
+                         f"got {positions!r}")
+
+
+@contextmanager
+def steer(
+    model,
+    directions: torch.Tensor | EmotionDirections,
+    layers: Sequence[int] | Callable | int | None = None,
+    alpha: Alpha = 8.0,
+    *,
+    emotion: EmotionSpec | None = None,
+    scale: str = "rms",
+    positions: Positions = "last",
+    site: str = "resid_post",
+) -> Iterator[dict[int, torch.Tensor]]:
+    """Context manager: while active, every forward (and ``generate``) is steered (module doc).
+
+    Yields the ``{layer: v}`` vectors in use. Built on ``model.hooks``: hooks are removed on
+    every exit, exceptions included.
+    """
+    if scale not in ("rms", "unit"):
+        raise ValueError(f"steer: scale must be 'rms' or 'unit', got {scale!r}")
+    _check_positions(positions)
+    if not callable(alpha) and not math.isfinite(float(alpha)):
+        raise ValueError(f"steer: alpha must be finite, got {alpha}")
+    lay = _resolve_layers(model, layers)
+    vecs = steering_vectors(model, directions, lay, emotion=emotion, site=site)
+    state = {"step": 0}
+    idx = positions.long() if isinstance(positions, torch.Tensor) else None
+    mode = "index" if idx is not None else positions
+
+    def counter(x, hook):  # noqa: ARG001 - runs first in every forward call
+        state["step"] = state["step"] + 1 if is_decoding(model) else 0
+        return x
+
+    def make(layer: int):
+        v_cpu = vecs[layer]
+
+        def hook(x, hook):  # noqa: ARG001
+            decoding = is_decoding(model)
+            if mode == "generated" and not decoding:
+                return x
+            if idx is not None and decoding:
+                return x
+            a = float(alpha(state["step"])) if callable(alpha) else float(alpha)
+            if a == 0.0:
+                return x
+            v = v_cpu.to(x.device)
+            if mode == "all":
+                part = x
+            elif idx is None:  # "last", "generated"
+                part = x[:, -1:]
+            else:
+                cols = idx.to(x.device)
+                if cols.dim() == 1:
+                    cols = cols.unsqueeze(0).expand(x.shape[0], -1)
+                if cols.shape[0] != x.shape[0]:
+                    raise ValueError(f"steer: index tensor has {cols.shape[0]} rows, batch has {x.shape[0]}")
+                if (cols >= x.shape[1]).any() or (cols < -x.shape[1]).any():
+                    raise IndexError(f"steer: position index outside the sequence (length {x.shape[1]})")
+                cols = cols % x.shape[1]
+                g = cols.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+                part = torch.gather(x, 1, g)
+            pf = part.float()
+            if scale == "rms":
+                add = a * torch.sqrt(pf.pow(2).mean(-1, keepdim=True) + RMS_EPS) * v
+            else:
+                add = (a * v).expand_as(pf)
+            new = (pf + add).to(x.dtype)
+            if mode == "all":
+                return new
+            out = x.clone()
+            if idx is None:
+                out[:, -1:] = new
+            else:
+                out.scatter_(1, g, new)
+            return out
+        return hook
+
+    fwd = [(S.hook_name(model, "resid_pre", 0), counter)] if callable(alpha) else []
+    fwd += [(S.hook_name(model, site, layer), make(layer)) for layer in lay]
+    with model.hooks(fwd_hooks=fwd):
+        yield vecs
+
+
+# ============================================================================ sweep
+
+
+def _with_prefix(text: str, prefix: str | None) -> str:
+    """Append an assistant prefix the way ``prompts.render`` does."""
+    if not prefix:
+        return text
+    return text + ("" if text.endswith((" ", "\n")) else " ") + prefix
+
+
+@dataclass
+class SweepResult:
+    """One row per (layers, α, emotion): readout share, judge accuracy, fluency."""
+
+    rows: list[dict]
+    meta: dict = field(default_factory=dict)
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        return pd.DataFrame([{k: v for k, v in r.items() if k != "examples"} for r in self.rows])
+
+    def to_dict(self) -> dict:
+        return {"rows": self.rows, "summary": self.summary(), "meta": self.meta}
+
+    def summary(self) -> list[dict]:
+        """Mean over emotions per (layers, α) setting."""
+        out: dict[tuple, list[dict]] = {}
+        for r in self.rows:
+            out.setdefault((r["layers"], r["alpha"]), []).append(r)
+        keys = ("readout_share", "readout_top1", "judge_accuracy", "perplexity", "repeated_3gram")
+        res = []
+        for (lay, a), rs in out.items():
+            d = {"layers": lay, "alpha": a}
+            for k in keys:
+                vals = [r[k] for r in rs if r.get(k) is not None and np.isfinite(r[k])]
+                d[k] = float(np.mean(vals)) if vals else float("nan")
+            res.append(d)
+        return res
+
+    def best(self, metric: str = "judge_accuracy", *, max_perplexity: float | None = None,
+             max_repeat: float | None = None, steered_only: bool = True) -> dict:
+        """The setting with the highest mean ``metric`` among those within the fluency guard."""
+        cand = [s for s in self.summary()
+                if (not steered_only or s["alpha"] != 0)
+                and (max_perplexity is None or s["perplexity"] <= max_perplexity)
+                and (max_repeat is None or s["repeated_3gram"] <= max_repeat)
+                and np.isfinite(s.get(metric, float("nan")))]
+        if not cand:
+            raise ValueError(f"best: no setting passes max_perplexity={max_perplexity}, max_repeat={max_repeat}")
+        return max(cand, key=lambda s: s[metric])
+
+
+def _band_name(band: Sequence[int]) -> str:
+    b = list(band)
+    if len(b) > 1 and b == list(range(b[0], b[-1] + 1)):
+        return f"{b[0]}-{b[-1]}"
+    return ",".join(map(str, b))
+
+
+def steering_sweep(
+    model,
+    prompts: Sequence[Prompt | str],
+    directions: torch.Tensor | EmotionDirections,
+    emotions: Sequence[str],
+    layer_bands: Sequence[Sequence[int]],
+    alphas: Sequence[float],
+    judge=None,
+    gen_config: GenerationConfig | None = None,
+    *,
+    site: str = "resid_post",
+    scale: str = "rms",
+    positions: Positions = "last",
+    readout_prefix: str | None = "I feel",
+    include_baseline: bool = True,
+    n_examples: int = 2,
+    progress: bool = True,
+) -> SweepResult:
+    """Steer toward each emotion for every (layer band × α) and measure, per setting:
+
+    * ``readout_share``: mean share of the target emotion's words in the next-token mass at the
+      reply start (prompt + ``readout_prefix``), steer active; ``readout_top1``: how often it is
+      the argmax;
+    * ``judge_accuracy``: the judge's match rate on the steered generations (if ``judge``);
+    * ``perplexity`` (geometric mean) and ``repeated_3gram`` rate: ``fluency`` computed outside
+      the steering context, i.e. under the unsteered model.
+
+    ``include_baseline`` adds an α = 0 row per emotion (unsteered).
+    """
+    from .evaluate import fluency
+    from .judges.readout import emotion_readout
+
+    cfg = gen_config or GenerationConfig(max_new_tokens=30)
+    texts = [p.text if isinstance(p, Prompt) else p for p in prompts]
+    ro_prompts = [_with_prefix(t, readout_prefix) for t in texts]
+    settings: list[tuple[list[int] | None, float]] = []
+    if include_baseline:
+        settings.append((None, 0.0))
+    settings += [(list(b), float(a)) for b in layer_bands for a in alphas]
+    rows: list[dict] = []
+    base_gen = base_ro = base_flu = None
+    bar = tqdm(total=len(settings) * len(emotions), desc="sweep", disable=not progress)
+    t0 = time.perf_counter()
+    try:
+        for band, a in settings:
+            for e in emotions:
+                if band is None:
+                    if base_gen is None:
+                        base_ro = emotion_readout(model, ro_prompts, emotions)
+                        base_gen = generate(model, texts, cfg, progress=False)
+                    ro, gen = base_ro, base_gen
+                else:
+                    kw = dict(emotion=e) if isinstance(directions, EmotionDirections) else {}
+                    with steer(model, directions, band, a, scale=scale, positions=positions, site=site, **kw):
+                        ro = emotion_readout(model, ro_prompts, emotions)
+                        gen = generate(model, texts, cfg, progress=False)
+                k = list(ro.emotions).index(e)
+                if band is None and base_flu is not None:
+                    flu = base_flu
+                else:  # outside the steer context: perplexity under the unsteered model
+                    flu = fluency(model, texts, gen.texts, generated_tokens=gen.tokens)
+                    if band is None:
+                        base_flu = flu
+                acc = None
+                if judge is not None:
+                    acc = float(np.mean(judge.judge(gen.texts, [e] * len(texts)).match))
+                rows.append({
+                    "layers": "none" if band is None else _band_name(band), "alpha": a, "emotion": e,
+                    "readout_share": float(ro.share[:, k].mean()),
+                    "readout_top1": float(np.mean([lab == e for lab in ro.labels])),
+                    "judge_accuracy": acc, "perplexity": flu.mean_perplexity,
+                    "repeated_3gram": flu.mean_repeated_ngram_rate, "n": len(texts),
+                    "examples": gen.texts[:n_examples],
+                })
+                bar.update(1)
+    finally:
+        bar.close()
+    return SweepResult(rows, {"site": site, "scale": scale,
+                              "positions": positions if isinstance(positions, str) else "index",
+                              "gen_config": asdict(cfg), "readout_prefix": readout_prefix,
+                              "judge": getattr(judge, "name", None), "seconds": time.perf_counter() - t0})

@@ -1,0 +1,381 @@
+"""Matplotlib figures of a run (Agg backend, PNG files).
+
+Every function takes plain data (numpy arrays / tensors / dicts of them) or a result object's
+fields, writes one PNG to ``out`` (parent folders created, written atomically) and returns its
+``Path``. Nothing here touches a model: figures are cheap and testable on synthetic data.
+
+=============================  ==============================================================
+function                       picture
+=============================  ==============================================================
+``cosine_heatmap``             any square/rectangular cosine matrix with labelled axes
+``direction_similarity``       cos(v_e^(site,l), v_e^(site',l')) across layers × sites, per emotion
+``emotion_similarity``         cos(v_e, v_e') between emotions at one layer
+``sublayer_influence``         I_{L,p} vs layer (one curve per emotion × {attn, mlp})
+``probe_accuracy``             probe accuracy per layer, chance line, zero-shot baseline
+``sweep_curves``               accuracy (and perplexity) vs α / λ
+``method_comparison``          accuracy bars per method, controls hatched
+``pca_clusters``               2-D PCA of standardised activations per layer, coloured by emotion
+``circuit_graph``              layers × (heads | neurons) grid: which components each emotion uses
+=============================  ==============================================================
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+Array = Any  # np.ndarray | torch.Tensor | nested list
+
+_PALETTE = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
+            "#7f7f7f", "#bcbd22", "#17becf"]
+
+
+def _np(x: Array) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _save(fig, out: str | os.PathLike) -> Path:
+    """Write ``fig`` to ``out`` atomically (tmp file + os.replace) and close it."""
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"figure path {out} must end in .png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".png.tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _color(i: int) -> str:
+    return _PALETTE[i % len(_PALETTE)]
+
+
+def cosine(a: Array, b: Array | None = None) -> np.ndarray:
+    """Row-wise cosine matrix cos(a_i, b_j) = a_i·b_j / (‖a_i‖‖b_j‖) (float64, eps 1e-12)."""
+    a = _np(a)
+    b = a if b is None else _np(b)
+    an = a / (np.linalg.norm(a, axis=-1, keepdims=True) + 1e-12)
+    bn = b / (np.linalg.norm(b, axis=-1, keepdims=True) + 1e-12)
+    return an @ bn.T
+
+
+# ----------------------------------------------------------------------------- heatmaps
+
+
+def cosine_heatmap(matrix: Array, out: str | os.PathLike, *, xlabels: Sequence[str] | None = None,
+                   ylabels: Sequence[str] | None = None, title: str = "",
+                   vmin: float = -1.0, vmax: float = 1.0, annotate: bool | None = None) -> Path:
+    """A cosine (or any [-1, 1]) matrix as a diverging heatmap; annotated when small."""
+    m = _np(matrix)
+    if m.ndim != 2:
+        raise ValueError(f"cosine_heatmap: matrix must be 2-D, got shape {m.shape}")
+    h, w = m.shape
+    size = (min(2.0 + 0.35 * w, 16), min(1.5 + 0.35 * h, 16))
+    fig, ax = plt.subplots(figsize=size)
+    im = ax.imshow(m, cmap="RdBu_r", vmin=vmin, vmax=vmax, aspect="auto")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="cosine")
+    step_x = max(1, w // 30)
+    step_y = max(1, h // 30)
+    if xlabels is not None:
+        ax.set_xticks(range(0, w, step_x), [xlabels[i] for i in range(0, w, step_x)], rotation=90,
+                      fontsize=7)
+    if ylabels is not None:
+        ax.set_yticks(range(0, h, step_y), [ylabels[i] for i in range(0, h, step_y)], fontsize=7)
+    if annotate is None:
+        annotate = h * w <= 100
+    if annotate:
+        for i in range(h):
+            for j in range(w):
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if abs(m[i, j]) > 0.6 else "black")
+    ax.set_title(title)
+    return _save(fig, out)
+
+
+def direction_similarity(vectors: Mapping[str, Array], emotions: Sequence[str],
+                         out: str | os.PathLike, *, emotion: str | None = None) -> Path:
+    """cos between one emotion's unit directions across (layer, site) positions.
+
+    ``vectors[site]``: ``[emotion, layer, d_model]``. Positions are ordered layer-major with
+    the sites interleaved (site₀ L0, site₁ L0, site₀ L1, ...) like the paper's 56-position
+    analysis. ``emotion=None`` averages the matrix over emotions.
+    """
+    sites = list(vectors)
+    if not sites:
+        raise ValueError("direction_similarity: no sites given")
+    arrs = {s: _np(v) for s, v in vectors.items()}
+    shapes = {s: a.shape for s, a in arrs.items()}
+    if len({a.shape[:2] for a in arrs.values()}) != 1 or any(a.ndim != 3 for a in arrs.values()):
+        raise ValueError(f"direction_similarity: every site needs [emotion, layer, d]; got {shapes}")
+    n_e, n_l = arrs[sites[0]].shape[:2]
+    if n_e != len(emotions):
+        raise ValueError(f"direction_similarity: {n_e} emotions in vectors, {len(emotions)} names")
+    idx = range(n_e) if emotion is None else [list(emotions).index(emotion)]
+    labels = [f"{s[:9]} L{layer}" for layer in range(n_l) for s in sites]
+    mats = []
+    for e in idx:
+        rows = np.stack([arrs[s][e, layer] for layer in range(n_l) for s in sites])
+        mats.append(cosine(rows))
+    title = f"direction cosine across layers × sites ({emotion or 'mean over emotions'})"
+    return cosine_heatmap(np.mean(mats, 0), out, xlabels=labels, ylabels=labels, title=title,
+                          annotate=False)
+
+
+def emotion_similarity(vectors: Array, emotions: Sequence[str], out: str | os.PathLike, *,
+                       title: str = "cosine between emotion directions") -> Path:
+    """cos(v_e, v_e') between emotions: ``vectors`` is ``[emotion, d]`` (one layer/site)."""
+    v = _np(vectors)
+    if v.ndim != 2 or v.shape[0] != len(emotions):
+        raise ValueError(f"emotion_similarity: need [emotion={len(emotions)}, d], got {v.shape}")
+    return cosine_heatmap(cosine(v), out, xlabels=list(emotions), ylabels=list(emotions),
+                          title=title, annotate=True)
+
+
+# ----------------------------------------------------------------------------- curves
+
+
+def sublayer_influence(influence: Mapping[str, Mapping[str, Array]], out: str | os.PathLike, *,
+                       title: str = "sublayer causal influence I(L, p)") -> Path:
+    """I_{L,p} = (mean s_α − s_base)/(α σ_{L,p}) vs layer L.
+
+    ``influence[emotion][kind]``: ``[layer]`` with kind in {"attn", "mlp"} (any names);
+    solid line for the first kind, dashed for the others.
+    """
+    if not influence:
+        raise ValueError("sublayer_influence: no emotions given")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (emo, kinds) in enumerate(influence.items()):
+        for j, (kind, vals) in enumerate(kinds.items()):
+            y = _np(vals).reshape(-1)
+            ax.plot(range(len(y)), y, color=_color(i), ls="-" if j == 0 else "--", marker=".",
+                    label=f"{emo} · {kind}")
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("Δ readout per unit dose")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, out)
+
+
+def probe_accuracy(accuracy: Mapping[str, Array], out: str | os.PathLike, *,
+                   layers: Sequence[int] | None = None, chance: float | None = None,
+                   baselines: Mapping[str, float] | None = None,
+                   title: str = "probe accuracy per layer") -> Path:
+    """Accuracy per layer for each named series, a dotted chance line and flat baselines."""
+    if not accuracy:
+        raise ValueError("probe_accuracy: no series given")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (name, acc) in enumerate(accuracy.items()):
+        y = _np(acc).reshape(-1)
+        x = list(layers) if layers is not None else list(range(len(y)))
+        if len(x) != len(y):
+            raise ValueError(f"probe_accuracy: series {name!r} has {len(y)} values, {len(x)} layers")
+        ax.plot(x, y, marker="o", ms=3, color=_color(i), label=name)
+    if chance is not None:
+        ax.axhline(chance, color="gray", ls=":", label=f"chance ({chance:.2f})")
+    for j, (name, val) in enumerate((baselines or {}).items()):
+        ax.axhline(val, color=_color(j + len(accuracy)), ls="-.", lw=1, label=name)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def sweep_curves(x: Sequence[float], accuracy: Mapping[str, Array], out: str | os.PathLike, *,
+                 perplexity: Mapping[str, Array] | None = None, xlabel: str = "α",
+                 title: str = "sweep") -> Path:
+    """Accuracy (left panel) and perplexity (right panel, log scale) vs the strength α / λ."""
+    if not accuracy:
+        raise ValueError("sweep_curves: no accuracy series given")
+    xs = _np(x).reshape(-1)
+    n_panels = 2 if perplexity else 1
+    fig, axes = plt.subplots(1, n_panels, figsize=(5.5 * n_panels, 4), squeeze=False)
+    ax = axes[0, 0]
+    for i, (name, acc) in enumerate(accuracy.items()):
+        y = _np(acc).reshape(-1)
+        if len(y) != len(xs):
+            raise ValueError(f"sweep_curves: {name!r} has {len(y)} values for {len(xs)} x values")
+        ax.plot(xs, y, marker="o", color=_color(i), label=name)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    if perplexity:
+        ax2 = axes[0, 1]
+        for i, (name, ppl) in enumerate(perplexity.items()):
+            y = _np(ppl).reshape(-1)
+            ax2.plot(xs[: len(y)], y, marker="s", color=_color(i), label=name)
+        ax2.set_yscale("log")
+        ax2.set_xlabel(xlabel)
+        ax2.set_ylabel("perplexity (log)")
+        ax2.set_title("fluency")
+        ax2.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def method_comparison(accuracy: Mapping[str, float], out: str | os.PathLike, *,
+                      controls: Mapping[str, float] | None = None,
+                      per_emotion: Mapping[str, Mapping[str, float]] | None = None,
+                      title: str = "accuracy by method") -> Path:
+    """Bars of overall accuracy per method; controls (e.g. random circuit) hatched grey.
+
+    ``per_emotion[method][emotion]`` adds a grouped-bar panel.
+    """
+    if not accuracy:
+        raise ValueError("method_comparison: no methods given")
+    names = list(accuracy) + list(controls or {})
+    vals = [float(v) for v in accuracy.values()] + [float(v) for v in (controls or {}).values()]
+    n_panels = 2 if per_emotion else 1
+    fig, axes = plt.subplots(1, n_panels, figsize=(6 * n_panels, 4), squeeze=False)
+    ax = axes[0, 0]
+    colors = [_color(i) for i in range(len(accuracy))] + ["#bbbbbb"] * len(controls or {})
+    bars = ax.bar(range(len(names)), vals, color=colors)
+    for b in bars[len(accuracy):]:
+        b.set_hatch("//")
+    for b, v in zip(bars, vals, strict=True):
+        ax.text(b.get_x() + b.get_width() / 2, v + 0.01, f"{100 * v:.0f}%", ha="center", fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    if per_emotion:
+        ax2 = axes[0, 1]
+        methods = list(per_emotion)
+        emos = list(dict.fromkeys(e for m in per_emotion.values() for e in m))
+        w = 0.8 / max(len(methods), 1)
+        for i, m in enumerate(methods):
+            ys = [float(per_emotion[m].get(e, np.nan)) for e in emos]
+            ax2.bar(np.arange(len(emos)) + i * w, ys, width=w, color=_color(i), label=m)
+        ax2.set_xticks(np.arange(len(emos)) + 0.4 - w / 2, emos, rotation=30, ha="right")
+        ax2.set_ylim(0, 1.1)
+        ax2.set_title("per emotion")
+        ax2.legend(fontsize=7)
+    return _save(fig, out)
+
+
+# ----------------------------------------------------------------------------- PCA
+
+
+def pca_2d(x: Array) -> np.ndarray:
+    """Standardise columns (z-score, constant columns left at 0) and project on the top-2 PCs."""
+    a = _np(x)
+    if a.ndim != 2 or a.shape[0] < 2:
+        raise ValueError(f"pca_2d: need [n >= 2, d], got {a.shape}")
+    a = a - a.mean(0)
+    sd = a.std(0)
+    a = a / np.where(sd > 0, sd, 1.0)
+    u, s, _ = np.linalg.svd(a, full_matrices=False)
+    k = min(2, u.shape[1])
+    pcs = u[:, :k] * s[:k]
+    if k < 2:
+        pcs = np.concatenate([pcs, np.zeros((a.shape[0], 2 - k))], 1)
+    return pcs
+
+
+def pca_clusters(acts: Mapping[int | str, Array], labels: Sequence[str], out: str | os.PathLike,
+                 *, title: str = "PCA of emotion activations") -> Path:
+    """One panel per layer: standardised 2-D PCA of ``acts[layer]`` ``[n, d]``, coloured by label."""
+    if not acts:
+        raise ValueError("pca_clusters: no layers given")
+    classes = list(dict.fromkeys(labels))
+    fig, axes = plt.subplots(1, len(acts), figsize=(3.6 * len(acts), 3.6), squeeze=False)
+    for ax, (layer, x) in zip(axes[0], acts.items(), strict=True):
+        a = _np(x)
+        if a.shape[0] != len(labels):
+            raise ValueError(f"pca_clusters: layer {layer} has {a.shape[0]} rows, {len(labels)} labels")
+        pcs = pca_2d(a)
+        for i, c in enumerate(classes):
+            sel = np.array([lab == c for lab in labels])
+            ax.scatter(pcs[sel, 0], pcs[sel, 1], s=12, color=_color(i), label=c, alpha=0.8)
+        ax.set_title(f"layer {layer}")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0, -1].legend(fontsize=7, loc="best")
+    fig.suptitle(title)
+    return _save(fig, out)
+
+
+# ----------------------------------------------------------------------------- circuit graph
+
+
+def circuit_graph(circuits: Mapping[str, Mapping[str, Sequence[Sequence[int]]]], n_layers: int,
+                  out: str | os.PathLike, *, n_heads: int | None = None,
+                  title: str = "emotion circuits: selected components per layer") -> Path:
+    """Which heads and neurons each emotion's circuit uses, as a layers × components grid.
+
+    ``circuits[emotion] = {"heads": [(layer, head), ...], "neurons": [(layer, idx), ...]}``.
+    Left: a layer × head grid (cell colour = the emotions selecting that head, count shown);
+    right: neurons per layer per emotion (bars). Raises on a layer outside ``[0, n_layers)``.
+    """
+    if not circuits:
+        raise ValueError("circuit_graph: no circuits given")
+    emos = list(circuits)
+    for e, c in circuits.items():
+        for kind in ("heads", "neurons"):
+            for comp in c.get(kind, ()):
+                if not 0 <= int(comp[0]) < n_layers:
+                    raise ValueError(f"circuit_graph: {e} {kind[:-1]} {tuple(comp)}: layer out of "
+                                     f"range 0..{n_layers - 1}")
+    if n_heads is None:
+        n_heads = 1 + max((int(h) for c in circuits.values() for _, h in c.get("heads", ())),
+                          default=0)
+    grid = np.zeros((n_layers, n_heads))
+    for c in circuits.values():
+        for layer, h in c.get("heads", ()):
+            grid[int(layer), int(h)] += 1
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, max(3.5, 0.22 * n_layers + 1.5)))
+    im = ax1.imshow(grid, cmap="Purples", vmin=0, vmax=max(1, len(emos)), aspect="auto",
+                    origin="lower")
+    fig.colorbar(im, ax=ax1, shrink=0.8, label="# emotions using the head")
+    # one marker per (emotion, head), offset inside the cell
+    for i, e in enumerate(emos):
+        hs = circuits[e].get("heads", ())
+        if hs:
+            off = (i - (len(emos) - 1) / 2) * 0.8 / max(len(emos), 1)
+            ax1.scatter([int(h) + off for _, h in hs], [int(lay) for lay, _ in hs], s=8,
+                        color=_color(i), label=e)
+    ax1.set_xlabel("head")
+    ax1.set_ylabel("layer")
+    ax1.set_title("attention heads")
+    if any(circuits[e].get("heads") for e in emos):
+        ax1.legend(fontsize=6, loc="upper right")
+    w = 0.8 / len(emos)
+    for i, e in enumerate(emos):
+        counts = np.zeros(n_layers)
+        for layer, _ in circuits[e].get("neurons", ()):
+            counts[int(layer)] += 1
+        ax2.barh(np.arange(n_layers) + i * w - 0.4 + w / 2, counts, height=w, color=_color(i),
+                 label=e)
+    ax2.set_xlabel("# neurons selected")
+    ax2.set_ylabel("layer")
+    ax2.set_title("MLP neurons")
+    ax2.legend(fontsize=6)
+    fig.suptitle(title)
+    return _save(fig, out)
+
+
+def png_is_blank(path: str | os.PathLike, *, tol: float = 1e-6) -> bool:
+    """True when the PNG has (almost) no pixel variance — a figure that drew nothing."""
+    img = plt.imread(str(path))
+    return float(np.asarray(img, dtype=np.float64)[..., :3].var()) < tol
