@@ -43,11 +43,14 @@ Emotion-vocabulary baseline (after ECM, Zhou et al. 2018):
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -111,6 +114,35 @@ class VADirections:
     def axis_cosine(self) -> Float[torch.Tensor, "layer"]:
         """cos(valence, arousal) per layer."""
         return torch.nn.functional.cosine_similarity(self.vectors[0], self.vectors[1], dim=-1)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """``path``.safetensors (vectors) + ``path``.json (layers, method, site, meta), atomically."""
+        from safetensors.torch import save_file
+
+        stem = Path(path).with_suffix("")
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        st = stem.with_suffix(".safetensors")
+        tmp = st.with_name(st.name + ".tmp")
+        save_file({"vectors": self.vectors.float().contiguous()}, str(tmp))
+        os.replace(tmp, st)
+        js = stem.with_suffix(".json")
+        tmp = js.with_name(js.name + ".tmp")
+        tmp.write_text(json.dumps({"layers": self.layers, "method": self.method, "site": self.site,
+                                   "meta": self.meta}, indent=1, default=str))
+        os.replace(tmp, js)
+        return js
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> VADirections:
+        from safetensors.torch import load_file
+
+        stem = Path(path).with_suffix("")
+        for f in (stem.with_suffix(".json"), stem.with_suffix(".safetensors")):
+            if not f.exists():
+                raise FileNotFoundError(f"VADirections.load: {f} missing")
+        d = json.loads(stem.with_suffix(".json").read_text())
+        return cls(load_file(str(stem.with_suffix(".safetensors")))["vectors"], d["layers"], d["method"],
+                   d["site"], d.get("meta", {}))
 
 
 def _check_target(target: Sequence[float]) -> tuple[float, float]:
@@ -199,10 +231,10 @@ def va_directions(
         _check_rows("neutral_acts", neutral_acts, neutral_prompts)
         _check_rows("emotion_acts", emotion_acts, emotion_prompts)
         u_val, g_val = group_centered_means(
-            neutral_acts, [p.skeleton_id for p in neutral_prompts], [p.valence for p in neutral_prompts],
+            neutral_acts, [p.skeleton_id for p in neutral_prompts], [str(p.valence) for p in neutral_prompts],
             ("positive", "negative"))
         valence = u_val[0] - u_val[1]
-        labels = [p.emotion or NEUTRAL for p in emotion_prompts]
+        labels: list[str] = [p.emotion or NEUTRAL for p in emotion_prompts]
         present = set(labels)
         hi = [e for e in high_arousal if e in present]
         lo = [e for e in low_arousal if e in present]
@@ -409,15 +441,15 @@ def _rank(x: np.ndarray) -> np.ndarray:
     return r
 
 
-def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+def pearson(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
     """Pearson r (nan when either side is constant)."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    xc, yc = x - x.mean(), y - y.mean()
+    xa, ya = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    xc, yc = xa - xa.mean(), ya - ya.mean()
     d = math.sqrt(float((xc ** 2).sum() * (yc ** 2).sum()))
     return float((xc * yc).sum() / d) if d > 0 else float("nan")
 
 
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
     """Spearman ρ = Pearson r of the (tie-averaged) ranks."""
     return pearson(_rank(np.asarray(x, float)), _rank(np.asarray(y, float)))
 

@@ -10,6 +10,22 @@ For complete scenario–event groups g (every emotion present) and emotions e:
 
 ``group_centered_means`` returns u (``normalize=False``: the difference vectors Δμ of §6.1)
 or v (``normalize=True``) for any feature shape (e.g. ``[layer, d_model]``, ``[layer, d_mlp]``).
+
+On top of it, from ``collect(model, emotion_prompts(...), sites)`` output (one position per
+prompt), each returning ``EmotionDirections`` (``vectors[site]``: unit ``[emotion, layer, d_model]``):
+
+* ``context_agnostic`` — the paper's method above;
+* ``mean_difference`` — unit(mean h_e − mean h_neutral) against neutral-prompt activations;
+* ``pca_directions`` — top (uncentred) principal axis of each emotion's δ_{g,e};
+* ``probe_directions`` — one-vs-rest logistic-regression weights per layer (standardised);
+* ``reply_directions`` — group-centred means over the *generated reply* tokens.
+
+Validity checks: ``nearest_centroid_accuracy`` (held-out scenarios, centred and un-centred),
+``keyword_control`` (the same with colour words instead of emotions: flaw A3). Geometry:
+``cosine_across_layers`` (the paper's Attn0, MLP0, ... matrix) and ``cosine_across_emotions``.
+
+A5: ``resid_post`` at the last layer is the true residual stream here; the paper's last
+"MLP" direction is the final-norm output — use site ``final_norm`` to reproduce it.
 """
 
 from __future__ import annotations
@@ -272,8 +288,9 @@ def context_agnostic(
     _check_rows(acts, prompts, "context_agnostic")
     sites = _sites(acts, sites)
     groups = [p.group for p in prompts]
-    labels = [p.emotion for p in prompts]
-    vecs, info = {}, None
+    labels = [p.emotion or "" for p in prompts]
+    vecs: dict[str, torch.Tensor] = {}
+    info = GroupInfo([])
     for s in sites:
         _check_finite(acts[s], s)
         vecs[s], info = group_centered_means(acts[s], groups, labels, emotions, normalize=True)
@@ -346,7 +363,8 @@ def pca_directions(
     """
     _check_rows(acts, prompts, "pca_directions")
     sites = _sites(acts, sites)
-    vecs, info = {}, None
+    vecs: dict[str, torch.Tensor] = {}
+    info = GroupInfo([])
     for s in sites:
         _check_finite(acts[s], s)
         d, info = _deltas(acts[s], prompts, emotions)  # [g, e, layer, d]
@@ -396,7 +414,7 @@ def probe_directions(
         else:
             keep = [i for i, p in enumerate(prompts) if p.emotion in emotions]
             feats = x[keep].double()
-            y = np.array([list(emotions).index(prompts[i].emotion) for i in keep])
+            y = np.array([list(emotions).index(str(prompts[i].emotion)) for i in keep])
         missing = [e for k, e in enumerate(emotions) if not (y == k).any()]
         if missing:
             raise ValueError(f"probe_directions: no rows for emotions {missing}")
@@ -518,11 +536,11 @@ def nearest_centroid_accuracy(
     if not complete:
         raise ValueError(f"nearest_centroid_accuracy: no complete group for {list(emotions)}")
     keep = np.nonzero(mask)[0]
-    ps = [prompts[i] for i in keep]
+    ps = [prompts[int(i)] for i in keep]
     xs = x[keep].double()
     folds = _fold_of(ps, n_folds)
     E = len(emotions)
-    eidx = np.array([list(emotions).index(p.emotion) for p in ps])
+    eidx = np.array([list(emotions).index(str(p.emotion)) for p in ps])
     hit_c = torch.zeros(x.shape[1], dtype=torch.float64)
     hit_u = torch.zeros(x.shape[1], dtype=torch.float64)
     n_c = n_u = 0
@@ -667,6 +685,7 @@ def reply_mean_activations(
         for s in sites:
             x = a[s]  # [b, L, K, d]
             out[s].append((x * w[:, None, :, None]).sum(2) / w.sum(1)[:, None, None])
+    assert lay is not None
     acts = Activations({s: torch.cat(v) for s, v in out.items()}, lay, "index",
                        meta={"prompts_hash": prompts_hash(texts), "n": len(texts),
                              "model": getattr(model.cfg, "emocircuits_alias", ""),

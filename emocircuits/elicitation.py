@@ -241,6 +241,8 @@ def elicit(
     {model_id, dtype, device, attn_impl, max_new_tokens, min_new_tokens, repetition_penalty,
     no_repeat_ngram_size, seed (None: greedy), chat, assistant_prefix, template, input_len,
     n_new_tokens, seconds (this row's share of its batch's wall time), time (UTC, ISO)}.
+    ``gen_text`` is the decoded continuation (special tokens skipped, stripped); an
+    ``assistant_prefix`` is not part of it (it is in ``meta``).
 
     With ``out_path`` rows are appended per batch (flush + fsync), so a killed run loses at
     most the batch in flight. On start the file is read, a truncated last line dropped (the

@@ -410,8 +410,55 @@ def _results_doc(cfg: Mapping[str, Any], stages: Sequence[Stage], status: Mappin
             "emocircuits_version": __version__, "python": platform.python_version(),
             "config": cfg,
         },
+        "summary": headline_numbers(status),
         "stages": {s.name: status[s.name] for s in stages if s.name in status},
     }
+
+
+_HEADLINES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("judge_agreement_with_human_labels", "judge", ("agreement_with_human_labels",)),
+    ("prompting_accuracy", "prompting", ("prompting_accuracy", "overall")),
+    ("readout_accuracy_instructed", "prompting", ("readout_accuracy_on_instructed_prompts", "overall")),
+    ("readout_accuracy_without_keyword_token", "prompting",
+     ("readout_accuracy_without_instruction_keyword", "overall")),
+    ("steering_accuracy", "steering", ("test_steering_accuracy", "overall")),
+    ("no_intervention_accuracy", "steering", ("test_unsteered_accuracy", "overall")),
+    ("circuit_modulation_accuracy", "circuits", ("test_accuracy_summary", "circuit_modulation")),
+    ("random_circuit_accuracy", "circuits", ("test_accuracy_summary", "random_circuit_control_mean")),
+    ("head_attribution_vs_exact_spearman", "components",
+     ("attribution_vs_exact_head_ablation", "mean_spearman")),
+    ("probe_peak_accuracy", "probes", ("probe_sweep", "peak_accuracy")),
+    ("probe_peak_layer", "probes", ("probe_sweep", "peak_layer")),
+    ("probe_chance", "probes", ("probe_sweep", "chance_uniform")),
+    ("zero_shot_accuracy", "probes", ("zero_shot_baseline", "accuracy")),
+    ("zero_shot_constrained_accuracy", "probes", ("zero_shot_baseline", "constrained_accuracy")),
+    ("va_valence_pearson_r", "control",
+     ("valence_arousal_controllability", "text_scores", "valence", "pearson_r")),
+    ("va_valence_mae", "control", ("valence_arousal_controllability", "text_scores", "valence", "mae")),
+    ("va_arousal_pearson_r", "control",
+     ("valence_arousal_controllability", "text_scores", "arousal", "pearson_r")),
+    ("va_arousal_mae", "control", ("valence_arousal_controllability", "text_scores", "arousal", "mae")),
+    ("vocabulary_bias_accuracy", "control", ("vocabulary_bias", "accuracy", "overall")),
+)
+
+
+def headline_numbers(status: Mapping[str, dict]) -> dict[str, Any]:
+    """The run's main numbers in one flat dict (absent stages/keys are left out)."""
+    out: dict[str, Any] = {}
+    for key, stage, path in _HEADLINES:
+        node: Any = status.get(stage, {}).get("results")
+        for k in path:
+            node = node.get(k) if isinstance(node, Mapping) else None
+        if node is not None:
+            out[key] = node
+    kw = status.get("directions", {}).get("results", {}).get("keyword_control")
+    if isinstance(kw, Mapping):
+        try:
+            out["decoding_emotion_words_max_over_layers"] = max(kw["emotion"]["centered"])
+            out["decoding_control_words_max_over_layers"] = max(kw["control"]["centered"])
+        except (KeyError, TypeError, ValueError):
+            pass
+    return out
 
 
 def _stage_entry(st: Stage, rec: StageRecord, run_dir: Path) -> dict:
@@ -834,14 +881,18 @@ def stage_steering(ctx: StageContext) -> None:
     alphas = [float(a) for a in ctx.opt("alphas", [2.0, 4.0, 8.0])]
     judge = ctx.judge()
     gen = ctx.gen_config()
-    val = neutral_prompts(model, ctx.records("validation"))
-    sweep = steering_sweep(model, val, dirs, emos, bands, alphas, judge, gen,
-                           progress=ctx.progress)
-    max_ppl = ctx.opt("max_perplexity")
-    try:
-        best = sweep.best("judge_accuracy", max_perplexity=max_ppl)
-    except ValueError:
-        best = sweep.best("judge_accuracy")
+    sweep = None
+    if len(bands) * len(alphas) > 1:  # something to choose: sweep on validation
+        val = neutral_prompts(model, ctx.records("validation"))
+        sweep = steering_sweep(model, val, dirs, emos, bands, alphas, judge, gen,
+                               progress=ctx.progress)
+        max_ppl = ctx.opt("max_perplexity")
+        try:
+            best = sweep.best("judge_accuracy", max_perplexity=max_ppl)
+        except ValueError:
+            best = sweep.best("judge_accuracy")
+    else:
+        best = {"layers": _band_str(bands[0]), "alpha": alphas[0]}
     band = next(b for b in bands if _band_str(b) == best["layers"]) if len(bands) > 1 else bands[0]
     test = neutral_prompts(model, ctx.records("test"))
     res = steering_sweep(model, test, dirs, emos, [band], [best["alpha"]], judge, gen,
@@ -850,8 +901,9 @@ def stage_steering(ctx: StageContext) -> None:
     base = [r for r in res.rows if r["alpha"] == 0]
     acc = {r["emotion"]: r["judge_accuracy"] for r in steered}
     acc0 = {r["emotion"]: r["judge_accuracy"] for r in base}
-    ctx.results["validation_sweep"] = sweep.summary()
-    ctx.results["chosen_on_validation"] = {"layers": best["layers"], "alpha": best["alpha"]}
+    ctx.results["validation_sweep"] = sweep.summary() if sweep is not None else None
+    ctx.results["chosen_on_validation"] = {"layers": best["layers"], "alpha": best["alpha"],
+                                           "swept": sweep is not None}
     ctx.results["test_steering_accuracy"] = {"overall": _mean(acc.values()), "by_emotion": acc}
     ctx.results["test_unsteered_accuracy"] = {"overall": _mean(acc0.values()), "by_emotion": acc0}
     ctx.results["test_rows"] = res.rows
@@ -859,8 +911,8 @@ def stage_steering(ctx: StageContext) -> None:
               ["method", "overall", *emos],
               [["steering", _mean(acc.values()), *[acc.get(e) for e in emos]],
                ["no intervention", _mean(acc0.values()), *[acc0.get(e) for e in emos]]])
-    summ = [s for s in sweep.summary() if s["alpha"] != 0]
-    if summ:
+    summ = [s for s in sweep.summary() if s["alpha"] != 0] if sweep is not None else []
+    if len(summ) > 1:
         xs = sorted({s["alpha"] for s in summ})
         first = summ[0]["layers"]
         pick = {s["alpha"]: s for s in summ if s["layers"] == first}
@@ -885,10 +937,11 @@ def _plan_steering(cfg):
     s = cfg.get("steering", {})
     n_set = len(s.get("alphas", [2.0, 4.0, 8.0])) * len(s.get("layer_bands", [0])
                                                         if s.get("layer_bands", "paper") != "paper" else [0])
-    nv = _n_prompts(cfg, "validation")
+    nv = _n_prompts(cfg, "validation") if n_set > 1 else 0
     nt = _n_prompts(cfg, "test")
     return {"generate": nv * (n_set + 1) + nt * 2, "forward": 2 * (nv * (n_set + 1) + nt * 2),
-            "what": f"sweep {n_set} settings on validation; best on test"}
+            "what": (f"sweep {n_set} settings on validation; best on test" if n_set > 1
+                     else "one setting (no sweep); steered vs unsteered on test")}
 
 
 # ---------------------------------------------------------------------------- views
@@ -985,7 +1038,9 @@ def stage_components(ctx: StageContext) -> None:
     attr = K.head_attribution(model, prompts, None, emos, readout="same_layer",
                               directions_mid=dirs.vectors["resid_mid"], batch_size=bs,
                               progress=ctx.progress)
-    abl_layers = ctx.opt("ablation_layers", None)
+    abl_layers = ctx.opt("ablation_layers")
+    if abl_layers is None:
+        abl_layers = list(range(0, model.cfg.n_layers, int(ctx.opt("ablation_layer_step", 1))))
     abl = K.head_ablation_importance(model, prompts, None, dirs.vectors["resid_mid"], emos,
                                      layers=abl_layers, batch_size=max(1, bs // 2),
                                      progress=ctx.progress)
@@ -1031,13 +1086,22 @@ def stage_components(ctx: StageContext) -> None:
                title=f"exact ablation importance ({first})", annotate=False)
 
 
+_MODEL_DIMS = {"smollm2-135m-instruct": (30, 9), "gemma-3-270m": (18, 4), "tiny-llama": (3, 4),
+               "tiny-gemma": (3, 4)}  # (n_layers, n_heads) for dry-run estimates
+
+
 def _plan_components(cfg):
     c = cfg.get("components", {})
     n_per = c.get("n_prompts_per_emotion")
     n = _n_prompts(cfg, "train") if n_per is None else min(
         _n_prompts(cfg, "train"), int(n_per) * len(cfg["run"]["emotions"]))
     ks = c.get("sweep_ks", [1, 4])
-    return {"forward": n * (1 + 2 + 6) + n * len(ks) * (1 + c.get("n_random", 1)),
+    n_layers, n_heads = _MODEL_DIMS.get(str(cfg["run"]["model"]), (28, 24))
+    n_abl = len(c["ablation_layers"]) if c.get("ablation_layers") else \
+        math.ceil(n_layers / int(c.get("ablation_layer_step", 1)))
+    # exact ablation: (n_heads + 1) copies per layer, stopped after the layer (~half depth)
+    return {"forward": n * 3 + int(n * n_abl * (n_heads + 1) * 0.5)
+            + n * len(ks) * (1 + c.get("n_random", 1)),
             "what": "neuron contributions; head ablation + attribution; top-k vs random-k"}
 
 
@@ -1204,7 +1268,11 @@ def _plan_circuits(cfg):
     if len(lam) > 1:
         n_gen += _n_prompts(cfg, "validation") * len(lam)
     n_infl = 3 * int(c.get("n_influence_scenarios", 2))
-    return {"forward": _n_prompts(cfg, "train") + n_infl * 2 * 4 + n_gen, "generate": n_gen,
+    n_layers = _MODEL_DIMS.get(str(cfg["run"]["model"]), (28, 24))[0]
+    # influence: one last-token rerun per (prompt, emotion, α, sublayer) ≈ 1/10 of a forward
+    infl = n_infl * len(cfg["run"]["emotions"]) * len(c.get("alphas", [0.1, 0.3, 0.5, 0.7])) \
+        * 2 * n_layers // 10
+    return {"forward": _n_prompts(cfg, "train") + infl + n_gen, "generate": n_gen,
             "what": "Δμ, σ, influence, allocation; modulation vs random circuits"}
 
 

@@ -6,7 +6,10 @@ Layer sweep (``probe_layers``): for every layer l a classifier f_l(x) = softmax(
 state x̃ = (x − μ_train) / σ_train (fitted on the training folds only), scored by
 group-wise stratified K-fold cross-validation (no topic group on both sides) and by the
 fixed train -> test split. Layer index ``-1`` denotes the embedding (``resid_pre`` of layer
-0); depth fraction of layer l = (l + 1) / n_layers (0 for the embedding).
+0); depth fraction of layer l = (l + 1) / n_layers (0 for the embedding). The default
+``backend="torch"`` fits all (layer, fold) probes of a chunk of layers in ONE batched
+optimisation (logreg: L-BFGS on Σ_i CE_i + ||W||²/(2C), sklearn's objective; mlp: AdamW);
+``backend="sklearn"`` fits them one by one (reference).
 
 Zero-shot (``zero_shot``): the model is asked for ``{"emotion": "<label>"}``; the reply is
 parsed (JSON, else the first class word); the constrained variant takes
@@ -805,6 +808,7 @@ class PersistenceResult:
     prompt_lengths: list[int] = field(default_factory=list)
     tokens: list[list[int]] = field(default_factory=list)  # prompt + continuation ids per row
     seconds: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         def f(v):
@@ -819,7 +823,7 @@ class PersistenceResult:
             "bucket_k": self.bucket_k, "bucket_accuracy_mean": f(self.bucket_accuracy_mean),
             "bucket_accuracy_std": f(self.bucket_accuracy_std),
             "chance_majority": self.chance_majority, "chance_uniform": self.chance_uniform,
-            "seconds": self.seconds, "examples": self.texts[:6],
+            "seconds": self.seconds, "notes": self.notes, "examples": self.texts[:6],
         }
 
     def to_dataframe(self):
@@ -903,6 +907,7 @@ def persistence(
         tr_prob = true_p.sum(0) / np.maximum(n_valid, 1)
         ref_acc = float((probe.predict_proba(ref_h).argmax(-1) == y).mean())
     bk = [int(b) for b in buckets if b <= K]
+    notes: list[str] = []
     bmean, bstd = np.full(len(bk), np.nan), np.full(len(bk), np.nan)
     t2 = time.perf_counter()
     for j, b in enumerate(bk):
@@ -910,7 +915,8 @@ def persistence(
         try:
             folds = cv_splits([order[i] for i in y[rows]],
                               None if groups is None else [groups[i] for i in rows], cv, seed=seed)
-        except ValueError:
+        except ValueError as e:
+            notes.append(f"k={b}: per-position probe skipped ({e})")
             continue
         x = h[rows, b].numpy()
         accs = []
@@ -927,7 +933,7 @@ def persistence(
         chance_majority=float(np.bincount(y, minlength=k_cls).max() / len(y)),
         chance_uniform=1.0 / k_cls, texts=gen.texts, hidden=h if keep_hidden else None,
         prompt_lengths=[len(p) for p in prompt_ids], tokens=full,
-        seconds={"generate": t_gen, "forward": t_fwd, "probes": t_probe},
+        seconds={"generate": t_gen, "forward": t_fwd, "probes": t_probe}, notes=notes,
     )
 
 

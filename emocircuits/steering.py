@@ -106,7 +106,8 @@ def steering_vectors(
         for layer in layers:
             if layer not in directions.layers:
                 raise KeyError(f"steer: layer {layer} not in the directions' layers {directions.layers}")
-            out[layer] = sum(float(w) * directions.at(e, layer, site).double() for e, w in pairs).float()
+            out[layer] = torch.stack([float(w) * directions.at(e, layer, site).double()
+                                      for e, w in pairs]).sum(0).float()
     elif isinstance(directions, torch.Tensor):
         if emotion is not None:
             raise ValueError("steer: emotion= only applies to EmotionDirections")
@@ -328,7 +329,7 @@ def steering_sweep(
         for band, a in settings:
             for e in emotions:
                 if band is None:
-                    if base_gen is None:
+                    if base_gen is None or base_ro is None:
                         base_ro = emotion_readout(model, ro_prompts, emotions)
                         base_gen = generate(model, texts, cfg, progress=False)
                     ro, gen = base_ro, base_gen

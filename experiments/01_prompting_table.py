@@ -22,6 +22,7 @@ from emocircuits.elicitation import (
     elicit,
     elicitation_seconds_per_100,
     judge_generations,
+    load_generations,
     prompting_table,
     readout_accuracy,
     write_json_atomic,
@@ -40,6 +41,28 @@ def confusion(judged: list[dict]) -> dict[str, dict[str, int]]:
     return {e: dict(c.most_common()) for e, c in out.items()}
 
 
+def judge_only(args: argparse.Namespace) -> None:
+    """Re-judge an existing generations file (no model, no readout)."""
+    out = Path(args.out or f"runs/prompting/{Path(args.model).name}")
+    rows = load_generations(out / "generations.jsonl", strict=False)
+    if args.n_scenarios:
+        keep = {r.skeleton_id for r in ec.data.load_sev(args.split)[: args.n_scenarios]}
+        rows = [r for r in rows if r["skeleton_id"] in keep]
+    judge = default_judge(prefer=args.judge)
+    judged = judge_generations(rows, judge)
+    write_jsonl_atomic(judged, out / "labeled.jsonl")
+    table = prompting_table(judged)
+    print(table.format(f"prompting ({judge.name})"))
+    write_json_atomic({
+        "model": rows[0]["meta"]["model_id"], "split": args.split,
+        "n_scenarios": len({r["skeleton_id"] for r in rows}), "n_generations": len(rows),
+        "max_new_tokens": rows[0]["meta"]["max_new_tokens"], "chat": rows[0]["meta"]["chat"],
+        "judge": judge.name, "prompting": table.to_dict(), "judge_confusion": confusion(judged),
+        "timing": {"elicit_s_per_100_generations": elicitation_seconds_per_100(rows),
+                   "mean_new_tokens": sum(r["meta"]["n_new_tokens"] for r in rows) / len(rows)},
+    }, out / "results_judge_only.json")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -49,9 +72,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--judge", default="auto", help="default_judge(prefer=...)")
     ap.add_argument("--no-readout", action="store_true")
+    ap.add_argument("--judge-only", action="store_true",
+                    help="no model: judge and tabulate the generations already in --out")
     ap.add_argument("--out", default=None, help="default runs/prompting/<model>/")
     args = ap.parse_args()
 
+    if args.judge_only:
+        return judge_only(args)
     t = time.perf_counter()
     model = (tiny_model(args.model.split("-", 1)[1]) if args.model in ("tiny-llama", "tiny-gemma")
              else ec.load_model(args.model))  # tiny-*: random test models, for a smoke run

@@ -167,21 +167,13 @@ def main() -> None:
     res["directions"]["across_layers_summary"] = summ
     stage("directions", t0)
 
-    # 2. validity: decodability, keyword control, reply directions --------------------------
+    # 2. validity: decodability, keyword control --------------------------
     t0 = time.perf_counter()
     kc = D.keyword_control(model, train, emos, site="resid_post", n_folds=4, chat=chat, emotion_acts=acts)
     res["keyword_control"] = kc.to_dict()
     print(kc.format(), flush=True)
     res["decodability_resid_mid"] = D.nearest_centroid_accuracy(acts, ep, emos, "resid_mid", 4).to_dict()
     stage("keyword_control", t0)
-    t0 = time.perf_counter()
-    rd = D.reply_directions(model, train[: args.n_reply], emos, sites=("resid_post",), chat=chat,
-                            config=GenerationConfig(max_new_tokens=24))
-    rd.save(out_dir / f"reply_{args.model.replace('/', '_')}.safetensors")
-    res["reply_directions"] = {"meta": {k: v for k, v in rd.meta.items() if k != "dropped"},
-                               "cos_with_context_agnostic_per_layer": method_agreement(ca, rd)}
-    stage("reply_directions", t0)
-
     # 3. collect benchmark ----------------------------------------------------------------
     t0 = time.perf_counter()
     res["collect_benchmark"] = bench_collect(model, ep[: args.bench])
@@ -258,6 +250,15 @@ def main() -> None:
                               "examples": [{"key": r["key"], "target": r["emotion"], "label": r["label"],
                                             "text": r["text"]} for r in rows[:: max(1, len(rows) // 12)]]}
     stage("test", t0)
+    # 6. directions from the generated replies (last: the slowest per prompt)
+    t0 = time.perf_counter()
+    rd = D.reply_directions(model, train[: args.n_reply], emos, sites=("resid_post",), chat=chat,
+                            config=GenerationConfig(max_new_tokens=24))
+    rd.save(out_dir / f"reply_{args.model.replace('/', '_')}.safetensors")
+    res["reply_directions"] = {"meta": {k: v for k, v in rd.meta.items() if k != "dropped"},
+                               "cos_with_context_agnostic_per_layer": method_agreement(ca, rd)}
+    stage("reply_directions", t0)
+
     res["timing"]["total"] = round(time.perf_counter() - t_all, 1)
     write(out_json, res)
     print(f"wrote {out_json}")

@@ -53,6 +53,10 @@ def main() -> None:
     ap.add_argument("--n-random", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--skip-sweeps", action="store_true")
+    ap.add_argument("--skip-exact", action="store_true", help="skip exact-vs-attribution and timing")
+    ap.add_argument("--sweep-runs", default="neuron:ablate,head:ablate,neuron:enhance,head:enhance")
+    ap.add_argument("--neuron-rank-layers", default="",
+                    help="layers allowed in the sweeps' neuron ranking, e.g. '0-28' (default all)")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     out = Path(args.out)
@@ -112,6 +116,16 @@ def main() -> None:
     print("attribution done", R["timing_s"])
 
     # ---- exact vs attribution on the same (smaller) prompt set and a layer subset
+    if not args.skip_exact:
+        _exact_stage(args, model, recs, emos, d_mid, v_ref, R, res_path, out)
+    if not args.skip_sweeps:
+        _sweeps(args, model, recs, emos, neu, att_full, dmu_mlp, dmu_z, v_ref, R, res_path)
+    _dump(res_path, R)
+    print("wrote", res_path)
+
+
+def _exact_stage(args, model, recs, emos, d_mid, v_ref, R, res_path, out) -> None:
+    L, H = model.cfg.n_layers, model.cfg.n_heads
     vals = args.head_valences.split(",")
     hp = [p for p in emotion_prompts(model, recs[: args.head_scenarios], emos, valences=vals)]
     lays = list(range(0, L, args.exact_layer_step))
@@ -166,28 +180,33 @@ def main() -> None:
     _dump(res_path, R)
     print("exact done", R["timing"], R["exact_vs_attribution"]["pooled"])
 
-    # ---- sweeps
-    if not args.skip_sweeps:
-        ks = [int(k) for k in args.ks.split(",")]
-        R["sweeps"] = []
-        for e in args.sweep_emotions.split(","):
-            ei = emos.index(e)
-            sp = [p for p in emotion_prompts(model, recs[: args.sweep_scenarios], [e])]
-            runs = [("neuron", "ablate", neu.top(e, k=max(ks)), None),
-                    ("head", "ablate", att_full.top(e, k=max(ks)), None),
-                    ("neuron", "enhance", neu.top(e, k=max(ks)), dmu_mlp[ei]),
-                    ("head", "enhance", att_full.top(e, k=max(ks)), dmu_z[ei])]
-            for kind, mode, ranking, dmu in runs:
-                t = time.perf_counter()
-                r = C.component_sweep(model, sp, e, ranking, kind=kind, ks=ks, mode=mode,
-                                      delta_mu=dmu, lam=1.0, n_random=args.n_random, seed=0,
-                                      v_ref=v_ref[ei], emotions=emos, batch_size=args.batch_size)
-                R["sweeps"].append(r.to_dict())
-                R["timing_s"][f"sweep_{e}_{kind}_{mode}"] = time.perf_counter() - t
-                _dump(res_path, R)
-                print(e, kind, mode, "top", r.top.tolist(), "random", r.random_mean.tolist())
-    _dump(res_path, R)
-    print("wrote", res_path)
+
+def _sweeps(args, model, recs, emos, neu, att_full, dmu_mlp, dmu_z, v_ref, R, res_path) -> None:
+    ks = [int(k) for k in args.ks.split(",")]
+    allowed = None
+    if args.neuron_rank_layers:
+        a, b = (int(x) for x in args.neuron_rank_layers.split("-"))
+        allowed = set(range(a, b + 1))
+    R["sweeps"] = []
+    for e in args.sweep_emotions.split(","):
+        ei = emos.index(e)
+        sp = list(emotion_prompts(model, recs[: args.sweep_scenarios], [e]))
+        n_rank = [r for r in neu.top(e, k=neu.C_mean[ei].numel()) if allowed is None or r[0] in allowed]
+        rankings = {"neuron": n_rank[: max(ks)], "head": att_full.top(e, k=max(ks))}
+        dmus = {"neuron": dmu_mlp[ei], "head": dmu_z[ei]}
+        for spec in args.sweep_runs.split(","):
+            kind, mode = spec.split(":")
+            t = time.perf_counter()
+            r = C.component_sweep(model, sp, e, rankings[kind], kind=kind, ks=ks, mode=mode,
+                                  delta_mu=dmus[kind] if mode == "enhance" else None, lam=1.0,
+                                  n_random=args.n_random, seed=0, v_ref=v_ref[ei], emotions=emos,
+                                  batch_size=args.batch_size)
+            d = r.to_dict()
+            d["ranking"] = rankings[kind]
+            R["sweeps"].append(d)
+            R["timing_s"][f"sweep_{e}_{kind}_{mode}"] = time.perf_counter() - t
+            _dump(res_path, R)
+            print(e, kind, mode, "top", r.top.tolist(), "random", r.random_mean.tolist())
 
 
 if __name__ == "__main__":

@@ -43,11 +43,17 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def pick_openings(u, per_class: int):
+def per_class(u, m: int) -> list:
+    """``m`` rows of each class (classes in ``u.classes`` order), spread over topic groups:
+    the first row of every group, then the second, ..."""
     out = []
     for c in u.classes:
-        rows = [x for x in u if x.label == c and x.split == "test"]
-        out += rows[:per_class]
+        rank: dict[str, int] = {}
+        keyed = []
+        for i, r in enumerate(x for x in u if x.label == c):
+            keyed.append((rank.get(r.group, 0), i, r))
+            rank[r.group] = rank.get(r.group, 0) + 1
+        out += [r for _, _, r in sorted(keyed, key=lambda t: t[:2])[:m]]
     return out
 
 
@@ -59,7 +65,8 @@ def main() -> None:
     ap.add_argument("--mean-pool", action="store_true", help="also the mean-pooled logreg sweep")
     ap.add_argument("--per-class", type=int, default=6, help="persistence openings per class")
     ap.add_argument("--tokens", type=int, default=128, help="persistence: generated tokens")
-    ap.add_argument("--zs-n", type=int, default=0, help="zero-shot rows of the test split (0 = all)")
+    ap.add_argument("--zs-per-class", type=int, default=0,
+                    help="zero-shot rows per class of the test split (0 = all)")
     ap.add_argument("--mall-per-class", type=int, default=10, help="malleability rows per class")
     ap.add_argument("--sev-n", type=int, default=20, help="SEV scenarios of builtin:test (x3 valences)")
     ap.add_argument("--batch", type=int, default=16)
@@ -68,7 +75,12 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     torch.set_grad_enabled(False)
     t = time.perf_counter()
-    model = ec.load_model(args.model)
+    if args.model.startswith("tiny-"):  # pipeline smoke test without a real model
+        from emocircuits.models import tiny_model
+
+        model = tiny_model(args.model.split("-")[1])
+    else:
+        model = ec.load_model(args.model)
     L = model.cfg.n_layers
     res: dict = {"model": model_id(model), "n_layers": L, "d_model": model.cfg.d_model,
                  "chat": is_chat_model(model), "seconds": {"load": time.perf_counter() - t}}
@@ -121,13 +133,14 @@ def main() -> None:
 
     # ------------------------------------------------------------------ 2. zero-shot
     if "zs" not in skip:
-        zs_rows = test_u if not args.zs_n else test_u[: args.zs_n]
-        zs = P.zero_shot(model, zs_rows.texts, classes, zs_rows.labels, batch_size=args.batch)
+        zs_rows = per_class(test_u, args.zs_per_class) if args.zs_per_class else list(test_u)
+        zs = P.zero_shot(model, [x.text for x in zs_rows], classes, [x.label for x in zs_rows],
+                         batch_size=args.batch)
         te = np.array(u.splits) == "test"
         res["zero_shot"] = {**zs.to_dict(),
                             "probe_test_accuracy_peak": float(main_sw.test_accuracy[layers.index(peak)]),
                             "probe_test_accuracy_best": float(main_sw.test_accuracy.max()),
-                            "n_test": int(te.sum())}
+                            "n_test": int(te.sum()), "n_zero_shot": len(zs_rows)}
         print(f"zero-shot: acc {zs.accuracy:.3f} coverage {zs.coverage:.2f} constrained "
               f"{zs.constrained_accuracy:.3f}; probe test acc at peak "
               f"{res['zero_shot']['probe_test_accuracy_peak']:.3f} ({zs.seconds:.0f}s)")
@@ -135,7 +148,7 @@ def main() -> None:
 
     # ------------------------------------------------------------------ 3. persistence
     if "persist" not in skip:
-        opens = pick_openings(u, args.per_class)
+        opens = per_class(u.filter("test"), args.per_class)
         pr = P.persistence(model, [o.text for o in opens], [o.label for o in opens],
                            max_new_tokens=args.tokens, layer=peak, probe=probe,
                            groups=[o.group for o in opens], classes=classes,
@@ -151,11 +164,7 @@ def main() -> None:
 
     # ------------------------------------------------------------------ 4. malleability
     if "mall" not in skip:
-        rows = [x for c in classes for x in test_u if x.label == c][:]
-        by_c: dict[str, list] = {}
-        for x in rows:
-            by_c.setdefault(x.label, []).append(x)
-        rows = [x for c in classes for x in by_c[c][: args.mall_per_class]]
+        rows = per_class(test_u, args.mall_per_class)
         ml = P.malleability(model, probe, [x.text for x in rows], batch_size=args.batch)
         y = np.array([classes.index(x.label) for x in rows])
         res["malleability"] = {**ml.to_dict(), "n": len(rows), "accuracy": {

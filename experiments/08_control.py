@@ -61,7 +61,9 @@ def main() -> None:
     ap.add_argument("--bias", type=float, default=4.0, help="vocabulary-bias logit strength")
     ap.add_argument("--decay", type=float, nargs=4, default=[12.0, 0.05, 0.5, 2.0],
                     metavar=("ALPHA0", "PER_STEP", "GAMMA", "FLOOR"))
-    ap.add_argument("--circuits", default=None, help="folder with {emotion}.json EmotionCircuits")
+    ap.add_argument("--circuits", default="runs/circuits/circuits",
+                    help="folder with {emotion}.json EmotionCircuits (06_circuits.py output); "
+                         "circuit modulation is skipped when they are missing")
     ap.add_argument("--circuit-strength", type=float, default=1.0)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
@@ -112,9 +114,11 @@ def main() -> None:
     cp = neutral_prompts(model, ctrl_recs)[: args.n_control]
     cp_ro = neutral_prompts(model, ctrl_recs, assistant_prefix=prefix)[: args.n_control]
     grid = C.default_grid((-1.0, 0.0, 1.0))
-    gcfg = GenerationConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=5, batch_size=16)
+    gcfg = GenerationConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=min(5, args.max_new_tokens),
+                            batch_size=16)
     res["controllability"] = {}
     va_judge = default_judge(emo7)
+    res["va_judge"] = va_judge.name
     for label, va in (("lstsq", va_l), ("contrastive", va_c)):
         for a in args.va_strength:
             t = time.perf_counter()
@@ -140,11 +144,13 @@ def main() -> None:
     a0, per_step, gamma, floor = args.decay
     circuits = {}
     if args.circuits:
+        from emocircuits.circuits import EmotionCircuit
         for e in ec.EKMAN6:
             f = Path(args.circuits) / f"{e}.json"
             if f.exists():
-                from emocircuits.circuits import EmotionCircuit
-                circuits[e] = EmotionCircuit.load(f)
+                c = EmotionCircuit.load(f)
+                if c.n_layers == model.cfg.n_layers:
+                    circuits[e] = c
     methods = ["unsteered", "vocab_bias", "steer", "steer_decaying"]
     if len(circuits) == len(ec.EKMAN6):
         methods.append("circuit")

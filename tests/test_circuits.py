@@ -501,3 +501,35 @@ def test_faithfulness_runs(tiny_llama):
     assert np.isfinite(res.ratio_s) and res.s["circuit"] != res.s["neutral"]
     d = res.to_dict()
     assert d["emotion"] == "anger"
+
+
+@pytest.mark.integration
+def test_smol_dmu_influence_modulation(smol):
+    """SmolLM2: Δμ from real prompts; influence cached == uncached; modulation changes decoding."""
+    from emocircuits.data import load_sev
+    from emocircuits.prompts import emotion_prompts, neutral_prompts
+
+    model = smol
+    recs = load_sev("builtin:train")[:1]
+    emotions = ["anger", "happiness"]
+    dv = C.difference_vectors(model, emotion_prompts(model, recs, emotions), emotions, progress=False)
+    assert dv.mlp.shape == (2, model.cfg.n_layers, model.cfg.d_mlp) and len(dv.groups.used) == 3
+    torch.testing.assert_close(dv.mlp.sum(0), torch.zeros_like(dv.mlp[0]), atol=1e-4, rtol=0)
+    neu = neutral_prompts(model, recs, valences=("negative",))
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(2, model.cfg.n_layers, model.cfg.d_model, generator=g)
+    v = v / v.norm(dim=-1, keepdim=True)
+    sigma = torch.ones(2, model.cfg.n_layers)
+    kw = dict(alphas=(0.5,), layers=[5, 25], progress=False)
+    a = C.sublayer_influence(model, neu, v, v.flip(0), sigma, use_cache=True, **kw)
+    b = C.sublayer_influence(model, neu, v, v.flip(0), sigma, use_cache=False, **kw)
+    torch.testing.assert_close(a.influence, b.influence, atol=1e-3, rtol=1e-3)
+    alloc = C.Allocation([4] * model.cfg.n_layers, [2] * model.cfg.n_layers)
+    neurons, heads = C.select_components(alloc, dv.mlp[0], dv.z[0].norm(dim=-1))
+    circ = C.build_circuit("anger", neurons, heads, dv.mlp[0], dv.z[0])
+    cfg = GenerationConfig(max_new_tokens=6, batch_size=2)
+    base = generate(model, neu, cfg, progress=False)
+    with C.modulate(model, circ, 8.0):
+        mod = generate(model, neu, cfg, progress=False)
+    assert mod.tokens != base.tokens
+    assert generate(model, neu, cfg, progress=False).tokens == base.tokens

@@ -100,6 +100,16 @@ def test_va_directions_contrastive_recovers_planted():
     torch.testing.assert_close(cmp.cosine, -torch.ones(2, 2))
 
 
+def test_va_directions_save_load(tmp_path):
+    va = C.VADirections(torch.randn(2, 3, 8), [2, 5, 7], "lstsq", meta={"emotions": list(EKMAN6)})
+    va.save(tmp_path / "va")
+    back = C.VADirections.load(tmp_path / "va.json")
+    assert torch.equal(back.vectors, va.vectors) and back.layers == [2, 5, 7]
+    assert back.method == "lstsq" and back.meta == va.meta
+    with pytest.raises(FileNotFoundError, match="missing"):
+        C.VADirections.load(tmp_path / "nope")
+
+
 # ------------------------------------------------------------------ VA measurement
 
 
@@ -323,3 +333,25 @@ def test_controllability_shapes_and_scores(tiny_llama):
     assert (res.readout_va[..., 0] <= coords[:, 0].max() + 1e-9).all()
     # (0, 0)-free grid: different targets steer differently
     assert not np.allclose(res.readout_va[0], res.readout_va[1])
+
+
+# ------------------------------------------------------------------ integration (SmolLM2)
+
+
+@pytest.mark.integration
+def test_vocabulary_bias_and_readout_va_on_smol(smol):
+    from emocircuits.data import load_sev
+    from emocircuits.prompts import neutral_prompts
+
+    recs = load_sev("builtin:test")[:4]
+    pos = neutral_prompts(smol, recs, valences=("positive",), assistant_prefix="I feel")
+    neg = neutral_prompts(smol, recs, valences=("negative",), assistant_prefix="I feel")
+    va_pos, va_neg = C.readout_va(smol, pos), C.readout_va(smol, neg)
+    assert va_pos[:, 0].mean() > va_neg[:, 0].mean()        # positive events read as more pleasant
+    prompts = neutral_prompts(smol, recs[:2], valences=("neutral",))
+    cfg = GenerationConfig(max_new_tokens=12)
+    plain = generate(smol, prompts, cfg, progress=False)
+    proc = C.VocabularyBias(C.emotion_word_token_ids(smol), "happiness", strength=8.0)
+    biased = generate(smol, prompts, cfg, progress=False, logits_processors=[proc])
+    rate = np.mean(C.emotion_word_rate(biased.texts, "happiness"))
+    assert rate > np.mean(C.emotion_word_rate(plain.texts, "happiness")) and rate > 0

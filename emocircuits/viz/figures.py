@@ -367,6 +367,11 @@ def circuit_graph(circuits: Mapping[str, Mapping[str, Sequence[Sequence[int]]]],
             counts[int(layer)] += 1
         ax2.barh(np.arange(n_layers) + i * w - 0.4 + w / 2, counts, height=w, color=_color(i),
                  label=e)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax1, ax2):
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2.set_xlabel("# neurons selected")
     ax2.set_ylabel("layer")
     ax2.set_title("MLP neurons")

@@ -118,6 +118,10 @@ def render_report(results: Mapping[str, Any], run_dir: str | os.PathLike) -> str
     parts.append(table_html(["key", "value"],
                             [[k, v] for k, v in flatten({k: v for k, v in meta.items()
                                                          if k != "config"})]))
+    summary = results.get("summary") or {}
+    if summary:
+        parts.append("<h2 id='summary'>Summary</h2>")
+        parts.append(table_html(["number", "value"], [[k, v] for k, v in summary.items()]))
     status_rows = [[n, s.get("status", "?"), s.get("cached", False), s.get("seconds")]
                    for n, s in stages.items()]
     parts.append(table_html(["stage", "status", "cached", "seconds"], status_rows, "Stages"))
