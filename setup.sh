@@ -19,4 +19,4 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &
         || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1)) \
         || echo "setup: could not install chromium (the browser test will be skipped)"
 fi
-echo "setup: ok ($(.venv/bin/python -c 'import torch, transformers, transformer_lens; print("torch", torch.__version__, "transformers", transformers.__version__, "transformer-lens", transformer_lens.__version__)'))"
+echo "setup: ok ($(.venv/bin/python -c 'import torch, transformers, transformer_lens; import importlib.metadata as m; print("torch", torch.__version__, "transformers", transformers.__version__, "transformer-lens", m.version("transformer-lens"))'))"

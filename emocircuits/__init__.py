@@ -4,18 +4,37 @@ A TransformerLens (``TransformerBridge``) plugin implementing "Do LLMs 'Feel'? E
 Circuits Discovery and Control" (2025) as composable analysis functions.
 """
 
-from . import data, emotions, judges, prompts, sites
-from .emotions import EKMAN6, EmotionSet, emotion_set
+from . import (
+    circuits,
+    components,
+    control,
+    data,
+    directions,
+    elicitation,
+    emotions,
+    evaluate,
+    judges,
+    patching,
+    probes,
+    prompts,
+    sites,
+    steering,
+)
 from .activations import Activations, collect
+from .circuits import modulate
+from .directions import EmotionDirections
+from .emotions import EKMAN6, EmotionSet, emotion_set
 from .generation import GenerationConfig, GenerationResult, generate
 from .judges.readout import emotion_readout
 from .models import load_model
 from .prompts import Prompt, TokenBatch, tokenize
+from .steering import steer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Activations", "EKMAN6", "EmotionSet", "collect", "GenerationConfig", "GenerationResult", "Prompt", "TokenBatch",
-    "data", "emotion_readout", "emotion_set", "emotions", "generate", "judges", "load_model",
+    "EmotionDirections", "circuits", "components", "control", "data", "directions", "elicitation",
+    "emotion_readout", "evaluate", "modulate", "patching", "probes", "steer", "steering", "emotion_set", "emotions", "generate", "judges", "load_model",
     "prompts", "sites", "tokenize",
 ]

@@ -189,7 +189,7 @@ def collect(
             cols = _columns(batch, position, rows)
             store: dict[tuple[str, int], torch.Tensor] = {}
 
-            def make_hook(site: str, layer: int):
+            def make_hook(site: str, layer: int, cols=cols, store=store):
                 def hook(x, hook):  # noqa: ARG001 - TL hook signature
                     if site == "head_result":
                         y = S.head_result_from_z(model, layer, x)

@@ -383,28 +383,18 @@ def head_ablation_importance(model, prompts: Sequence[PromptLike], labels: Seque
 
 def reference_direction(directions_mid: torch.Tensor, directions_post: torch.Tensor,
                         band: Sequence[int] | None = None) -> Float[torch.Tensor, "emotion d_model"]:
-    """v_ref,e: unit mean of the sign-aligned resid_mid and resid_post directions over ``band``.
+    """v_ref,e for every emotion: ``emocircuits.circuits.reference_direction`` per emotion
+    (unit sum of the sign-aligned resid_mid and resid_post directions over ``band``; default
+    band: the paper's layers 21–25 of 28 scaled to depth, ``circuits.reference_band``)."""
+    from .circuits import reference_direction as one_reference
 
-    Default band: layers ⌊21·L/28⌋ .. ⌊25·L/28⌋ (the paper's 21–25 of 28, scaled to depth L).
-    Signs are aligned to the first vector (resid_mid at the first band layer), as in the paper.
-    """
     if directions_mid.shape != directions_post.shape or directions_mid.dim() != 3:
         raise ValueError("directions_mid and directions_post must both be [emotion, layer, d_model]")
     L = directions_mid.shape[1]
-    band = list(range(21 * L // 28, 25 * L // 28 + 1)) if band is None else list(band)
-    if not band or any(not 0 <= b < L for b in band):
-        raise ValueError(f"reference band {band} outside 0..{L - 1}")
-    out = []
-    for e in range(directions_mid.shape[0]):
-        vecs = []
-        for b in band:
-            vecs += [directions_mid[e, b], directions_post[e, b]]
-        vecs = [x.float() / (x.float().norm() + EPS) for x in vecs]
-        ref = vecs[0]
-        aligned = [x if float(x @ ref) >= 0 else -x for x in vecs]
-        m = torch.stack(aligned).mean(0)
-        out.append(m / (m.norm() + EPS))
-    return torch.stack(out)
+    if band is not None and any(not 0 <= b < L for b in band):
+        raise ValueError(f"reference band {list(band)} outside 0..{L - 1}")
+    return torch.stack([one_reference(directions_mid[e], directions_post[e], band)
+                        for e in range(directions_mid.shape[0])])
 
 
 def final_projection(model, v: torch.Tensor) -> Metric:

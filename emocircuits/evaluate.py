@@ -107,7 +107,7 @@ def fluency(model, prompts: Sequence[str | Prompt], texts: Sequence[str], *, n: 
         ps = prompts[s:s + batch_size]
         ts = texts[s:s + batch_size]
         rows, spans = [], []
-        for j, (p, t) in enumerate(zip(ps, ts)):
+        for j, (p, t) in enumerate(zip(ps, ts, strict=False)):
             pid = encode(model, p.text if isinstance(p, Prompt) else p)
             gid = (list(generated_tokens[s + j]) if generated_tokens is not None
                    else tok(t, add_special_tokens=False)["input_ids"])
@@ -156,6 +156,6 @@ def evaluate_texts(method: str, prompts: Sequence[Prompt], texts: Sequence[str],
     res = judge.judge(list(texts), list(targets))
     rows = [{"emotion": t, "valence": getattr(p, "valence", None), "match": bool(m),
              "label": lab, "text": x, "key": getattr(p, "key", None)}
-            for p, t, m, lab, x in zip(prompts, targets, res.match, res.labels, texts)]
+            for p, t, m, lab, x in zip(prompts, targets, res.match, res.labels, texts, strict=False)]
     flu = fluency(model, prompts, texts, generated_tokens=generated_tokens).summary() if model is not None else {}
     return MethodEvaluation(method, accuracy_table(rows), flu, rows)

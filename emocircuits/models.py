@@ -325,8 +325,13 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, n_layers: int = 3, tokeniz
 
     Uses the embedded SmolLM2 tokenizer (from the cache) unless one is given.
     """
-    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        AutoTokenizer,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     if tokenizer is None:
         gguf = _alias_gguf(DEFAULT_MODEL)

@@ -55,17 +55,12 @@ from .prompts import Prompt, TokenBatch, tokenize
 Ablation = Literal["zero", "mean", "resample"]
 PromptLike = str | Prompt
 
-# Sites this module adds to ``sites`` (to be moved there): the normalised MLP input.
-EXTRA_SITES: dict[str, str] = {"mlp_in": "ln2.hook_out"}
+# Sites of width d_model that ``sites.site_width`` does not special-case.
+EXTRA_SITES: frozenset[str] = frozenset({"mlp_in", "ln2_out"})
 
 
 def hook_of(model, site: str, layer: int | None = None) -> str:
-    """``sites.hook_name`` plus ``mlp_in`` = ``blocks.l.ln2.hook_out`` (RMSNorm₂ output incl. weight)."""
-    if site in EXTRA_SITES:
-        if layer is None:
-            raise ValueError(f"site {site!r} is per layer: pass a layer")
-        base = S.hook_name(model, "resid_mid", layer)
-        return base.rsplit(".", 1)[0] + "." + EXTRA_SITES[site]
+    """``sites.hook_name`` (``mlp_in`` = ``blocks.l.ln2.hook_out``, the RMSNorm₂ output incl. weight)."""
     return S.hook_name(model, site, layer)
 
 
@@ -619,8 +614,7 @@ def attribution_patching(model, prompts: Sequence[PromptLike], metric: Metric | 
     if not texts:
         raise ValueError("attribution_patching: no prompts")
     for s in sites:
-        if s not in EXTRA_SITES:
-            S.check_site(s)
+        S.check_site(s)
         if s in ("final_norm", "head_result"):
             raise ValueError(f"attribution over site {s!r} is not supported; use z / mlp_post / resid sites")
     lay = S.layers_of(model, layers)

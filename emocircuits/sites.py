@@ -11,6 +11,9 @@ mlp_out        blocks.l.hook_mlp_out               what the MLP adds to the resi
 z              blocks.l.attn.hook_z                per-head z [.., head, d_head], input of W_O
 head_result    (from z)                            z_h @ W_O[l, h]: one head's write [.., head, d_model]
 mlp_post       blocks.l.mlp.hook_post              neuron activations g, the input of W_out
+pattern        blocks.l.attn.hook_pattern          attention pattern [.., head, q_pos, k_pos]
+ln2_out        blocks.l.ln2.hook_out               normalised MLP input incl. weight (paper's head readout)
+mlp_in         blocks.l.ln2.hook_out               alias of ln2_out
 final_norm     ln_final.hook_out                   final norm output incl. its weight (not per layer)
 =============  ==================================  =========================================
 
@@ -38,6 +41,9 @@ _TEMPLATES: dict[str, str] = {
     "mlp_post": "blocks.{l}.mlp.hook_post",
     "attn_o_out": "blocks.{l}.attn.o.hook_out",
     "mlp_down_out": "blocks.{l}.mlp.out.hook_out",
+    "pattern": "blocks.{l}.attn.hook_pattern",
+    "ln2_out": "blocks.{l}.ln2.hook_out",
+    "mlp_in": "blocks.{l}.ln2.hook_out",
     "final_norm": "ln_final.hook_out",
 }
 SITES: tuple[str, ...] = tuple(_TEMPLATES)
@@ -90,6 +96,8 @@ def site_width(model, site: str) -> tuple[int, ...]:
         return (cfg.n_heads, cfg.d_model)
     if site == "mlp_post":
         return (cfg.d_mlp,)
+    if site == "pattern":
+        raise ValueError("site 'pattern' has a sequence-dependent width [head, q_pos, k_pos]")
     return (cfg.d_model,)
 
 

@@ -31,7 +31,7 @@ def main() -> None:
     head = f"{'item':<22}{'valence':<10}" + "".join(f"{e[:9]:>10}" for e in r.emotions) + "   argmax"
     print("next-token share of each emotion's words (renormalised over emotions)")
     print(head)
-    for p, row, lab in zip(prompts, share, r.labels):
+    for p, row, lab in zip(prompts, share, r.labels, strict=False):
         print(f"{p.skeleton_id:<22}{p.valence:<10}" + "".join(f"{x:>10.3f}" for x in row) + f"   {lab}")
     v = r.valence_score()
     for val in ("positive", "neutral", "negative"):

@@ -26,7 +26,7 @@ def test_repeated_ngram_rate():
 def test_fluency_perplexity_matches_loop(tiny_llama):
     prompts, texts = ["Hello there", "A longer prompt here"], [" my friend", " and more words"]
     f = fluency(tiny_llama, prompts, texts)
-    for p, t, got in zip(prompts, texts, f.perplexity):
+    for p, t, got in zip(prompts, texts, f.perplexity, strict=False):
         pid = encode(tiny_llama, p)
         gid = tiny_llama.tokenizer(t, add_special_tokens=False)["input_ids"]
         ids = torch.tensor([pid + gid])

@@ -75,7 +75,7 @@ def _hf_greedy(model, text, cfg: GenerationConfig):
 def test_generation_equals_hf(tiny, cfg):
     texts = ["Hello", "Tell me a story about a dragon and a knight.", "Why?"]
     res = generate(tiny, texts, cfg, progress=False)
-    for t, got in zip(texts, res.tokens):
+    for t, got in zip(texts, res.tokens, strict=False):
         assert got == _hf_greedy(tiny, t, cfg)
 
 
@@ -109,5 +109,5 @@ def test_smollm2_generation_equals_hf(smol):
     for cfg in (GenerationConfig(max_new_tokens=20), GenerationConfig.paper_steering()):
         cfg = GenerationConfig(**{**cfg.__dict__, "max_new_tokens": 20})
         res = generate(smol, texts, cfg, progress=False)
-        for t, got in zip(texts, res.tokens):
+        for t, got in zip(texts, res.tokens, strict=False):
             assert got == _hf_greedy(smol, t, cfg)

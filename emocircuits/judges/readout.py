@@ -141,7 +141,7 @@ class LogitReadout:
         r = emotion_readout(self.model, texts, self.emotions, batch_size=self.batch_size)
         labels = r.labels
         return JudgeResult(r.emotions, list(labels), r.share,
-                           [lab == t for lab, t in zip(labels, targets)],
+                           [lab == t for lab, t in zip(labels, targets, strict=False)],
                            meta={"mass": r.mass})
 
 

@@ -97,15 +97,8 @@ def _check_pairs(model, pairs: Sequence[tuple[int, int]], what: str, width: int)
 
 
 def _pattern_hook(model, layer: int) -> str:
-    """The attention-pattern hook [batch, head, q, k] (``sites`` has no such site yet)."""
-    try:
-        return S.hook_name(model, "pattern", layer)
-    except S.UnknownSiteError:
-        # the z hook's block sits next to hook_pattern in every TL attention component
-        name = S.hook_name(model, "z", layer).rsplit(".", 1)[0] + ".hook_pattern"
-        if name not in model.hook_dict:
-            raise KeyError(f"model has no attention-pattern hook {name!r}") from None
-        return name
+    """The attention-pattern hook [batch, head, q, k] (site ``pattern``)."""
+    return S.hook_name(model, "pattern", layer)
 
 
 @torch.no_grad()
