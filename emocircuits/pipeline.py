@@ -416,7 +416,7 @@ def _results_doc(cfg: Mapping[str, Any], stages: Sequence[Stage], status: Mappin
 
 
 _HEADLINES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("judge_agreement_with_human_labels", "judge", ("agreement_with_human_labels",)),
+    ("judge_accuracy_on_builtin_utterance_labels", "judge", ("accuracy_on_builtin_utterance_labels",)),
     ("prompting_accuracy", "prompting", ("prompting_accuracy", "overall")),
     ("readout_accuracy_instructed", "prompting", ("readout_accuracy_on_instructed_prompts", "overall")),
     ("readout_accuracy_without_keyword_token", "prompting",
@@ -724,7 +724,7 @@ def _acc_rows(name: str, table, emotions: Sequence[str]) -> list:
 
 
 def stage_judge(ctx: StageContext) -> None:
-    """Agreement of the run's offline judge with human labels (labeled utterances, test split)."""
+    """Agreement of the run's offline judge with the labels of the builtin utterance set (written for this project; test split)."""
     from .data import load_utterances
 
     emos = ctx.emotions
@@ -741,12 +741,12 @@ def stage_judge(ctx: StageContext) -> None:
     kw = [ok for u, ok in zip(utt, res.match, strict=True) if not u.has_keyword]
     ctx.results.update({
         "judge": getattr(judge, "name", type(judge).__name__),
-        "agreement_with_human_labels": res.accuracy,
+        "accuracy_on_builtin_utterance_labels": res.accuracy,
         "agreement_by_emotion": per,
         "agreement_on_utterances_without_emotion_keyword": (sum(kw) / len(kw)) if kw else None,
         "n_utterances": len(utt), "chance": 1.0 / len(emos),
     })
-    ctx.table("judge agreement with human labels (labeled utterances)",
+    ctx.table("offline judge vs builtin utterance labels",
               ["judge", "overall", *emos, "n"],
               [[ctx.results["judge"], res.accuracy, *[per[e] for e in emos], len(utt)]])
 
@@ -993,7 +993,7 @@ def default_stages() -> list[Stage]:
     """The paper's stages in order; stages whose library module is absent are skipped."""
     return [
         Stage("judge", stage_judge, "Judge agreement", modules=("emocircuits.judges",),
-              plan=lambda cfg: {"what": "offline judge vs human labels (no model)"}),
+              plan=lambda cfg: {"what": "offline judge vs builtin utterance labels (no model)"}),
         Stage("prompting", stage_prompting, "Prompt-based elicitation (stage 01)",
               modules=("emocircuits.elicitation",), plan=_plan_prompting),
         Stage("directions", stage_directions, "Emotion directions (stage 02)",

@@ -258,7 +258,7 @@ def test_every_default_stage_runs_on_a_tiny_model(tiny_llama, tmp_path):
     assert "mean_spearman" in res["stages"]["components"]["results"]["attribution_vs_exact_head_ablation"]
     assert (tmp_path / "report.html").stat().st_size > 10_000
     summ = res["summary"]
-    for k in ("judge_agreement_with_human_labels", "prompting_accuracy", "steering_accuracy",
+    for k in ("judge_accuracy_on_builtin_utterance_labels", "prompting_accuracy", "steering_accuracy",
               "circuit_modulation_accuracy", "random_circuit_accuracy", "probe_peak_accuracy",
               "zero_shot_accuracy", "vocabulary_bias_accuracy", "head_attribution_vs_exact_spearman"):
         assert k in summ, k
