@@ -67,32 +67,16 @@ def agreement(exact: torch.Tensor, approx: torch.Tensor, k: int) -> dict[str, fl
 @torch.no_grad()
 def closed_form_head_importance(model, prompts, directions_mid: torch.Tensor, emotions,
                                 batch_size: int = 16) -> torch.Tensor:
-    """Exact zero-ablation importance of every head for the same-layer readout, one forward
-    per batch (module docstring). Returns mean importance ``[emotion, layer, head]``."""
-    from emocircuits import sites as S
-    from emocircuits.activations import collect
+    """Mean importance ``[emotion, layer, head]`` by the library's one-forward closed form."""
+    from emocircuits.components import head_ablation_importance_closed_form
 
-    acts = collect(model, prompts, ("resid_pre", "attn_o_out", "z"), "last",
-                   batch_size=batch_size, progress=False)
-    L, H = model.cfg.n_layers, model.cfg.n_heads
-    emo = torch.tensor([list(emotions).index(p.emotion) for p in prompts])
-    v = directions_mid.float() / (directions_mid.float().norm(dim=-1, keepdim=True) + 1e-12)
-    imp = torch.zeros(len(prompts), L, H)
-    dev = model.cfg.device
-    for layer in range(L):
-        blk = model.blocks[layer]
-        pre = acts.layer("resid_pre", layer).to(dev)          # [n, d]
-        o = acts.layer("attn_o_out", layer).to(dev)           # [n, d]
-        z = acts.layer("z", layer).to(dev)                    # [n, H, d_head]
-        w = S.W_O(model, layer).float()                       # [H, d_head, d]
-        heads = torch.einsum("nhk,hkd->nhd", z, w)            # [n, H, d]
-        o_all = torch.cat([o.unsqueeze(1), o.unsqueeze(1) - heads], 1)  # [n, 1+H, d]
-        post = getattr(blk, "ln1_post", None)
-        a = post(o_all) if post is not None else o_all
-        x = blk.ln2(pre.unsqueeze(1) + a)                     # [n, 1+H, d]
-        s = (x.float() * v[emo, layer].to(dev).unsqueeze(1)).sum(-1).cpu()  # [n, 1+H]
-        imp[:, layer] = s[:, :1] - s[:, 1:]
-    return torch.stack([imp[emo == i].mean(0) for i in range(len(emotions))])
+    emos = sorted({p.emotion for p in prompts}, key=list(emotions).index)
+    idx = [list(emotions).index(e) for e in emos]
+    res = head_ablation_importance_closed_form(model, prompts, None, directions_mid[idx], emos,
+                                               batch_size=batch_size, progress=False)
+    out = torch.zeros(len(emotions), *res.mean.shape[1:])
+    out[idx] = res.mean
+    return out
 
 
 def main(argv=None) -> dict:

@@ -78,6 +78,10 @@ def test_batched_head_ablation_equals_loop(tiny, tmp_path):
     assert (a.mean - b.mean).abs().max() <= 1e-5
     assert (a.baseline_mean - b.baseline_mean).abs().max() <= 1e-5
     assert a.mean.abs().max() > 1e-3
+    # the one-forward closed form equals the batched ablation
+    c = C.head_importance(tiny, prompts, None, dirs, EMOS, method="closed_form", progress=False)
+    assert (a.mean - c.mean).abs().max() <= 1e-5
+    assert (a.baseline_mean - c.baseline_mean).abs().max() <= 1e-5
     # == the generic patching path on one head: base − zero-ablated same-layer readout
     e, layer, h = 1, 2, 1
     ps = [p for p in prompts if p.emotion == EMOS[e]]
