@@ -1041,9 +1041,11 @@ def stage_components(ctx: StageContext) -> None:
     abl_layers = ctx.opt("ablation_layers")
     if abl_layers is None:
         abl_layers = list(range(0, model.cfg.n_layers, int(ctx.opt("ablation_layer_step", 1))))
-    abl = K.head_ablation_importance(model, prompts, None, dirs.vectors["resid_mid"], emos,
-                                     layers=abl_layers, batch_size=max(1, bs // 2),
-                                     progress=ctx.progress)
+    # exact zero-ablation scores, computed in closed form (one forward; equal to the batched
+    # ablation, see components.head_ablation_importance_closed_form)
+    abl = K.head_ablation_importance_closed_form(model, prompts, None, dirs.vectors["resid_mid"],
+                                                 emos, layers=abl_layers, batch_size=bs,
+                                                 progress=ctx.progress)
     ctx.artifacts.update({"neurons": nc, "heads_attribution": attr, "heads_ablation": abl})
     k_top = int(ctx.opt("top_k", 5))
     agree = {}
