@@ -369,16 +369,9 @@ def head_ablation_importance(model, prompts: Sequence[PromptLike], labels: Seque
                         imp[s:s + b, li, h] = m0 - mh
                 bar.update(b)
     bar.close()
-    mean, std, bmean = [], [], []
-    for e in emotions:
-        sel = [keep.index(i) for i in rows[e]]
-        mean.append(imp[sel].mean(0))
-        std.append(imp[sel].std(0, unbiased=False) if len(sel) > 1 else torch.zeros(len(lay), H))
-        bmean.append(base[sel].mean(0))
-    return HeadImportance(list(emotions), lay, torch.stack(mean).float(), torch.stack(std).float(),
-                          torch.stack(bmean).float(), {e: len(rows[e]) for e in emotions},
-                          "ablation" if batched else "ablation_loop",
-                          {"readout": "same_layer", "ablation": "zero z, all positions"})
+    return _aggregate_heads(imp, base, keep, rows, emotions, lay,
+                            "ablation" if batched else "ablation_loop",
+                            {"readout": "same_layer", "ablation": "zero z, all positions"})
 
 
 def reference_direction(directions_mid: torch.Tensor, directions_post: torch.Tensor,
@@ -464,6 +457,21 @@ def head_attribution(model, prompts: Sequence[PromptLike], labels: Sequence[str]
                           {"readout": readout})
 
 
+def _aggregate_heads(imp: torch.Tensor, base: torch.Tensor, keep: list[int],
+                     rows: dict[str, list[int]], emotions: Sequence[str], lay: list[int],
+                     method: str, meta: dict | None = None) -> HeadImportance:
+    """Per-emotion mean/std of per-prompt importance [n, layer, head] and baseline [n, layer]."""
+    mean, std, bmean = [], [], []
+    for e in emotions:
+        sel = [keep.index(i) for i in rows[e]]
+        mean.append(imp[sel].mean(0))
+        std.append(imp[sel].std(0, unbiased=False) if len(sel) > 1 else torch.zeros_like(imp[0]))
+        bmean.append(base[sel].mean(0))
+    return HeadImportance(list(emotions), lay, torch.stack(mean).float(), torch.stack(std).float(),
+                          torch.stack(bmean).float(), {e: len(rows[e]) for e in emotions},
+                          method, meta or {})
+
+
 @torch.no_grad()
 def head_ablation_importance_closed_form(
         model, prompts: Sequence[PromptLike], labels: Sequence[str] | None,
@@ -503,15 +511,8 @@ def head_ablation_importance_closed_form(
         sc = (x.double() * v[emo_of, li].to(dev).double().unsqueeze(1)).sum(-1).cpu()
         base[:, li] = sc[:, 0]
         imp[:, li] = sc[:, :1] - sc[:, 1:]
-    mean, std, bmean = [], [], []
-    for e in emotions:
-        sel = [keep.index(i) for i in rows[e]]
-        mean.append(imp[sel].mean(0))
-        std.append(imp[sel].std(0, unbiased=False) if len(sel) > 1 else torch.zeros(len(lay), model.cfg.n_heads))
-        bmean.append(base[sel].mean(0))
-    return HeadImportance(list(emotions), lay, torch.stack(mean).float(), torch.stack(std).float(),
-                          torch.stack(bmean).float(), {e: len(rows[e]) for e in emotions},
-                          "ablation_closed_form", {})
+    return _aggregate_heads(imp, base, keep, rows, emotions, lay, "ablation_closed_form",
+                            {"readout": "same_layer", "ablation": "zero z, all positions (closed form)"})
 
 
 def head_importance(model, prompts: Sequence[PromptLike], labels: Sequence[str] | None,
