@@ -101,6 +101,16 @@ def _pattern_hook(model, layer: int) -> str:
     return S.hook_name(model, "pattern", layer)
 
 
+def _run_until(model, batch, last_layer: int, fwd_hooks) -> None:
+    """One forward with ``fwd_hooks`` active that stops after ``last_layer`` (no unembedding)."""
+    stop = last_layer + 1
+    with model.hooks(fwd_hooks=fwd_hooks):
+        if stop >= model.cfg.n_layers:
+            model(batch.tokens, attention_mask=batch.attention_mask, logits_to_keep=1)
+        else:
+            model(batch.tokens, attention_mask=batch.attention_mask, stop_at_layer=stop)
+
+
 @torch.no_grad()
 def attention_patterns(model, prompt: str | Prompt, heads: Sequence[tuple[int, int]]
                        ) -> tuple[list[str], np.ndarray]:
@@ -117,12 +127,7 @@ def attention_patterns(model, prompt: str | Prompt, heads: Sequence[tuple[int, i
         return hook
 
     fwd = [(_pattern_hook(model, layer), make(layer)) for layer in layers]
-    stop = max(layers) + 1
-    with model.hooks(fwd_hooks=fwd):
-        if stop >= model.cfg.n_layers:
-            model(batch.tokens, attention_mask=batch.attention_mask, logits_to_keep=1)
-        else:
-            model(batch.tokens, attention_mask=batch.attention_mask, stop_at_layer=stop)
+    _run_until(model, batch, max(layers), fwd)
     pats = np.stack([store[layer][h].numpy() for layer, h in heads])
     return _str_tokens(model, batch.tokens[0].tolist()), pats
 
@@ -145,12 +150,7 @@ def neuron_activations(model, prompt: str | Prompt, neurons: Sequence[tuple[int,
         return hook
 
     fwd = [(S.hook_name(model, "mlp_post", layer), make(layer)) for layer in layers]
-    stop = max(layers) + 1
-    with model.hooks(fwd_hooks=fwd):
-        if stop >= model.cfg.n_layers:
-            model(batch.tokens, attention_mask=batch.attention_mask, logits_to_keep=1)
-        else:
-            model(batch.tokens, attention_mask=batch.attention_mask, stop_at_layer=stop)
+    _run_until(model, batch, max(layers), fwd)
     cols, seen = [], {layer: 0 for layer in layers}
     for layer, _ in neurons:
         cols.append(store[layer][:, seen[layer]])
