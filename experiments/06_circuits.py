@@ -152,6 +152,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--random-seeds", type=int, default=3)
     ap.add_argument("--no-fluency", action="store_true")
+    ap.add_argument("--ppl-guard", type=float, default=3.0,
+                    help="λ/α must keep perplexity <= this x the unmodulated model's on validation")
     args = ap.parse_args()
     out = Path(args.out)
     (out / "circuits").mkdir(parents=True, exist_ok=True)
@@ -236,29 +238,48 @@ def main() -> None:
         vneu = neutral_prompts(model, val)
         vpref = neutral_prompts(model, val, assistant_prefix=PREFIX)
         grid = {}
+        # the unmodulated model's own perplexity on its own text: the fluency guard's reference
+        base = per_emotion_generation(model, vneu, vpref, emotions, lambda e: None, cfg, judge,
+                                      fluency=True, method="none")
+        base_ppl = base["fluency"]["perplexity_geomean"]
+        print(f"  none: judge {base['accuracy']['overall']:.3f} ppl {base_ppl:.2f}", flush=True)
         for lam in parse_floats(args.lambdas):
             r = per_emotion_generation(model, vneu, vpref, emotions, circuit_ctx(lam), cfg, judge,
-                                       fluency=False, method=f"circuit_l{lam}")
+                                       fluency=True, method=f"circuit_l{lam}")
             grid[f"circuit:{lam}"] = r
             print(f"  circuit λ={lam}: judge {r['accuracy']['overall']:.3f} readout {r['readout']['overall']:.3f}"
-                  f" rep3 {r['repeated_3gram_rate']:.3f}", flush=True)
+                  f" rep3 {r['repeated_3gram_rate']:.3f} ppl {r['fluency']['perplexity_geomean']:.2f}", flush=True)
         for a in parse_floats(args.steer_alphas):
             r = per_emotion_generation(model, vneu, vpref, emotions, steer_ctx(a), cfg, judge,
-                                       fluency=False, method=f"steer_a{a}")
+                                       fluency=True, method=f"steer_a{a}")
             grid[f"steer:{a}"] = r
             print(f"  steer α={a}: judge {r['accuracy']['overall']:.3f} readout {r['readout']['overall']:.3f}"
-                  f" rep3 {r['repeated_3gram_rate']:.3f}", flush=True)
+                  f" rep3 {r['repeated_3gram_rate']:.3f} ppl {r['fluency']['perplexity_geomean']:.2f}", flush=True)
+
+        def fluent(v) -> bool:
+            return (v["repeated_3gram_rate"] < 0.3
+                    and v["fluency"]["perplexity_geomean"] <= args.ppl_guard * base_ppl)
 
         def pick(kind):
-            # judge accuracy, then readout, among settings whose repeated-3-gram rate stays < 0.3
+            # judge accuracy, then readout, among the settings that pass the fluency guard
+            # (perplexity <= ppl_guard x the unmodulated model's, repeated-3-gram rate < 0.3);
+            # when none passes, the least disfluent one, flagged in results.json
             cands = [(k, v) for k, v in grid.items() if k.startswith(kind)]
-            ok = [kv for kv in cands if kv[1]["repeated_3gram_rate"] < 0.3] or cands
-            k, _ = max(ok, key=lambda kv: (kv[1]["accuracy"]["overall"], kv[1]["readout"]["overall"]))
-            return float(k.split(":")[1])
-        lam, alpha = pick("circuit"), pick("steer")
+            ok = [kv for kv in cands if fluent(kv[1])]
+            if ok:
+                k, _ = max(ok, key=lambda kv: (kv[1]["accuracy"]["overall"], kv[1]["readout"]["overall"]))
+            else:
+                k, _ = min(cands, key=lambda kv: kv[1]["fluency"]["perplexity_geomean"])
+            return float(k.split(":")[1]), bool(ok)
+        (lam, lam_ok), (alpha, alpha_ok) = pick("circuit"), pick("steer")
     results["validation"] = {k: {"judge": v["accuracy"]["overall"], "readout": v["readout"]["overall"],
-                                 "rep3": v["repeated_3gram_rate"]} for k, v in grid.items()}
-    results["chosen"] = {"lambda": lam, "steer_alpha": alpha, "steer_layers": band}
+                                 "rep3": v["repeated_3gram_rate"], "ppl": v["fluency"]["perplexity_geomean"],
+                                 "passes_fluency_guard": fluent(v)} for k, v in grid.items()}
+    results["validation"]["none"] = {"judge": base["accuracy"]["overall"], "readout": base["readout"]["overall"],
+                                     "rep3": base["repeated_3gram_rate"], "ppl": base_ppl}
+    results["chosen"] = {"lambda": lam, "steer_alpha": alpha, "steer_layers": band,
+                         "lambda_passes_guard": lam_ok, "alpha_passes_guard": alpha_ok,
+                         "ppl_guard": args.ppl_guard}
     print("chosen λ", lam, "α", alpha, flush=True)
     results["times_s"] = timer.times
     atomic_json(out / "results.json", results)
