@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import sites as S
-from .prompts import Prompt, tokenize
+from .prompts import Prompt, encode, tokenize
 
 Position = str | torch.Tensor
 
@@ -85,6 +85,10 @@ class Activations:
         if path.is_dir():
             index = json.loads((path / "index.json").read_text())
             parts = [load_file(str(path / s)) for s in index["shards"]]
+            if index["position"] == "all":  # shards are padded to their own widths
+                width = max(p[f"acts/{k}"].shape[2] for p in parts for k in index["layers"])
+                parts = [{k: (_pad_right(v, width) if k.startswith("acts/") else v) for k, v in p.items()}
+                         for p in parts]
             acts = {k: torch.cat([p[f"acts/{k}"] for p in parts]) for k in index["layers"]}
             lengths = torch.cat([p["lengths"] for p in parts]) if "lengths" in parts[0] else None
             return cls(acts, index["layers"], index["position"], lengths, index.get("meta", {}))
@@ -108,7 +112,7 @@ def prompts_hash(prompts: Sequence[str | Prompt]) -> str:
     return h.hexdigest()[:16]
 
 
-def _columns(batch, position: Position, rows: slice) -> torch.Tensor | None:
+def _columns(batch, position: Position, rows: slice | list[int]) -> torch.Tensor | None:
     """Column indices [b, k] into the padded batch for the requested positions (None = all)."""
     if isinstance(position, str):
         if position == "last":
@@ -137,9 +141,15 @@ def collect(
     batch_size: int = 16,
     out_dir: str | os.PathLike | None = None,
     shard_size: int = 1024,
+    sort_by_length: bool = True,
     progress: bool = True,
 ) -> Activations:
-    """Activations at ``sites`` × ``layers`` × ``position`` for every prompt (module docstring)."""
+    """Activations at ``sites`` × ``layers`` × ``position`` for every prompt (module docstring).
+
+    With ``sort_by_length`` (default) the prompts of each shard window are batched in order of
+    token length (less padding, fewer FLOPs) and the results put back in input order; the values
+    equal those of input-order batching up to float rounding. Forwards run with
+    ``use_cache=False`` (no KV cache is built for a one-shot forward)."""
     if isinstance(sites, str):
         sites = (sites,)
     for s in sites:
@@ -181,11 +191,44 @@ def collect(
         lengths_all.clear()
         n_in_shard = 0
 
+    window = shard_size if out_dir is not None else len(texts)
+    if sort_by_length:
+        n_tok = [len(encode(model, t)) for t in texts]
+        order: list[int] = []
+        for w in range(0, len(texts), window):
+            order += sorted(range(w, min(w + window, len(texts))), key=lambda i: (n_tok[i], i))
+    else:
+        order = list(range(len(texts)))
+    # batches never straddle a shard window, so every shard holds a contiguous input range
+    starts = [s for w in range(0, len(texts), window)
+              for s in range(w, min(w + window, len(texts)), batch_size)]
+    ends = starts[1:] + [len(texts)]
+    ends = [min(e, (s // window + 1) * window) for s, e in zip(starts, ends, strict=True)]
+    pending: dict[str, list[tuple[list[int], torch.Tensor]]] = {s: [] for s in sites}
+    pending_len: list[tuple[list[int], torch.Tensor]] = []
+
+    def settle() -> None:
+        """Move the finished window's batches, back in input order, into ``chunks``."""
+        if not pending_len and not any(pending.values()):
+            return
+        rows_all = [r for rows_, _ in next(iter(pending.values())) for r in rows_]
+        inv = torch.tensor(sorted(range(len(rows_all)), key=rows_all.__getitem__))
+        for s in sites:
+            ts = [t for _, t in pending[s]]
+            if position == "all":
+                width = max(t.shape[2] for t in ts)
+                ts = [_pad_right(t, width) for t in ts]
+            chunks[s].append(torch.cat(ts)[inv])
+            pending[s].clear()
+        if pending_len:
+            lengths_all.append(torch.cat([ln for _, ln in pending_len])[inv])
+        pending_len.clear()
+
     bar = tqdm(total=len(texts), desc="collect", disable=not progress, leave=False)
     try:
-        for start in range(0, len(texts), batch_size):
-            rows = slice(start, start + batch_size)
-            batch = tokenize(model, texts[rows])
+        for start, end in zip(starts, ends, strict=True):
+            rows = order[start:end]
+            batch = tokenize(model, [texts[i] for i in rows])
             cols = _columns(batch, position, rows)
             store: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -209,9 +252,11 @@ def collect(
                    for s in sites for layer in site_layers[s]]
             with model.hooks(fwd_hooks=fwd):
                 if stop is None:
-                    model(batch.tokens, attention_mask=batch.attention_mask, logits_to_keep=1)
+                    model(batch.tokens, attention_mask=batch.attention_mask, logits_to_keep=1,
+                          use_cache=False)
                 else:
-                    model(batch.tokens, attention_mask=batch.attention_mask, stop_at_layer=stop)
+                    model(batch.tokens, attention_mask=batch.attention_mask, stop_at_layer=stop,
+                          use_cache=False)
             for s in sites:
                 per_layer = [store[(s, layer)] for layer in site_layers[s]]
                 t = torch.stack(per_layer, dim=1)  # [b, layer, pos|k, *width]
@@ -219,12 +264,14 @@ def collect(
                     t = t[:, :, 0]
                 elif position == "all":
                     t = _left_align(t, batch.lengths.cpu())
-                chunks[s].append(t)
+                pending[s].append((rows, t))
             if position == "all":
-                lengths_all.append(batch.lengths.cpu())
+                pending_len.append((rows, batch.lengths.cpu()))
             n_in_shard += len(batch)
-            if out_dir is not None and n_in_shard >= shard_size:
-                flush()
+            if end % window == 0 or end == len(texts):
+                settle()
+                if out_dir is not None:
+                    flush()
             bar.update(len(batch))
     finally:
         bar.close()

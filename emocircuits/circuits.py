@@ -731,7 +731,7 @@ def emotion_scores(model, prompts: Sequence[str | Prompt], v_ref: Float[torch.Te
         def read(x, hook, store=store):  # noqa: ARG001
             store["h"] = x[:, -1].float()
         with model.hooks(fwd_hooks=[(name, read)]):
-            logits = model(b.tokens, attention_mask=b.attention_mask, logits_to_keep=1)
+            logits = model(b.tokens, attention_mask=b.attention_mask, logits_to_keep=1, use_cache=False)
         s_all.append((store["h"] @ v_ref.float().to(store["h"].device)).cpu())
         if token_matrix is not None:
             p = torch.softmax(logits[:, -1].float(), -1)

@@ -231,10 +231,10 @@ def _forward(model, batch: TokenBatch, metric: Metric, rows: torch.Tensor,
     stop = metric.stop_layer() if stop_early else None
     with model.hooks(fwd_hooks=hooks):
         if stop is None or stop >= model.cfg.n_layers:
-            out = model(tokens, attention_mask=mask, logits_to_keep=1)
+            out = model(tokens, attention_mask=mask, logits_to_keep=1, use_cache=False)
             logits = out[:, -1]
         else:
-            model(tokens, attention_mask=mask, stop_at_layer=stop)
+            model(tokens, attention_mask=mask, stop_at_layer=stop, use_cache=False)
             logits = None
     return metric.fn(logits if metric.needs_logits else None, cache, rows)
 
@@ -265,9 +265,9 @@ def _capture(model, batch: TokenBatch, hooks: Sequence[str]) -> dict[str, torch.
     stop = max(_layer_of_hook(h) for h in hooks) + 1  # type: ignore[type-var]
     with torch.no_grad(), model.hooks(fwd_hooks=[(h, grabber(h)) for h in set(hooks)]):
         if stop >= model.cfg.n_layers:
-            model(batch.tokens, attention_mask=batch.attention_mask, logits_to_keep=1)
+            model(batch.tokens, attention_mask=batch.attention_mask, logits_to_keep=1, use_cache=False)
         else:
-            model(batch.tokens, attention_mask=batch.attention_mask, stop_at_layer=stop)
+            model(batch.tokens, attention_mask=batch.attention_mask, stop_at_layer=stop, use_cache=False)
     return store
 
 

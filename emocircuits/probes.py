@@ -622,9 +622,9 @@ def hidden_at(
         fwd = [(S.hook_name(model, st, layer), make(j)) for j, (st, layer) in enumerate(hooks_for)]
         with model.hooks(fwd_hooks=fwd):
             if stop is None:
-                model(tokens.to(device), attention_mask=mask.to(device), logits_to_keep=1)
+                model(tokens.to(device), attention_mask=mask.to(device), logits_to_keep=1, use_cache=False)
             else:
-                model(tokens.to(device), attention_mask=mask.to(device), stop_at_layer=stop)
+                model(tokens.to(device), attention_mask=mask.to(device), stop_at_layer=stop, use_cache=False)
         out.append(torch.stack([store[j] for j in range(len(hooks_for))], dim=1))
     return torch.cat(out)
 

@@ -101,7 +101,7 @@ def last_token_logits(model, prompts: Sequence[str | Prompt], *, batch_size: int
     texts = [p.text if isinstance(p, Prompt) else p for p in prompts]
     for s in tqdm(range(0, len(texts), batch_size), desc="readout", disable=not progress, leave=False):
         b = tokenize(model, texts[s:s + batch_size])
-        logits = model(b.tokens, attention_mask=b.attention_mask, logits_to_keep=1)
+        logits = model(b.tokens, attention_mask=b.attention_mask, logits_to_keep=1, use_cache=False)
         out.append(logits[:, -1, :].float().cpu())
     return torch.cat(out)
 

@@ -106,9 +106,9 @@ def _run_until(model, batch, last_layer: int, fwd_hooks) -> None:
     stop = last_layer + 1
     with model.hooks(fwd_hooks=fwd_hooks):
         if stop >= model.cfg.n_layers:
-            model(batch.tokens, attention_mask=batch.attention_mask, logits_to_keep=1)
+            model(batch.tokens, attention_mask=batch.attention_mask, logits_to_keep=1, use_cache=False)
         else:
-            model(batch.tokens, attention_mask=batch.attention_mask, stop_at_layer=stop)
+            model(batch.tokens, attention_mask=batch.attention_mask, stop_at_layer=stop, use_cache=False)
 
 
 @torch.no_grad()
