@@ -160,6 +160,11 @@ def test_hybrid_judge_reads_clear_texts() -> None:
     gated = HybridJudge().judge(["The last train left and nobody came to meet me."],
                                 ["sadness"])
     assert gated.meta["n_embedded"] == 1 and gated.labels[0] is not None
+    # a text without a single word (empty generation) gets no label from any offline judge
+    for j in (HybridJudge(), EmbeddingJudge()):
+        blank = j.judge(["", "  ...  ", "I am furious!"], ["anger"] * 3)
+        assert blank.labels[:2] == [None, None] and blank.match[:2] == [False, False]
+        assert blank.labels[2] == "anger"
 
 
 # ------------------------------------------------------------------ the LLM judge

@@ -436,6 +436,11 @@ class LexiconJudge:
         )
 
 
+def _blank(text: str) -> bool:
+    """No word at all (empty or punctuation/whitespace only): no emotion can be judged."""
+    return re.search(r"\w", text) is None
+
+
 def _softmax(x: np.ndarray) -> np.ndarray:
     z = x - x.max(axis=-1, keepdims=True)
     e = np.exp(z)
@@ -671,7 +676,8 @@ class EmbeddingJudge:
         _check(texts, targets, self._names)
         t0 = time.perf_counter()
         lg = self.logits(texts)
-        labels: list[str | None] = [self._names[int(i)] for i in lg.argmax(axis=1)]
+        labels: list[str | None] = [None if _blank(t) else self._names[int(i)]
+                                    for t, i in zip(texts, lg.argmax(axis=1), strict=True)]
         return JudgeResult(
             emotions=self._names, labels=labels, scores=_softmax(lg),
             match=[a == b for a, b in zip(labels, targets, strict=True)],
@@ -726,7 +732,8 @@ class HybridJudge:
         _check(texts, targets, self._names)
         t0 = time.perf_counter()
         lg, close = self.logits(texts)
-        labels: list[str | None] = [self._names[int(i)] for i in lg.argmax(axis=1)]
+        labels: list[str | None] = [None if _blank(t) else self._names[int(i)]
+                                    for t, i in zip(texts, lg.argmax(axis=1), strict=True)]
         return JudgeResult(
             emotions=self._names, labels=labels, scores=_softmax(lg),
             match=[a == b for a, b in zip(labels, targets, strict=True)],
