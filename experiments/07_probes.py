@@ -85,6 +85,10 @@ def main() -> None:
     res: dict = {"model": model_id(model), "n_layers": L, "d_model": model.cfg.d_model,
                  "chat": is_chat_model(model), "seconds": {"load": time.perf_counter() - t}}
     out = Path(args.out) / f"{model_id(model)}.json"
+    prev = json.loads(out.read_text()) if out.exists() else {}  # stages skipped now keep their results
+
+    def save(obj: dict) -> None:  # merged over the previous run's stages
+        write_json(out, {**prev, **obj, "seconds": {**prev.get("seconds", {}), **obj.get("seconds", {})}})
     print(f"loaded {args.model} in {res['seconds']['load']:.1f}s; {L} layers")
 
     # ------------------------------------------------------------------ 1. sweeps
@@ -119,7 +123,7 @@ def main() -> None:
         sweeps["logreg_mean"] = sw
         print(f"logreg mean-pool: peak {sw.peak_layer} acc {sw.accuracy_mean.max():.3f}")
     res["sweeps"] = {k: v.to_dict() for k, v in sweeps.items()}
-    write_json(out, res)
+    save(res)
     main_sw = sweeps.get("logreg_last") or next(iter(sweeps.values()))
     peak = main_sw.peak_layer
     for name, sw in sweeps.items():
@@ -144,7 +148,7 @@ def main() -> None:
         print(f"zero-shot: acc {zs.accuracy:.3f} coverage {zs.coverage:.2f} constrained "
               f"{zs.constrained_accuracy:.3f}; probe test acc at peak "
               f"{res['zero_shot']['probe_test_accuracy_peak']:.3f} ({zs.seconds:.0f}s)")
-        write_json(out, res)
+        save(res)
 
     # ------------------------------------------------------------------ 3. persistence
     if "persist" not in skip:
@@ -160,18 +164,36 @@ def main() -> None:
               + " ".join(f"k={k}:{tk[k]:.2f}" for k in (0, 1, 4, 16, 32, 64, 96, 128) if k < len(tk)))
         print("  per-position CV: " + " ".join(
             f"k={k}:{a:.2f}" for k, a in zip(pr.bucket_k, pr.bucket_accuracy_mean, strict=True)))
-        write_json(out, res)
+        save(res)
+
+    # the in-context probe: same layer, trained on the train split wrapped the way the
+    # malleability prompts wrap it (chat: the user message with no system prompt; base: the
+    # raw text), read at the utterance's last token — no raw-text -> chat distribution shift
+    probe_ctx = probe
+    if is_chat_model(model) and ("mall" not in skip or "sev" not in skip):
+        t = time.perf_counter()
+        tr_rows = [x for x in u if x.split == "train"]
+        wrapped = [P.wrap_utterance(model, x.text, None) for x in tr_rows]
+        xw = P.probe_inputs(model, probe, [w[0] for w in wrapped], positions=[w[1] for w in wrapped],
+                            batch_size=args.batch)
+        probe_ctx = P.fit_probe(xw, np.array([x.label for x in tr_rows]), layer=peak, classes=classes)
+        res["seconds"]["in_context_probe"] = time.perf_counter() - t
 
     # ------------------------------------------------------------------ 4. malleability
     if "mall" not in skip:
         rows = per_class(test_u, args.mall_per_class)
-        ml = P.malleability(model, probe, [x.text for x in rows], batch_size=args.batch)
         y = np.array([classes.index(x.label) for x in rows])
-        res["malleability"] = {**ml.to_dict(), "n": len(rows), "accuracy": {
-            n: float((ml.probs[n].argmax(1) == y).mean()) for n in ml.names}}
-        print("malleability (mean probe probabilities; shift vs none)")
-        print(ml.to_dataframe().round(3).to_string())
-        write_json(out, res)
+        res["malleability"] = {}
+        for pname, pr_ in (("raw_text_probe", probe), ("in_context_probe", probe_ctx)):
+            if pname == "in_context_probe" and pr_ is probe:
+                continue
+            ml = P.malleability(model, pr_, [x.text for x in rows], batch_size=args.batch)
+            res["malleability"][pname] = {**ml.to_dict(), "n": len(rows), "accuracy": {
+                n: float((ml.probs[n].argmax(1) == y).mean()) for n in ml.names}}
+            print(f"malleability, {pname} (mean probe probabilities; shift vs none); accuracy "
+                  + str({k: round(v, 3) for k, v in res["malleability"][pname]["accuracy"].items()}))
+            print(ml.to_dataframe().round(3).to_string())
+        save(res)
 
     # ------------------------------------------------------------------ 5. SEV
     if "sev" not in skip:
@@ -180,8 +202,10 @@ def main() -> None:
         t = time.perf_counter()
         ro = emotion_readout(model, prompts, batch_size=args.batch)
         rv = ro.valence_score()
-        pp = probe.predict_proba(P.probe_inputs(model, probe, prompts, batch_size=args.batch))
+        xs = P.probe_inputs(model, probe, prompts, batch_size=args.batch)
+        pp = probe.predict_proba(xs)
         pv = P.valence_of(pp, classes)
+        pv_ctx = P.valence_of(probe_ctx.predict_proba(xs), classes)
         val = np.array([p.valence for p in prompts])
         pos, neg = val == "positive", val == "negative"
         from scipy.stats import pearsonr, spearmanr
@@ -189,6 +213,8 @@ def main() -> None:
         res["sev"] = {
             "n_scenarios": len(recs), "n_prompts": len(prompts), "prefix": "I feel",
             "auc_readout": auc(rv[pos], rv[neg]), "auc_probe": auc(pv[pos], pv[neg]),
+            "auc_in_context_probe": auc(pv_ctx[pos], pv_ctx[neg]),
+            "pearson_in_context_probe": float(pearsonr(rv, pv_ctx)[0]),
             "pearson": float(pearsonr(rv, pv)[0]), "spearman": float(spearmanr(rv, pv)[0]),
             "mean_probe_probs": {v: [float(x) for x in pp[val == v].mean(0)]
                                  for v in ("positive", "neutral", "negative")},
@@ -198,9 +224,10 @@ def main() -> None:
         }
         s = res["sev"]
         print(f"SEV ({len(prompts)} prompts): AUC readout {s['auc_readout']:.3f} probe "
-              f"{s['auc_probe']:.3f}; pearson {s['pearson']:.3f} spearman {s['spearman']:.3f}")
+              f"{s['auc_probe']:.3f} (in-context probe {s['auc_in_context_probe']:.3f}); pearson "
+              f"{s['pearson']:.3f} spearman {s['spearman']:.3f}")
         print("  probe valence by event:", {k: round(v, 3) for k, v in s["mean_probe_valence"].items()})
-        write_json(out, res)
+        save(res)
     print(f"wrote {out}")
 
 
