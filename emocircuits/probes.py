@@ -376,6 +376,15 @@ class ProbeSweep:
         """(peak_layer + 1) / n_layers."""
         return self.depth_fraction(self.peak_layer)
 
+    def onset_layer(self, fraction: float = 0.95) -> int:
+        """First layer whose CV accuracy reaches ``chance + fraction·(peak − chance)``: where
+        the curve's plateau starts (the argmax is fragile on a flat plateau)."""
+        if not 0 < fraction <= 1:
+            raise ValueError(f"onset_layer: fraction must be in (0, 1], got {fraction}")
+        peak = float(self.accuracy_mean.max())
+        level = self.chance_uniform + fraction * (peak - self.chance_uniform)
+        return int(self.layers[int(np.argmax(self.accuracy_mean >= level - 1e-12))])
+
     def to_dataframe(self):
         import pandas as pd
 
@@ -407,6 +416,8 @@ class ProbeSweep:
             "chance_majority": self.chance_majority, "chance_uniform": self.chance_uniform,
             "peak_layer": self.peak_layer, "peak_fraction": self.peak_fraction,
             "peak_accuracy": float(self.accuracy_mean.max()),
+            "onset_layer_95": self.onset_layer(0.95),
+            "onset_fraction_95": self.depth_fraction(self.onset_layer(0.95)),
             "seconds": self.seconds, "meta": self.meta,
         }
 

@@ -107,7 +107,8 @@ def main() -> None:
         sw = P.probe_layers(acts, u.labels, u.groups, kind=kind, layers=layers, n_layers=L,
                             split=u.splits, has_keyword=kw, classes=classes)
         sweeps[f"{kind}_last"] = sw
-        print(f"{kind}: peak layer {sw.peak_layer} ({sw.peak_fraction:.2f} depth) cv acc "
+        print(f"{kind}: peak layer {sw.peak_layer} ({sw.peak_fraction:.2f} depth), 95 % onset layer "
+              f"{sw.onset_layer(0.95)}; cv acc "
               f"{sw.accuracy_mean.max():.3f}; emb {sw.accuracy_mean[0]:.3f}; {sw.seconds:.1f}s")
     if args.mean_pool:
         t = time.perf_counter()

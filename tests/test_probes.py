@@ -59,6 +59,18 @@ def test_probe_layers_recovers_planted_layers(kind):
     assert list(df["layer"]) == list(range(6)) and "test_accuracy" in df
     d = json.loads(json.dumps(r.to_dict()))
     assert d["peak_layer"] == r.peak_layer
+    assert r.onset_layer(0.95) == 2 and d["onset_layer_95"] == 2  # the first planted layer
+
+
+def test_onset_layer_on_a_plateau():
+    r = P.ProbeSweep(layers=[-1, 0, 1, 2, 3], classes=tuple("abcd"), kind="logreg", pool="last",
+                     n_layers=4, accuracy_mean=np.array([0.25, 0.5, 0.94, 0.95, 0.96]),
+                     accuracy_std=np.zeros(5), f1_mean=np.zeros(5), f1_std=np.zeros(5),
+                     chance_majority=0.25, chance_uniform=0.25, n=10, n_folds=2, cv_kind="group")
+    # level = 0.25 + 0.95 * (0.96 - 0.25) = 0.9245: layer 1 is the first at or above it
+    assert r.peak_layer == 3 and r.onset_layer(0.95) == 1 and r.onset_layer(1.0) == 3
+    with pytest.raises(ValueError, match="fraction"):
+        r.onset_layer(0)
 
 
 def test_probe_layers_embed_layer_name_and_pool():
