@@ -10,8 +10,9 @@ Variants, timed round-robin (A B A B ...) so that load drifts hit them alike:
 * ``steer0``: ``emocircuits.steering.steer`` on every layer's resid_post with ``alpha=0``
   (the hook runs, finds α = 0 and returns its input) — what a steering sweep's α = 0 point
   costs;
-* ``add0``: a hook on every layer's resid_post that really adds a zero vector to the last
-  position (clone + add: the cost of the hook machinery plus one small write per layer).
+* ``steer_add0``: the same ``steer`` with a zero direction vector and ``alpha=1``: the hook
+  runs its whole path (RMS of the last position, clone, write of x + 0) on every layer — the
+  project's hook really adding zero.
 
 ``overhead = t(hooks) / t(none) − 1``; goal ≤ 10 %. Generated tokens are compared with the
 no-hook run (they must be identical).
@@ -33,19 +34,11 @@ import common as C  # noqa: E402
 
 
 @contextmanager
-def zero_add_hooks(model):
-    """resid_post of every layer: x[:, -1] += 0 (a real, if useless, write)."""
-    from emocircuits import sites as S
+def steer_zero_vector(model):
+    from emocircuits.steering import steer
 
-    zero = torch.zeros(model.cfg.d_model)
-
-    def hook(x, hook):  # noqa: ARG001
-        out = x.clone()
-        out[:, -1] += zero.to(x.device, x.dtype)
-        return out
-
-    fwd = [(S.hook_name(model, "resid_post", layer), hook) for layer in range(model.cfg.n_layers)]
-    with model.hooks(fwd_hooks=fwd):
+    v = torch.zeros(model.cfg.n_layers, model.cfg.d_model)
+    with steer(model, v, layers=list(range(model.cfg.n_layers)), alpha=1.0):
         yield
 
 
@@ -59,14 +52,8 @@ def steer_zero(model):
 
 
 def variants(model) -> dict:
-    out = {"none": None, "add0": lambda: zero_add_hooks(model)}
-    try:
-        import emocircuits.steering  # noqa: F401
-
-        out["steer0"] = lambda: steer_zero(model)
-    except ImportError:  # pragma: no cover - steering not there yet
-        pass
-    return out
+    return {"none": None, "steer0": lambda: steer_zero(model),
+            "steer_add0": lambda: steer_zero_vector(model)}
 
 
 def main(argv=None) -> dict:

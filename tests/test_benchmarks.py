@@ -77,12 +77,12 @@ def test_hooks_benchmark_tokens_unchanged():
                                   "--max-new-tokens", "3", "--repeat", "1"])
     assert r["generation"]["tokens_identical"] is True
     assert r["generation"]["new_tokens"] == 6
-    assert set(r["forward"]["overhead"]) >= {"add0"}
+    assert set(r["forward"]["overhead"]) == {"steer0", "steer_add0"}
 
 
 def test_zero_add_hook_really_runs(tiny_llama):
     """The hook variant must touch every layer (else the overhead measured is nothing)."""
-    from bench_hooks import zero_add_hooks
+    from bench_hooks import steer_zero_vector
 
     from emocircuits.prompts import tokenize
 
@@ -94,7 +94,7 @@ def test_zero_add_hook_really_runs(tiny_llama):
         calls.append(1)
         return orig(self, *a, **k)
 
-    with zero_add_hooks(tiny_llama), torch.no_grad():
+    with steer_zero_vector(tiny_llama), torch.no_grad():
         torch.Tensor.clone = counting_clone
         try:
             tiny_llama(b.tokens, attention_mask=b.attention_mask, logits_to_keep=1)
