@@ -1098,12 +1098,9 @@ def _plan_components(cfg):
     n = _n_prompts(cfg, "train") if n_per is None else min(
         _n_prompts(cfg, "train"), int(n_per) * len(cfg["run"]["emotions"]))
     ks = c.get("sweep_ks", [1, 4])
-    n_layers, n_heads = _MODEL_DIMS.get(str(cfg["run"]["model"]), (28, 24))
-    n_abl = len(c["ablation_layers"]) if c.get("ablation_layers") else \
-        math.ceil(n_layers / int(c.get("ablation_layer_step", 1)))
-    # exact ablation: (n_heads + 1) copies per layer, stopped after the layer (~half depth)
-    return {"forward": n * 3 + int(n * n_abl * (n_heads + 1) * 0.5)
-            + n * len(ks) * (1 + c.get("n_random", 1)),
+    # neurons 1 + attribution ~2 (forward + backward) + exact head ablation in closed form 1
+    # (one forward for every layer and head: components.head_ablation_importance_closed_form)
+    return {"forward": n * 4 + n * len(ks) * (1 + c.get("n_random", 1)),
             "what": "neuron contributions; head ablation + attribution; top-k vs random-k"}
 
 
