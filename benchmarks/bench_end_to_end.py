@@ -126,7 +126,10 @@ def paper_counts(n_layers: int, n_heads: int, n: int = 2880, T: int = 100) -> di
 
     Head ablation: paper loop n·(1 + L·H) full forwards; ours n·(H+1)·(L+1)/2 full-forward
     equivalents (layer l's H+1 copies stop after layer l); attribution ≈ 3n (forward+backward).
-    Sublayer influence: 57 interventions × n per (emotion, α) over 4 α (≈ 650 k in the paper).
+    Closed-form exact head ablation (the project's exact method): n forwards.
+    Sublayer influence: 57 interventions × n per (emotion, α) over 4 α (≈ 650 k full forwards
+    in the paper); ours runs the prompt once and every intervention as a one-token forward
+    from a copy of the KV cache: n_e + ⌈interventions / T⌉ prompt-forward equivalents.
     """
     n_e = n // 6
     return {
@@ -139,8 +142,11 @@ def paper_counts(n_layers: int, n_heads: int, n: int = 2880, T: int = 100) -> di
             "04_heads_paper_loop": {"forward": n * (1 + n_layers * n_heads), "generate": 0},
             "04_heads_batched_exact": {"forward": n * (n_heads + 1) * (n_layers + 1) // 2, "generate": 0},
             "04_heads_attribution": {"forward": 3 * n, "generate": 0},
+            "04_heads_closed_form_exact": {"forward": n, "generate": 0},
             "05_difference_vectors": {"forward": n, "generate": 0},
             "06_sublayer_influence": {"forward": (2 * n_layers + 1) * n_e * 6 * 4, "generate": 0},
+            "06_sublayer_influence_kv_cached": {
+                "forward": n_e + math.ceil((2 * n_layers + 1) * n_e * 6 * 4 / T), "generate": 0},
             "07_modulation": {"forward": 0, "generate": n},
         },
     }
@@ -175,15 +181,19 @@ def main(argv=None) -> dict:
         "calibrated_total_h": ef["total_s"] * cal / 3600}
     pc = paper_counts(u["n_layers"], u["n_heads"])
     ep = estimate(pc, u)
-    ours = sum(v for k, v in ep["per_stage_s"].items() if k not in ("04_heads_paper_loop",))
-    ours_attr = ours - ep["per_stage_s"]["04_heads_batched_exact"]
-    paper = sum(v for k, v in ep["per_stage_s"].items()
-                if k not in ("04_heads_batched_exact", "04_heads_attribution"))
+    per = ep["per_stage_s"]
+    heads = ("04_heads_paper_loop", "04_heads_batched_exact", "04_heads_attribution",
+             "04_heads_closed_form_exact")
+    infl = ("06_sublayer_influence", "06_sublayer_influence_kv_cached")
+    common = sum(v for k, v in per.items() if k not in heads + infl)
+    paper = common + per["04_heads_paper_loop"] + per["06_sublayer_influence"]
+    ours = common + per["06_sublayer_influence_kv_cached"]
     res["estimate_paper_sev_2880"] = {
-        "counts": pc, "per_stage_s": ep["per_stage_s"],
+        "counts": pc, "per_stage_s": per,
         "paper_method_total_h": paper / 3600,
-        "ours_exact_heads_total_h": ours / 3600,
-        "ours_attribution_heads_total_h": ours_attr / 3600,
+        "ours_exact_heads_total_h": (ours + per["04_heads_closed_form_exact"]) / 3600,
+        "ours_batched_exact_heads_total_h": (ours + per["04_heads_batched_exact"]) / 3600,
+        "ours_attribution_heads_total_h": (ours + per["04_heads_attribution"]) / 3600,
         "note": "uncalibrated unit-cost estimate; batch-16 forwards for every stage (the paper's "
                 "loop ran at batch 1, which is slower per forward)"}
     res["env"] = C.env_info(args.device)
