@@ -40,6 +40,7 @@ import json
 import math
 import os
 import random
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -561,6 +562,9 @@ def build_circuit(emotion: str, neurons: list[list[int]], heads: list[list[int]]
     return EmotionCircuit(emotion, neurons, heads, nv, hv, dict(meta or {}))
 
 
+HEAD_SHARE_WARNING = 0.5  # assemble_circuit warns above this share of all heads selected
+
+
 def assemble_circuit(emotion: str, influence: Float[torch.Tensor, "*alpha 2 layer"],
                      neuron_scores: Float[torch.Tensor, "layer d_mlp"],
                      head_scores: Float[torch.Tensor, "layer head"],
@@ -571,6 +575,14 @@ def assemble_circuit(emotion: str, influence: Float[torch.Tensor, "*alpha 2 laye
     alloc_kw.setdefault("max_units", (neuron_scores.shape[1], head_scores.shape[1]))
     alloc = allocate_circuit(influence, **alloc_kw)
     neurons, heads = select_components(alloc, neuron_scores, head_scores)
+    n_all = head_scores.numel()
+    n_sel = sum(len(h) for h in heads)
+    if n_all and n_sel / n_all > HEAD_SHARE_WARNING:
+        warnings.warn(
+            f"assemble_circuit({emotion!r}): the budget selects {n_sel} of the model's {n_all} heads "
+            f"({n_sel / n_all:.0%}); circuits of different emotions and random-circuit controls "
+            f"will share most heads. Lower budget_per_sublayer or the head share in ratio= for a small model.",
+            stacklevel=2)
     m = {k: v for k, v in alloc.meta.items() if not k.startswith("log_")}
     m.update(meta or {})
     return build_circuit(emotion, neurons, heads, mlp_delta, z_delta, m)

@@ -533,3 +533,21 @@ def test_smol_dmu_influence_modulation(smol):
         mod = generate(model, neu, cfg, progress=False)
     assert mod.tokens != base.tokens
     assert generate(model, neu, cfg, progress=False).tokens == base.tokens
+
+
+def test_assemble_warns_when_the_budget_takes_most_heads():
+    """The paper's budget on a small model selects most heads; assemble_circuit says so."""
+    import warnings
+
+    g = torch.Generator().manual_seed(3)
+    n_layers, d_mlp, n_heads, d_head = 4, 64, 4, 8
+    infl = torch.rand(2, n_layers, generator=g) + 0.1
+    args = (torch.randn(n_layers, d_mlp, generator=g), torch.randn(n_layers, n_heads, generator=g),
+            torch.randn(n_layers, d_mlp, generator=g), torch.randn(n_layers, n_heads, d_head, generator=g))
+    with pytest.warns(UserWarning, match=r"selects \d+ of the model's 16 heads"):
+        c = C.assemble_circuit("anger", infl, *args)  # 30 % of 80 units = 24 > 16 heads: capped
+    assert c.n_heads > 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c = C.assemble_circuit("anger", infl, *args, budget_per_sublayer=1, min_per_layer=(1, 0))
+    assert c.n_heads <= 8
