@@ -6,7 +6,7 @@
   per model in ``runs/probes/*.json``, with chance (1/7) and each model's zero-shot accuracy;
 * ``persistence.png``: the peak-layer probe's accuracy at generated position k (5-token moving
   mean) per model, with the accuracy on the openings themselves;
-* ``circuits_<model>.png``: the headline table of ``06_circuits.py`` (judge and readout
+* ``<run folder>_<model>.png`` (e.g. ``circuits_smollm2-135m-instruct.png``): the headline table of ``06_circuits.py`` (judge and readout
   accuracy per method; the random circuit is the hatched control);
 * ``control_<model>.png``: the method comparison of ``08_control.py``.
 
@@ -79,8 +79,9 @@ def circuits(path: Path, out: Path) -> list[Path]:
     ctrl = {"random circuit": t["random_circuit"]["accuracy"]["overall"]} if "random_circuit" in t else {}
     per = {m: t[m]["accuracy"]["by_emotion"] for m in t}
     model = r["args"]["model"]
-    return [F.method_comparison(main, out / f"circuits_{model}.png", controls=ctrl, per_emotion=per,
-                                title=f"{model}: judge accuracy on builtin:test")]
+    name = f"{path.parent.name}_{model}"  # one figure per run folder (runs/circuits, runs/circuits_b3, ...)
+    return [F.method_comparison(main, out / f"{name}.png", controls=ctrl, per_emotion=per,
+                                title=f"{path.parent.name} ({model}): judge accuracy on builtin:test")]
 
 
 def control(path: Path, out: Path) -> list[Path]:
