@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import sites as S
-from .prompts import Prompt, encode, tokenize
+from .prompts import Prompt, batches, encode, pad_ids
 
 Position = str | torch.Tensor
 
@@ -191,44 +191,39 @@ def collect(
         lengths_all.clear()
         n_in_shard = 0
 
+    ids = [encode(model, t) for t in texts]
+    # batches never straddle a shard window, so every shard holds a contiguous input range;
+    # inside a window, batches go by token length when sort_by_length
     window = shard_size if out_dir is not None else len(texts)
-    if sort_by_length:
-        n_tok = [len(encode(model, t)) for t in texts]
-        order: list[int] = []
-        for w in range(0, len(texts), window):
-            order += sorted(range(w, min(w + window, len(texts))), key=lambda i: (n_tok[i], i))
-    else:
-        order = list(range(len(texts)))
-    # batches never straddle a shard window, so every shard holds a contiguous input range
-    starts = [s for w in range(0, len(texts), window)
-              for s in range(w, min(w + window, len(texts)), batch_size)]
-    ends = starts[1:] + [len(texts)]
-    ends = [min(e, (s // window + 1) * window) for s, e in zip(starts, ends, strict=True)]
-    pending: dict[str, list[tuple[list[int], torch.Tensor]]] = {s: [] for s in sites}
-    pending_len: list[tuple[list[int], torch.Tensor]] = []
+    plan: list[tuple[list[int], bool]] = []  # (input rows, last batch of its window)
+    for w in range(0, len(texts), window):
+        rows_w = list(range(w, min(w + window, len(texts))))
+        key = (lambda i: len(ids[i])) if sort_by_length else None
+        chunk = [rows for _, rows in batches(rows_w, batch_size, sort_by_length=key)]
+        plan += [(rows, k == len(chunk) - 1) for k, rows in enumerate(chunk)]
+    pending: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
+    pending_len: list[torch.Tensor] = []
+    pending_rows: list[int] = []
 
     def settle() -> None:
         """Move the finished window's batches, back in input order, into ``chunks``."""
-        if not pending_len and not any(pending.values()):
-            return
-        rows_all = [r for rows_, _ in next(iter(pending.values())) for r in rows_]
-        inv = torch.tensor(sorted(range(len(rows_all)), key=rows_all.__getitem__))
+        inv = torch.tensor(sorted(range(len(pending_rows)), key=pending_rows.__getitem__))
         for s in sites:
-            ts = [t for _, t in pending[s]]
+            ts = pending[s]
             if position == "all":
                 width = max(t.shape[2] for t in ts)
                 ts = [_pad_right(t, width) for t in ts]
             chunks[s].append(torch.cat(ts)[inv])
             pending[s].clear()
         if pending_len:
-            lengths_all.append(torch.cat([ln for _, ln in pending_len])[inv])
+            lengths_all.append(torch.cat(pending_len)[inv])
         pending_len.clear()
+        pending_rows.clear()
 
     bar = tqdm(total=len(texts), desc="collect", disable=not progress, leave=False)
     try:
-        for start, end in zip(starts, ends, strict=True):
-            rows = order[start:end]
-            batch = tokenize(model, [texts[i] for i in rows])
+        for rows, window_done in plan:
+            batch = pad_ids(model, [ids[i] for i in rows])
             cols = _columns(batch, position, rows)
             store: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -264,11 +259,12 @@ def collect(
                     t = t[:, :, 0]
                 elif position == "all":
                     t = _left_align(t, batch.lengths.cpu())
-                pending[s].append((rows, t))
+                pending[s].append(t)
+            pending_rows.extend(rows)
             if position == "all":
-                pending_len.append((rows, batch.lengths.cpu()))
+                pending_len.append(batch.lengths.cpu())
             n_in_shard += len(batch)
-            if end % window == 0 or end == len(texts):
+            if window_done:
                 settle()
                 if out_dir is not None:
                     flush()

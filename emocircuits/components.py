@@ -461,9 +461,10 @@ def _aggregate_heads(imp: torch.Tensor, base: torch.Tensor, keep: list[int],
                      rows: dict[str, list[int]], emotions: Sequence[str], lay: list[int],
                      method: str, meta: dict | None = None) -> HeadImportance:
     """Per-emotion mean/std of per-prompt importance [n, layer, head] and baseline [n, layer]."""
+    where = {i: k for k, i in enumerate(keep)}
     mean, std, bmean = [], [], []
     for e in emotions:
-        sel = [keep.index(i) for i in rows[e]]
+        sel = [where[i] for i in rows[e]]
         mean.append(imp[sel].mean(0))
         std.append(imp[sel].std(0, unbiased=False) if len(sel) > 1 else torch.zeros_like(imp[0]))
         bmean.append(base[sel].mean(0))

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from . import sites as S
 from .emotions import NEGATIVE_EMOTIONS, POSITIVE_EMOTIONS
-from .prompts import Prompt, encode, render
+from .prompts import Prompt, encode, pad_ids, render
 
 EMBED_LAYER = -1
 """Layer index used for the embedding (``resid_pre`` of layer 0) in sweeps and probes."""
@@ -603,19 +603,13 @@ def hidden_at(
                  for layer in layers]
     stop = max(layer for _, layer in hooks_for) + 1
     stop = None if stop >= model.cfg.n_layers else stop
-    tok = model.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    device = model.cfg.device
     out = []
     for s in tqdm(range(0, len(ids), batch_size), desc="hidden_at", disable=not progress, leave=False):
         rows = [list(r) for r in ids[s:s + batch_size]]
-        width = max(len(r) for r in rows)
-        tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        batch = pad_ids(model, rows)
+        width = batch.tokens.shape[1]
         cols = torch.zeros((len(rows), next(iter(n_k))), dtype=torch.long)
         for i, r in enumerate(rows):
-            tokens[i, width - len(r):] = torch.tensor(r)
-            mask[i, width - len(r):] = 1
             p = torch.tensor(list(positions[s + i]), dtype=torch.long)
             if ((p >= len(r)) | (p < -len(r))).any():
                 bad = p[(p >= len(r)) | (p < -len(r))][0].item()
@@ -633,9 +627,9 @@ def hidden_at(
         fwd = [(S.hook_name(model, st, layer), make(j)) for j, (st, layer) in enumerate(hooks_for)]
         with model.hooks(fwd_hooks=fwd):
             if stop is None:
-                model(tokens.to(device), attention_mask=mask.to(device), logits_to_keep=1, use_cache=False)
+                model(batch.tokens, attention_mask=batch.attention_mask, logits_to_keep=1, use_cache=False)
             else:
-                model(tokens.to(device), attention_mask=mask.to(device), stop_at_layer=stop, use_cache=False)
+                model(batch.tokens, attention_mask=batch.attention_mask, stop_at_layer=stop, use_cache=False)
         out.append(torch.stack([store[j] for j in range(len(hooks_for))], dim=1))
     return torch.cat(out)
 

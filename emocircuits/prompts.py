@@ -202,13 +202,24 @@ def tokenize(
         prompts = [prompts]
     if len(prompts) == 0:
         raise ValueError("tokenize: no prompts given")
-    ids = [encode(tok, p.text if isinstance(p, Prompt) else p) for p in prompts]
+    return pad_ids(model_or_tokenizer, [encode(tok, p.text if isinstance(p, Prompt) else p)
+                                        for p in prompts], device=device)
+
+
+def pad_ids(model_or_tokenizer, ids: Sequence[Sequence[int]], *,
+            device: torch.device | str | None = None) -> TokenBatch:
+    """Left-pad token-id sequences (used as they are: no BOS added) into a ``TokenBatch``."""
+    tok = _tokenizer(model_or_tokenizer)
+    if len(ids) == 0:
+        raise ValueError("pad_ids: no sequences given")
+    if any(len(x) == 0 for x in ids):
+        raise ValueError("pad_ids: an empty token sequence")
     width = max(len(x) for x in ids)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     tokens = torch.full((len(ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
     for i, x in enumerate(ids):
-        tokens[i, width - len(x):] = torch.tensor(x)
+        tokens[i, width - len(x):] = torch.as_tensor(list(x), dtype=torch.long)
         mask[i, width - len(x):] = 1
     lengths = torch.tensor([len(x) for x in ids])
     if device is None and hasattr(model_or_tokenizer, "cfg"):

@@ -10,6 +10,7 @@ from emocircuits.prompts import (
     PAPER_NEUTRAL_SYSTEM,
     emotion_prompts,
     encode,
+    pad_ids,
     render,
     tokenize,
 )
@@ -41,6 +42,23 @@ def test_exactly_one_bos(tiny_llama):
     plain = render(tiny_llama, "Sys.", "User.", chat=False, assistant_prefix="I felt")
     ids = encode(tiny_llama, plain)
     assert ids.count(tok.bos_token_id) == 1 and plain.endswith("Reply: I felt")
+
+
+def test_pad_ids_left_pads_exact_ids(tiny_llama):
+    ids = [[5, 6, 7], [9], [3, 4]]
+    b = pad_ids(tiny_llama, ids, device="cpu")
+    assert b.tokens.shape == (3, 3) and b.lengths.tolist() == [3, 1, 2]
+    for i, x in enumerate(ids):
+        assert b.tokens[i, -len(x):].tolist() == x
+        assert b.attention_mask[i].tolist() == [0] * (3 - len(x)) + [1] * len(x)
+    texts = ["Hello there.", "A much longer sentence than the first one."]
+    t = tokenize(tiny_llama, texts)
+    p = pad_ids(tiny_llama, [encode(tiny_llama, x) for x in texts])
+    assert torch.equal(t.tokens, p.tokens) and torch.equal(t.attention_mask, p.attention_mask)
+    with pytest.raises(ValueError, match="empty token sequence"):
+        pad_ids(tiny_llama, [[1, 2], []])
+    with pytest.raises(ValueError, match="no sequences"):
+        pad_ids(tiny_llama, [])
 
 
 def test_batched_last_token_equals_single(tiny):
