@@ -62,7 +62,6 @@ from .patching import (
     _texts,
     attribution_patching,
     cut_between_layers_hooks,
-    hook_of,
     logit_readout_metric,
 )
 from .prompts import Prompt, tokenize
@@ -304,7 +303,7 @@ class HeadImportance:
 
 def mlp_in_projection(model, layer: int, directions: torch.Tensor) -> Metric:
     """s_l = ⟨ln2 output at layer l, last token, v_row⟩ with ``directions`` [n_prompts, d]."""
-    hook = hook_of(model, "mlp_in", layer)
+    hook = S.hook_name(model, "mlp_in", layer)
     v = directions.float()
 
     def fn(logits, cache, rows):  # noqa: ARG001
@@ -405,7 +404,7 @@ def final_projection(model, v: torch.Tensor) -> Metric:
 
 def same_layer_readout_sum(model, layers: Sequence[int], v_layers: torch.Tensor) -> Metric:
     """Σ_l ⟨ln2_l[last], v_l⟩ over ``layers`` (``v_layers`` [L, d]); pair with cut hooks."""
-    hooks = tuple(hook_of(model, "mlp_in", layer) for layer in layers)
+    hooks = tuple(S.hook_name(model, "mlp_in", layer) for layer in layers)
     vv = v_layers.float()
 
     def fn(logits, cache, rows):  # noqa: ARG001

@@ -153,9 +153,12 @@ def evaluate_texts(method: str, prompts: Sequence[Prompt], texts: Sequence[str],
                    generated_tokens: Sequence[Sequence[int]] | None = None) -> MethodEvaluation:
     """Judge ``texts`` against ``targets`` (valence from each prompt) and, with ``model``,
     add the fluency guard."""
+    if not len(prompts) == len(texts) == len(targets):
+        raise ValueError(f"evaluate_texts({method!r}): {len(prompts)} prompts, {len(texts)} texts and "
+                         f"{len(targets)} targets; they must match one to one")
     res = judge.judge(list(texts), list(targets))
     rows = [{"emotion": t, "valence": getattr(p, "valence", None), "match": bool(m),
              "label": lab, "text": x, "key": getattr(p, "key", None)}
-            for p, t, m, lab, x in zip(prompts, targets, res.match, res.labels, texts, strict=False)]
+            for p, t, m, lab, x in zip(prompts, targets, res.match, res.labels, texts, strict=True)]
     flu = fluency(model, prompts, texts, generated_tokens=generated_tokens).summary() if model is not None else {}
     return MethodEvaluation(method, accuracy_table(rows), flu, rows)

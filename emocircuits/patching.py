@@ -55,18 +55,7 @@ from .prompts import Prompt, TokenBatch, tokenize
 Ablation = Literal["zero", "mean", "resample"]
 PromptLike = str | Prompt
 
-# Sites of width d_model that ``sites.site_width`` does not special-case.
-EXTRA_SITES: frozenset[str] = frozenset({"mlp_in", "ln2_out"})
-
-
-def hook_of(model, site: str, layer: int | None = None) -> str:
-    """``sites.hook_name`` (``mlp_in`` = ``blocks.l.ln2.hook_out``, the RMSNorm₂ output incl. weight)."""
-    return S.hook_name(model, site, layer)
-
-
 def _width(model, site: str) -> tuple[int, ...]:
-    if site in EXTRA_SITES:
-        return (model.cfg.d_model,)
     if site == "head_result":
         raise ValueError("patch 'z' (a head's z) rather than the derived 'head_result'")
     return S.site_width(model, site)
@@ -154,7 +143,7 @@ def as_metric(fn: Metric | Callable, hooks: Sequence[str] = (), name: str | None
 def projection_metric(model, site: str, layer: int | None, direction: Float[torch.Tensor, "... d"],
                       position: int = -1, name: str | None = None) -> Metric:
     """⟨a_site[position], v⟩; ``direction`` is [d] or [n_prompts, d] (one per prompt)."""
-    hook = hook_of(model, site, layer)
+    hook = S.hook_name(model, site, layer)
     v = direction.detach().float()
 
     def fn(logits, cache, rows):  # noqa: ARG001
@@ -349,7 +338,7 @@ def reference_means(model, reference: Sequence[PromptLike], locs: Sequence[Loc],
     texts = _texts(reference)
     if len(texts) == 0:
         raise ValueError("mean ablation needs a non-empty reference prompt set (reference=...)")
-    keys = sorted({(hook_of(model, loc.site, loc.layer), loc.position) for loc in locs},
+    keys = sorted({(S.hook_name(model, loc.site, loc.layer), loc.position) for loc in locs},
                   key=lambda k: (k[0], -10**9 if k[1] is None else k[1]))
     sums: dict[tuple[str, int | None], torch.Tensor] = {}
     counts: dict[tuple[str, int | None], int] = {}
@@ -432,7 +421,7 @@ def patch(model, target: Sequence[PromptLike], locs: Loc | Sequence[Loc], metric
     texts = _texts(target)
     kind, src, ref = _resolve_source(texts, source, ablation, reference, seed)
     means = reference_means(model, ref, locs, batch_size=batch_size) if kind == "mean" else {}
-    hooks = sorted({hook_of(model, loc.site, loc.layer) for loc in locs})
+    hooks = sorted({S.hook_name(model, loc.site, loc.layer) for loc in locs})
     out = []
     for s in range(0, len(texts), batch_size):
         rows = slice(s, s + batch_size)
@@ -440,7 +429,7 @@ def patch(model, target: Sequence[PromptLike], locs: Loc | Sequence[Loc], metric
         vals = _batch_values(model, kind, src, means, rows, tb, hooks, locs, "patch")
 
         def make(name: str, tb=tb, vals=vals):
-            mine = [loc for loc in locs if hook_of(model, loc.site, loc.layer) == name]
+            mine = [loc for loc in locs if S.hook_name(model, loc.site, loc.layer) == name]
 
             def fn(x, hook):  # noqa: ARG001
                 x = x.clone()
@@ -527,7 +516,7 @@ def _sweep(model, target, metric, site: str, n_comp: int, comps: Sequence[int] |
         tb = tokenize(model, texts[rows])
         b = len(tb)
         ridx = torch.arange(s, s + b)
-        hooks = [hook_of(model, site, layer) for layer in lay]
+        hooks = [S.hook_name(model, site, layer) for layer in lay]
         vals = _batch_values(model, kind, src, means, rows, tb, hooks, locs_all, f"patch_{site}")
         base = _forward(model, tb, metric, ridx).double().cpu()
         base_sum += float(base.sum())
@@ -632,7 +621,7 @@ def attribution_patching(model, prompts: Sequence[PromptLike], metric: Metric | 
         if source is not None:
             sb = tokenize(model, src[s0:s0 + batch_size])
             _check_aligned(tb, sb, "attribution_patching")
-            cache_src = _capture(model, sb, [hook_of(model, s, layer) for s in sites for layer in lay])
+            cache_src = _capture(model, sb, [S.hook_name(model, s, layer) for s in sites for layer in lay])
         acts: dict[str, torch.Tensor] = {}
         deltas: dict[str, torch.Tensor] = {}
 
@@ -644,7 +633,7 @@ def attribution_patching(model, prompts: Sequence[PromptLike], metric: Metric | 
                 return x + d
             return add_delta
 
-        hooks = [(h, adder(h)) for h in (hook_of(model, s, layer) for s in sites for layer in lay)]
+        hooks = [(h, adder(h)) for h in (S.hook_name(model, s, layer) for s in sites for layer in lay)]
         with torch.enable_grad():
             m = _forward(model, tb, metric, ridx, list(extra_hooks) + hooks)
             names = list(deltas)
@@ -665,7 +654,7 @@ def attribution_patching(model, prompts: Sequence[PromptLike], metric: Metric | 
             contrib = contrib.sum((0, 1))
             if contrib.dim() == 2:  # z: [head, d_head]
                 contrib = contrib.sum(-1)
-            site = next(s for s in sites if name in {hook_of(model, s, layer) for layer in lay})
+            site = next(s for s in sites if name in {S.hook_name(model, s, layer) for layer in lay})
             sums[site][lay.index(_layer_of_hook(name))] += contrib.cpu()
     n = len(texts)
     out = {}

@@ -202,10 +202,10 @@ def test_mlp_in_site_is_the_hf_mlp_input(tiny):
     mlp = tiny.original_model.model.layers[1].mlp
     h = mlp.register_forward_pre_hook(lambda mod, inp: cap.__setitem__("x", inp[0].detach().clone()))
     try:
-        with torch.no_grad(), tiny.hooks(fwd_hooks=[(P.hook_of(tiny, "mlp_in", 1),
+        with torch.no_grad(), tiny.hooks(fwd_hooks=[(sites.hook_name(tiny, "mlp_in", 1),
                                                      lambda x, hook: st.setdefault("x", x.clone()))]):
             tiny(b.tokens, attention_mask=b.attention_mask)
     finally:
         h.remove()
-    assert P.hook_of(tiny, "mlp_in", 1) == "blocks.1.ln2.hook_out"
+    assert sites.hook_name(tiny, "mlp_in", 1) == "blocks.1.ln2.hook_out"
     torch.testing.assert_close(st["x"], cap["x"], atol=1e-6, rtol=1e-6)

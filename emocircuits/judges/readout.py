@@ -138,10 +138,12 @@ class LogitReadout:
         self.batch_size = batch_size
 
     def judge(self, texts: Sequence[str], targets: Sequence[str]) -> JudgeResult:
+        if len(texts) != len(targets):
+            raise ValueError(f"LogitReadout.judge: {len(texts)} prompts but {len(targets)} targets")
         r = emotion_readout(self.model, texts, self.emotions, batch_size=self.batch_size)
         labels = r.labels
         return JudgeResult(r.emotions, list(labels), r.share,
-                           [lab == t for lab, t in zip(labels, targets, strict=False)],
+                           [lab == t for lab, t in zip(labels, targets, strict=True)],
                            meta={"mass": r.mass})
 
 
