@@ -104,6 +104,20 @@ def _atomic_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def forward_until(model, tokens: torch.Tensor, attention_mask: torch.Tensor | None, stop: int | None,
+                  fwd_hooks: Sequence = ()) -> torch.Tensor | None:
+    """One forward with ``fwd_hooks`` active (removed on every exit) and no KV cache.
+
+    ``stop``: run blocks 0..stop−1 only (no unembedding) and return None; ``None`` or
+    ``stop >= n_layers``: the whole model, returning the logits of the last position only
+    ``[batch, 1, vocab]``."""
+    with model.hooks(fwd_hooks=list(fwd_hooks)):
+        if stop is None or stop >= model.cfg.n_layers:
+            return model(tokens, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
+        model(tokens, attention_mask=attention_mask, stop_at_layer=stop, use_cache=False)
+        return None
+
+
 def prompts_hash(prompts: Sequence[str | Prompt]) -> str:
     h = hashlib.sha256()
     for p in prompts:
@@ -245,13 +259,7 @@ def collect(
 
             fwd = [(S.hook_name(model, s, None if s == "final_norm" else layer), make_hook(s, layer))
                    for s in sites for layer in site_layers[s]]
-            with model.hooks(fwd_hooks=fwd):
-                if stop is None:
-                    model(batch.tokens, attention_mask=batch.attention_mask, logits_to_keep=1,
-                          use_cache=False)
-                else:
-                    model(batch.tokens, attention_mask=batch.attention_mask, stop_at_layer=stop,
-                          use_cache=False)
+            forward_until(model, batch.tokens, batch.attention_mask, stop, fwd)
             for s in sites:
                 per_layer = [store[(s, layer)] for layer in site_layers[s]]
                 t = torch.stack(per_layer, dim=1)  # [b, layer, pos|k, *width]

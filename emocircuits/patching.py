@@ -50,6 +50,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from . import sites as S
+from .activations import forward_until
 from .prompts import Prompt, TokenBatch, tokenize
 
 Ablation = Literal["zero", "mean", "resample"]
@@ -218,13 +219,8 @@ def _forward(model, batch: TokenBatch, metric: Metric, rows: torch.Tensor,
 
     hooks = list(extra_hooks) + [(h, grabber(h)) for h in metric.hooks]
     stop = metric.stop_layer() if stop_early else None
-    with model.hooks(fwd_hooks=hooks):
-        if stop is None or stop >= model.cfg.n_layers:
-            out = model(tokens, attention_mask=mask, logits_to_keep=1, use_cache=False)
-            logits = out[:, -1]
-        else:
-            model(tokens, attention_mask=mask, stop_at_layer=stop, use_cache=False)
-            logits = None
+    out = forward_until(model, tokens, mask, stop, hooks)
+    logits = out[:, -1] if out is not None else None
     return metric.fn(logits if metric.needs_logits else None, cache, rows)
 
 
@@ -252,11 +248,9 @@ def _capture(model, batch: TokenBatch, hooks: Sequence[str]) -> dict[str, torch.
         return grab
 
     stop = max(_layer_of_hook(h) for h in hooks) + 1  # type: ignore[type-var]
-    with torch.no_grad(), model.hooks(fwd_hooks=[(h, grabber(h)) for h in set(hooks)]):
-        if stop >= model.cfg.n_layers:
-            model(batch.tokens, attention_mask=batch.attention_mask, logits_to_keep=1, use_cache=False)
-        else:
-            model(batch.tokens, attention_mask=batch.attention_mask, stop_at_layer=stop, use_cache=False)
+    with torch.no_grad():
+        forward_until(model, batch.tokens, batch.attention_mask, stop,
+                      [(h, grabber(h)) for h in set(hooks)])
     return store
 
 

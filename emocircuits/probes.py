@@ -41,6 +41,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from . import sites as S
+from .activations import forward_until
 from .emotions import NEGATIVE_EMOTIONS, POSITIVE_EMOTIONS
 from .prompts import Prompt, encode, pad_ids, render
 
@@ -625,11 +626,7 @@ def hidden_at(
             return hook
 
         fwd = [(S.hook_name(model, st, layer), make(j)) for j, (st, layer) in enumerate(hooks_for)]
-        with model.hooks(fwd_hooks=fwd):
-            if stop is None:
-                model(batch.tokens, attention_mask=batch.attention_mask, logits_to_keep=1, use_cache=False)
-            else:
-                model(batch.tokens, attention_mask=batch.attention_mask, stop_at_layer=stop, use_cache=False)
+        forward_until(model, batch.tokens, batch.attention_mask, stop, fwd)
         out.append(torch.stack([store[j] for j in range(len(hooks_for))], dim=1))
     return torch.cat(out)
 

@@ -83,3 +83,24 @@ def test_collect_length_sorting_keeps_input_order(tiny_llama, tmp_path, position
     if position == "all":
         want = torch.tensor([len(tokenize(tiny_llama, [t]).tokens[0]) for t in texts])
         assert torch.equal(a.lengths, want) and torch.equal(c.lengths, want)
+
+
+def test_forward_until_logits_stop_and_hook_removal(tiny_llama):
+    from emocircuits.activations import forward_until
+
+    b = tokenize(tiny_llama, TEXTS)
+    with torch.no_grad():
+        full = tiny_llama(b.tokens, attention_mask=b.attention_mask)[:, -1]
+        got = forward_until(tiny_llama, b.tokens, b.attention_mask, None)
+        assert got.shape[1] == 1 and torch.allclose(got[:, -1], full, atol=1e-5)
+        seen = []
+        name = S.hook_name(tiny_llama, "resid_post", 0)
+        assert forward_until(tiny_llama, b.tokens, b.attention_mask, 1,
+                             [(name, lambda x, hook: seen.append(1) or x)]) is None
+        assert seen == [1]
+
+        def boom(x, hook):  # noqa: ARG001
+            raise RuntimeError("boom")
+        with pytest.raises(RuntimeError, match="boom"):
+            forward_until(tiny_llama, b.tokens, b.attention_mask, 1, [(name, boom)])
+        forward_until(tiny_llama, b.tokens, b.attention_mask, 1)  # the failing hook is gone

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .. import sites as S
+from ..activations import forward_until
 from ..prompts import Prompt, tokenize
 
 
@@ -103,12 +104,7 @@ def _pattern_hook(model, layer: int) -> str:
 
 def _run_until(model, batch, last_layer: int, fwd_hooks) -> None:
     """One forward with ``fwd_hooks`` active that stops after ``last_layer`` (no unembedding)."""
-    stop = last_layer + 1
-    with model.hooks(fwd_hooks=fwd_hooks):
-        if stop >= model.cfg.n_layers:
-            model(batch.tokens, attention_mask=batch.attention_mask, logits_to_keep=1, use_cache=False)
-        else:
-            model(batch.tokens, attention_mask=batch.attention_mask, stop_at_layer=stop, use_cache=False)
+    forward_until(model, batch.tokens, batch.attention_mask, last_layer + 1, fwd_hooks)
 
 
 @torch.no_grad()
