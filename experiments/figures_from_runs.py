@@ -28,11 +28,19 @@ import numpy as np  # noqa: E402
 from emocircuits.viz import figures as F  # noqa: E402
 
 
+def read_json(path: Path) -> dict:
+    """The results file, or an error that names it."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
+
+
 def probes(files: list[Path], out: Path) -> list[Path]:
     if not files:
         print("no runs/probes/*.json: probe figures skipped")
         return []
-    res = [json.loads(f.read_text()) for f in files]
+    res = [read_json(f) for f in files]
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, r in enumerate(res):
         sw = r["sweeps"]["logreg_last"]
@@ -70,7 +78,7 @@ def circuits(path: Path, out: Path) -> list[Path]:
     if not path.exists():
         print(f"no {path}: skipped")
         return []
-    r = json.loads(path.read_text())
+    r = read_json(path)
     if "test" not in r:
         print(f"{path}: no test table yet")
         return []
@@ -88,7 +96,7 @@ def control(path: Path, out: Path) -> list[Path]:
     if not path.exists():
         print(f"no {path}: skipped")
         return []
-    r = json.loads(path.read_text())
+    r = read_json(path)
     comp = r.get("methods") or {}
     if not comp:
         print(f"{path}: no method comparison")
