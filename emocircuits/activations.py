@@ -23,23 +23,32 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
 from . import sites as S
 from .prompts import Prompt, batches, encode, pad_ids
+from .results import (
+    Result,
+    ResultFileError,
+    ResultFileMissing,
+    atomic_write_bytes,
+    atomic_write_json,
+)
 
 Position = str | torch.Tensor
 
 
 @dataclass
-class Activations:
+class Activations(Result):
     """``acts[site]``: float32 CPU tensor ``[n, layer, (pos,) *width]``; ``layers[site]`` lists its layers."""
 
     acts: dict[str, Float[torch.Tensor, "n layer ..."]]
@@ -64,44 +73,60 @@ class Activations:
             raise KeyError(f"layer {layer} of {site!r} not collected; have {self.layers[site]}") from None
         return self.acts[site][:, j]
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """One safetensors file + a JSON sidecar, written atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {f"acts/{k}": v.contiguous() for k, v in self.acts.items()}
-        if self.lengths is not None:
-            tensors["lengths"] = self.lengths
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path)
-        _atomic_json(path.with_suffix(".json"), {"layers": self.layers, "position": self.position,
-                                                 "meta": self.meta})
-        return path
-
     @classmethod
     def load(cls, path: str | os.PathLike) -> Activations:
-        """Load a ``save``d file, or a folder of shards written by ``collect(out_dir=...)``."""
-        path = Path(path)
-        if path.is_dir():
-            index = json.loads((path / "index.json").read_text())
-            parts = [load_file(str(path / s)) for s in index["shards"]]
-            if index["position"] == "all":  # shards are padded to their own widths
-                width = max(p[f"acts/{k}"].shape[2] for p in parts for k in index["layers"])
-                parts = [{k: (_pad_right(v, width) if k.startswith("acts/") else v) for k, v in p.items()}
-                         for p in parts]
-            acts = {k: torch.cat([p[f"acts/{k}"] for p in parts]) for k in index["layers"]}
-            lengths = torch.cat([p["lengths"] for p in parts]) if "lengths" in parts[0] else None
-            return cls(acts, index["layers"], index["position"], lengths, index.get("meta", {}))
-        t = load_file(str(path))
-        side = json.loads(path.with_suffix(".json").read_text())
-        acts = {k[5:]: v for k, v in t.items() if k.startswith("acts/")}
-        return cls(acts, side["layers"], side["position"], t.get("lengths"), side.get("meta", {}))
+        """Load a ``save``d result (``Result.load``), or a folder of shards written by
+        ``collect(out_dir=...)``."""
+        if Path(path).is_dir():
+            return _load_shards(Path(path))
+        return super().load(path)
 
 
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+_SHARD = re.compile(r"shard_\d{5,}\.safetensors")
+
+
+def _load_shards(folder: Path) -> Activations:
+    """Read ``collect(out_dir=...)`` shards, checking the index and each shard's sha256."""
+    ix = folder / "index.json"
+    if not ix.is_file():
+        raise ResultFileMissing(f"{ix}: shard index missing")
+    try:
+        index = json.loads(ix.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ResultFileError(f"{ix}: not a valid shard index ({e})") from None
+    ok = (isinstance(index, dict) and isinstance(index.get("shards"), list) and index["shards"]
+          and all(isinstance(s, str) and _SHARD.fullmatch(s) for s in index["shards"])
+          and isinstance(index.get("layers"), dict)
+          and all(isinstance(v, list) and all(isinstance(x, int) for x in v)
+                  for v in index["layers"].values())
+          and isinstance(index.get("position"), str) and isinstance(index.get("meta", {}), dict)
+          and isinstance(index.get("sha256", {}), dict))
+    if not ok:
+        raise ResultFileError(f"{ix}: malformed shard index")
+    hashes = index.get("sha256", {})
+    parts = []
+    for s in index["shards"]:
+        f = folder / s
+        if not f.is_file():
+            raise ResultFileMissing(f"{f}: shard listed in {ix.name} is missing")
+        data = f.read_bytes()
+        if s in hashes and hashlib.sha256(data).hexdigest() != hashes[s]:
+            raise ResultFileError(f"{f}: contents do not match the hash recorded in {ix.name}")
+        try:
+            t = st_load(data)
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types
+            raise ResultFileError(f"{f}: unreadable safetensors shard ({e})") from None
+        missing = [k for k in index["layers"] if f"acts/{k}" not in t]
+        if missing:
+            raise ResultFileError(f"{f}: shard lacks sites {missing}")
+        parts.append(t)
+    if index["position"] == "all":  # shards are padded to their own widths
+        width = max(p[f"acts/{k}"].shape[2] for p in parts for k in index["layers"])
+        parts = [{k: (_pad_right(v, width) if k.startswith("acts/") else v) for k, v in p.items()}
+                 for p in parts]
+    acts = {k: torch.cat([p[f"acts/{k}"] for p in parts]) for k in index["layers"]}
+    lengths = torch.cat([p["lengths"] for p in parts]) if "lengths" in parts[0] else None
+    return Activations(acts, index["layers"], index["position"], lengths, index.get("meta", {}))
 
 
 def forward_until(model, tokens: torch.Tensor, attention_mask: torch.Tensor | None, stop: int | None,
@@ -183,6 +208,7 @@ def collect(
     chunks: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
     lengths_all: list[torch.Tensor] = []
     shards: list[str] = []
+    shard_sha: dict[str, str] = {}
     n_in_shard = 0
     if out_dir is not None:
         out_dir = Path(out_dir)
@@ -196,10 +222,10 @@ def collect(
         tensors = {f"acts/{s}": torch.cat(chunks[s]).contiguous() for s in sites}
         if position == "all":
             tensors["lengths"] = torch.cat(lengths_all)
-        tmp = out_dir / (name + ".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, out_dir / name)
+        data = st_save(tensors)
+        atomic_write_bytes(out_dir / name, data)
         shards.append(name)
+        shard_sha[name] = hashlib.sha256(data).hexdigest()
         for s in sites:
             chunks[s].clear()
         lengths_all.clear()
@@ -283,9 +309,9 @@ def collect(
             "model": getattr(model.cfg, "emocircuits_alias", getattr(model.cfg, "model_name", ""))}
     if out_dir is not None:
         flush()
-        _atomic_json(out_dir / "index.json", {"shards": shards, "layers": site_layers,
-                                              "position": position if isinstance(position, str) else "index",
-                                              "meta": meta})
+        atomic_write_json(out_dir / "index.json", {"shards": shards, "layers": site_layers,
+                                                   "position": position if isinstance(position, str) else "index",
+                                                   "meta": meta, "sha256": shard_sha})
         return Activations.load(out_dir)
     if position == "all":
         width = max(c.shape[2] for c in chunks[sites[0]])

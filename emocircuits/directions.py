@@ -30,11 +30,8 @@ A5: ``resid_post`` at the last layer is the true residual stream here; the paper
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,12 +39,13 @@ from jaxtyping import Float
 
 from .activations import Activations, collect, prompts_hash
 from .prompts import Prompt
+from .results import Result
 
 EPS = 1e-12
 
 
 @dataclass(frozen=True)
-class GroupInfo:
+class GroupInfo(Result):
     """Which groups were used, and which were dropped as incomplete (and what they lacked)."""
 
     used: list[Hashable]
@@ -126,7 +124,7 @@ SITE_SHORT = {"resid_mid": "Attn", "resid_post": "MLP", "resid_pre": "Pre", "att
 
 
 @dataclass
-class EmotionDirections:
+class EmotionDirections(Result):
     """Unit emotion directions per site: ``vectors[site]`` is ``[emotion, layer, d_model]``.
 
     ``layers[j]`` is the model layer of row ``j``; ``meta`` records the model id, the method,
@@ -178,34 +176,6 @@ class EmotionDirections:
         """``dirs[site][emotion]`` -> ``[layer, d_model]``."""
         v = self._site(site)
         return {e: v[i] for i, e in enumerate(self.emotions)}
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """safetensors (``{site}``: [emotion, layer, d_model]) + JSON sidecar, both atomic."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({s: v.contiguous().float() for s, v in self.vectors.items()}, str(tmp))
-        os.replace(tmp, path)
-        side = path.with_suffix(".json")
-        tmpj = side.with_name(side.name + ".tmp")
-        tmpj.write_text(json.dumps({"emotions": self.emotions, "layers": self.layers,
-                                    "sites": self.sites, "meta": self.meta}, indent=1, default=str))
-        os.replace(tmpj, side)
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> EmotionDirections:
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        side = path.with_suffix(".json")
-        if not path.exists() or not side.exists():
-            raise FileNotFoundError(f"directions file {path} or its sidecar {side} is missing")
-        t = load_file(str(path))
-        info = json.loads(side.read_text())
-        return cls(info["emotions"], info["layers"], {s: t[s] for s in info["sites"]}, info.get("meta", {}))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -436,7 +406,7 @@ def probe_directions(
 
 
 @dataclass
-class CosineMatrix:
+class CosineMatrix(Result):
     """``matrix[i, j]`` = cos(labels[i], labels[j])."""
 
     labels: list[str]
@@ -482,7 +452,7 @@ def cosine_across_emotions(dirs: EmotionDirections, site: str = "resid_post",
 
 
 @dataclass
-class Decodability:
+class Decodability(Result):
     """Held-out nearest-centroid accuracy per layer, with and without group-centring.
 
     ``centered[j]``: test groups are centred (δ = h − μ_g) and matched to the train centroids
@@ -565,7 +535,7 @@ def nearest_centroid_accuracy(
 
 
 @dataclass
-class KeywordControlResult:
+class KeywordControlResult(Result):
     """Decodability of the emotion instruction vs the same instruction with control words (A3)."""
 
     emotion: Decodability
