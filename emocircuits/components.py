@@ -39,18 +39,14 @@ k-sets (several seeds).
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import sites as S
@@ -65,6 +61,7 @@ from .patching import (
     logit_readout_metric,
 )
 from .prompts import Prompt, tokenize
+from .results import Result
 
 EPS = 1e-12
 PromptLike = str | Prompt
@@ -111,18 +108,6 @@ def _emotion_rows(labels: list[str], emotions: Sequence[str]) -> dict[str, list[
     return rows
 
 
-def _atomic_save(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-    side = path.with_suffix(".json")
-    tmpj = side.with_name(side.name + ".tmp")
-    tmpj.write_text(json.dumps(meta, indent=1))
-    os.replace(tmpj, side)
-    return path
-
-
 def _top_rows(scores: torch.Tensor, layers: list[int], layer: int | None, k: int,
               largest: bool) -> list[tuple[int, int, float]]:
     """scores [layer, comp] -> top (layer, index, score) rows (within one layer or over all)."""
@@ -142,7 +127,7 @@ def _top_rows(scores: torch.Tensor, layers: list[int], layer: int | None, k: int
 
 
 @dataclass
-class NeuronContributions:
+class NeuronContributions(Result):
     """Per-emotion neuron contribution tables ``[emotion, layer, d_mlp]`` (module docstring)."""
 
     emotions: list[str]
@@ -180,19 +165,6 @@ class NeuronContributions:
             "C_neg": self.C_neg.flatten().numpy(), "beta": self.beta.flatten().numpy(),
             "H_mean": self.H_mean.flatten().numpy(),
         })
-
-    def save(self, path: str | os.PathLike) -> Path:
-        t = {k: getattr(self, k) for k in ("C_mean", "C_pos", "C_neg", "beta", "H_mean")}
-        return _atomic_save(Path(path), t, {"emotions": self.emotions, "layers": self.layers,
-                                            "n_samples": self.n_samples, "meta": self.meta})
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> NeuronContributions:
-        path = Path(path)
-        t = load_file(str(path))
-        m = json.loads(path.with_suffix(".json").read_text())
-        return cls(m["emotions"], m["layers"], t["C_mean"], t["C_pos"], t["C_neg"], t["beta"],
-                   t["H_mean"], m["n_samples"], m["meta"])
 
 
 def neuron_betas(model, directions: torch.Tensor, emotions: Sequence[str],
@@ -243,7 +215,7 @@ def neuron_contributions(model, prompts: Sequence[PromptLike], labels: Sequence[
 
 
 @dataclass
-class HeadImportance:
+class HeadImportance(Result):
     """``mean[emotion, layer, head]`` importance (paper sign: s(base) − s(ablated))."""
 
     emotions: list[str]
@@ -281,24 +253,6 @@ class HeadImportance:
                     r["samples"] = self.n_samples.get(e, 0)
                     rows.append(r)
         return pd.DataFrame(rows)
-
-    def save(self, path: str | os.PathLike) -> Path:
-        t = {"mean": self.mean}
-        if self.std is not None:
-            t["std"] = self.std
-        if self.baseline_mean is not None:
-            t["baseline_mean"] = self.baseline_mean
-        return _atomic_save(Path(path), t, {"emotions": self.emotions, "layers": self.layers,
-                                            "n_samples": self.n_samples, "method": self.method,
-                                            "meta": self.meta})
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> HeadImportance:
-        path = Path(path)
-        t = load_file(str(path))
-        m = json.loads(path.with_suffix(".json").read_text())
-        return cls(m["emotions"], m["layers"], t["mean"], t.get("std"), t.get("baseline_mean"),
-                   m["n_samples"], m["method"], m["meta"])
 
 
 def mlp_in_projection(model, layer: int, directions: torch.Tensor) -> Metric:
@@ -579,7 +533,7 @@ def difference_vectors(model, prompts: Sequence[PromptLike], emotions: Sequence[
 
 
 @dataclass
-class SweepResult:
+class ComponentSweep(Result):
     """Δs vs k for the top-k components and random k-sets (mean ± std over seeds)."""
 
     emotion: str
@@ -613,6 +567,10 @@ class SweepResult:
                 "top": self.top.tolist(), "random_mean": self.random_mean.tolist(),
                 "random_std": self.random_std.tolist(), "random_all": self.random_all.tolist(),
                 "meta": self.meta}
+
+
+SweepResult = ComponentSweep
+"""The old name of ``ComponentSweep`` (result type names are unique across the library)."""
 
 
 def _emotion_score_metric(model, emotion: str, emotions, v_ref: torch.Tensor | None) -> Metric:
@@ -671,7 +629,7 @@ def component_sweep(model, prompts: Sequence[PromptLike], emotion: str,
                     delta_mu: torch.Tensor | None = None, lam: float = 1.0, n_random: int = 3,
                     seed: int = 0, *, v_ref: torch.Tensor | None = None,
                     emotions: Sequence[str] | None = None, layers: Sequence[int] | None = None,
-                    batch_size: int = 16, progress: bool = True) -> SweepResult:
+                    batch_size: int = 16, progress: bool = True) -> ComponentSweep:
     """Top-k vs random-k ablation/enhancement curves (paper Sec. 6; no released code, §10 A18).
 
     Emotion score, per prompt, at the last prompt token: s_final = ⟨final_norm[last], v_ref,e⟩
@@ -734,7 +692,7 @@ def component_sweep(model, prompts: Sequence[PromptLike], emotion: str,
             bar.update(1)
     bar.close()
     std = rand.std(0, unbiased=False) if n_random > 1 else torch.zeros(len(ks), 2)
-    return SweepResult(emotion, kind, mode, ks, ["s_final", "s_logit"], base.float(),
+    return ComponentSweep(emotion, kind, mode, ks, ["s_final", "s_logit"], base.float(),
                        torch.stack(top).float(), rand.mean(0).float(), std.float(), rand.float(),
                        {"lam": lam, "n_prompts": len(texts), "n_random": n_random, "seed": seed,
                         "seconds": time.perf_counter() - t0,
