@@ -36,26 +36,23 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import math
-import os
 import random
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import sites as S
 from .activations import collect
 from .directions import GroupInfo, group_centered_means
 from .prompts import Prompt, tokenize
+from .results import Result
 
 SUBLAYERS: tuple[str, str] = ("mlp", "attn")
 """Index order of the sublayer axis p everywhere in this module (matches ``ratio`` and
@@ -71,17 +68,11 @@ def _texts(prompts: Sequence[str | Prompt]) -> list[str]:
     return [p.text if isinstance(p, Prompt) else p for p in prompts]
 
 
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 # ============================================================================ 1. Δμ
 
 
 @dataclass
-class DifferenceVectors:
+class DifferenceVectors(Result):
     """Δμ per emotion at the intervention points: ``mlp`` [emotion, layer, d_mlp] and
     ``z`` [emotion, layer, head, d_head] (unnormalised)."""
 
@@ -190,7 +181,7 @@ def aligned_directions(v_mid: Float[torch.Tensor, "layer d_model"],
 
 
 @dataclass
-class InfluenceResult:
+class InfluenceResult(Result):
     """``influence[emotion, alpha, p, layer]`` (p in ``SUBLAYERS``); ``base[emotion]`` = s̄_base."""
 
     emotions: list[str]
@@ -347,7 +338,7 @@ def sublayer_influence(
 
 
 @dataclass
-class Allocation:
+class Allocation(Result):
     """Units per layer: ``neurons[L]``, ``heads[L]``; ``log`` holds the intermediate numbers."""
 
     neurons: list[int]
@@ -480,7 +471,7 @@ def select_components(alloc: Allocation, neuron_scores: Float[torch.Tensor, "lay
 
 
 @dataclass
-class EmotionCircuit:
+class EmotionCircuit(Result):
     """One emotion's circuit: per layer L, ``neurons[L]`` ids with Δμ ``neuron_values[L]`` [k]
     and ``heads[L]`` ids with Δμ_z ``head_values[L]`` [k, d_head]."""
 
@@ -522,35 +513,6 @@ class EmotionCircuit:
 
     def head_set(self) -> set[tuple[int, int]]:
         return {(L, h) for L, ids in enumerate(self.heads) for h in ids}
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """``path``.json (ids, meta) + ``path``.safetensors (Δμ values), each written atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        stem = path.with_suffix("")
-        tensors = {f"neuron_values.{L}": v.float().contiguous() for L, v in enumerate(self.neuron_values)}
-        tensors.update({f"head_values.{L}": v.float().contiguous() for L, v in enumerate(self.head_values)})
-        st = stem.with_suffix(".safetensors")
-        tmp = st.with_name(st.name + ".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, st)
-        _atomic_json(stem.with_suffix(".json"), {"emotion": self.emotion, "neurons": self.neurons,
-                                                 "heads": self.heads, "meta": self.meta})
-        return stem.with_suffix(".json")
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> EmotionCircuit:
-        stem = Path(path).with_suffix("")
-        js, st = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
-        for f in (js, st):
-            if not f.exists():
-                raise FileNotFoundError(f"EmotionCircuit.load: {f} missing")
-        d = json.loads(js.read_text())
-        t = load_file(str(st))
-        n = len(d["neurons"])
-        return cls(d["emotion"], [list(map(int, x)) for x in d["neurons"]], [list(map(int, x)) for x in d["heads"]],
-                   [t[f"neuron_values.{L}"] for L in range(n)], [t[f"head_values.{L}"] for L in range(n)],
-                   d.get("meta", {}))
 
 
 def build_circuit(emotion: str, neurons: list[list[int]], heads: list[list[int]],
@@ -752,7 +714,7 @@ def emotion_scores(model, prompts: Sequence[str | Prompt], v_ref: Float[torch.Te
 
 
 @dataclass
-class FaithfulnessResult:
+class FaithfulnessResult(Result):
     """Sufficiency: shift ratios (circuit on neutral) / (instruction); necessity: ablating the
     circuit vs random circuits of equal per-layer sizes on instructed prompts."""
 
@@ -763,9 +725,6 @@ class FaithfulnessResult:
     ratio_mass: float
     ablation_s: dict[str, float | list[float]]
     ablation_mass: dict[str, float | list[float]]
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
 
 
 def faithfulness(model, circuit: EmotionCircuit, prompts_neutral: Sequence[str | Prompt],
