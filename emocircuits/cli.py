@@ -1,14 +1,16 @@
-"""The ``emocircuits`` command line.
+"""The emocircuits command line.
 
     emocircuits run --preset quick --model smollm2-135m-instruct --out runs/quick
-    emocircuits run --preset quick --out runs/quick --dry-run        # the plan, sizes, cached?
-    emocircuits directions --preset quick --out runs/quick           # one stage (+ its upstream)
-    emocircuits report runs/quick                                    # rebuild report.html
-    emocircuits stages                                               # list the stages
+    emocircuits run --preset quick --out runs/quick --dry-run       # the plan, sizes, cached?
+    emocircuits run --preset experiments/06_circuits.toml           # an experiment preset
+    emocircuits directions --preset quick --out runs/quick          # one stage (+ what it needs)
+    emocircuits report runs/quick                                   # rebuild report.html
+    emocircuits stages                                              # list the stages
 
-Settings: ``--preset`` (``quick``/``full`` or a TOML path), ``--set section.key=value``
-(TOML values, repeatable), ``--model`` (any name ``load_model`` accepts, or ``tiny-llama`` /
-``tiny-gemma``). Finished stages are cached in the run folder and skipped on reruns.
+Settings: --preset (quick, full or a TOML path), --set section.key=value (TOML values,
+repeatable), --model (any name load_model accepts, or tiny-llama / tiny-gemma). Every setting
+is checked before anything is loaded. Finished stages are cached in the run folder and
+skipped on reruns; a killed run resumes.
 """
 
 from __future__ import annotations
@@ -17,8 +19,6 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
-
-from . import pipeline as P
 
 
 def _common(ap: argparse.ArgumentParser) -> None:
@@ -35,11 +35,17 @@ def _common(ap: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="emocircuits", description=__doc__.splitlines()[0])
+    from . import __version__
+    from .studies import STUDIES
+
+    ap = argparse.ArgumentParser(prog="emocircuits", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[1:]))
+    ap.add_argument("--version", action="version", version=f"emocircuits {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
-    _common(sub.add_parser("run", help="run every stage (cached stages are skipped)"))
-    for st in P.default_stages():
-        _common(sub.add_parser(st.name, help=f"run stage {st.name!r} (and what it needs)"))
+    _common(sub.add_parser("run", help="run every stage of the preset (cached stages are skipped)"))
+    for st in STUDIES:
+        _common(sub.add_parser(st.name, help=f"{st.title} (and what it needs)"))
     rep = sub.add_parser("report", help="rebuild report.html of a run folder")
     rep.add_argument("run_dir")
     sub.add_parser("stages", help="list the stages and whether their modules are available")
@@ -47,36 +53,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .run import ConfigError, RunError
+    from .studies import STUDIES, dry_run, load_config, run_pipeline
+
     args = build_parser().parse_args(argv)
     if args.command == "stages":
-        for st in P.default_stages():
+        for st in STUDIES:
             miss = st.missing_modules()
             state = "available" if not miss else f"unavailable ({', '.join(miss)} missing)"
             req = f" after {', '.join(st.requires)}" if st.requires else ""
-            print(f"{st.name:<12} {st.title}{req} — {state}")
+            print(f"{st.name:<16} {st.title}{req} — {state}")
         return 0
     if args.command == "report":
         from .viz.report import build_report
 
-        print(build_report(args.run_dir))
+        try:
+            print(build_report(args.run_dir))
+        except (FileNotFoundError, ValueError) as e:
+            print(f"emocircuits report: {e}", file=sys.stderr)
+            return 2
         return 0
     try:
-        cfg = P.apply_overrides(P.load_preset(args.preset), args.overrides, model=args.model)
-        cfg = P.validate_config(cfg)
-    except (FileNotFoundError, P.PipelineError) as e:
+        cfg = load_config(args.preset, args.overrides, model=args.model)
+    except (FileNotFoundError, ConfigError) as e:
         print(f"emocircuits: {e}", file=sys.stderr)
         return 2
-    out = args.out or f"runs/{cfg['run'].get('preset', 'run')}"
+    out = args.out or f"runs/{cfg.run.preset or 'run'}"
     only = None if args.command == "run" else [args.command]
-    if args.dry_run:
-        print(P.dry_run(cfg, out))
-        return 0
-    t = time.perf_counter()
-    res = P.run_pipeline(cfg, out, only=only, keep_going=not args.stop_on_error,
-                         report=not args.no_report, progress=not args.no_progress)
+    try:
+        if args.dry_run:
+            print(dry_run(cfg, out, only=only))
+            return 0
+        t = time.perf_counter()
+        res = run_pipeline(cfg, out, only=only, keep_going=False if args.stop_on_error else None,
+                           report=not args.no_report, progress=not args.no_progress)
+    except RunError as e:
+        print(f"emocircuits: {e}", file=sys.stderr)
+        return 2
     wall = time.perf_counter() - t
     print(f"ran {res.ran or '-'}; cached {res.cached or '-'}; skipped {res.skipped or '-'}; "
           f"failed {res.failed or '-'}")
+    summary = res.results.get("summary") or {}
+    if summary:
+        print("headline numbers:")
+        for k, v in summary.items():
+            print(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}")
     print(f"results: {res.run_dir / 'results.json'}")
     if res.report:
         print(f"report:  {res.report}")

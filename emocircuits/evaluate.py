@@ -142,10 +142,12 @@ class MethodEvaluation:
     accuracy: AccuracyTable
     fluency: dict
     rows: list[dict] = field(default_factory=list)
+    readout: dict | None = None  # logit-readout accuracy under the same intervention
+    examples: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"method": self.method, "accuracy": self.accuracy.to_dict(),
-                "fluency": self.fluency}
+                "fluency": self.fluency, "readout": self.readout, "examples": self.examples}
 
 
 def evaluate_texts(method: str, prompts: Sequence[Prompt], texts: Sequence[str],
@@ -160,5 +162,104 @@ def evaluate_texts(method: str, prompts: Sequence[Prompt], texts: Sequence[str],
     rows = [{"emotion": t, "valence": getattr(p, "valence", None), "match": bool(m),
              "label": lab, "text": x, "key": getattr(p, "key", None)}
             for p, t, m, lab, x in zip(prompts, targets, res.match, res.labels, texts, strict=True)]
-    flu = fluency(model, prompts, texts, generated_tokens=generated_tokens).summary() if model is not None else {}
+    flu: dict = {}
+    if model is not None:
+        fr = fluency(model, prompts, texts, generated_tokens=generated_tokens)
+        for r, p, q in zip(rows, fr.perplexity, fr.repeated_ngram_rate, strict=True):
+            r["perplexity"], r["repeated_3gram_rate"] = p, q
+        flu = fr.summary()
     return MethodEvaluation(method, accuracy_table(rows), flu, rows)
+
+
+# ============================================================================ one method, judged
+
+
+def evaluate_intervention(
+    model,
+    prompts: Sequence[Prompt],
+    emotions: Sequence[str],
+    make_ctx,
+    judge,
+    gen_config=None,
+    *,
+    method: str,
+    readout_prompts: Sequence[Prompt] | None = None,
+    with_fluency: bool = True,
+    n_examples: int = 12,
+) -> MethodEvaluation:
+    """Generate on ``prompts`` once per target emotion under ``make_ctx(emotion)`` (a context
+    manager, or None for the unmodified model), judge each text against its target, and add
+
+    * fluency under the *unmodified* model (perplexity, repeated-3-gram rate; per text in
+      ``rows`` and summarised), when ``with_fluency``;
+    * the logit readout on ``readout_prompts`` (prompt + "I feel"-style prefix, same order as
+      ``prompts``) under the same context: accuracy = argmax of emotion-word mass is the target.
+
+    When ``make_ctx`` returns None for every emotion, the texts are generated once and judged
+    against every target (the unmodified model's floor).
+    """
+    from contextlib import nullcontext
+
+    from .generation import GenerationConfig, generate
+    from .judges.readout import emotion_readout
+
+    cfg = gen_config or GenerationConfig(max_new_tokens=30)
+    allp, texts, toks, targets, ro_rows = [], [], [], [], []
+    cache: dict[str, object] = {}
+    for e in emotions:
+        cm = make_ctx(e)
+        if cm is None and "gen" in cache:
+            g, ro = cache["gen"], cache.get("ro")
+        else:
+            with cm if cm is not None else nullcontext():
+                g = generate(model, list(prompts), cfg, progress=False)
+                ro = (emotion_readout(model, list(readout_prompts), list(emotions))
+                      if readout_prompts is not None else None)
+            if cm is None:
+                cache.update(gen=g, ro=ro)
+        allp += list(prompts)
+        texts += g.texts
+        toks += g.tokens
+        targets += [e] * len(prompts)
+        if ro is not None:
+            j = list(ro.emotions).index(e)
+            for p, lab, m in zip(readout_prompts, ro.labels, ro.mass[:, j], strict=True):
+                ro_rows.append({"emotion": e, "valence": getattr(p, "valence", None),
+                                "match": lab == e, "mass": float(m)})
+    ev = evaluate_texts(method, allp, texts, targets, judge, model=model if with_fluency else None,
+                        generated_tokens=toks if with_fluency else None)
+    if ro_rows:
+        ro_table = accuracy_table(ro_rows).to_dict()
+        ro_table["mean_target_mass"] = float(np.mean([r["mass"] for r in ro_rows]))
+        ev.readout = ro_table
+    ev.fluency["repeated_3gram_rate_mean"] = float(np.mean([repeated_ngram_rate(t, 3) for t in toks]))
+    step = max(1, len(ev.rows) // max(1, n_examples))
+    ev.examples = [{k: r.get(k) for k in ("emotion", "valence", "text", "match", "perplexity")}
+                   for r in ev.rows[::step]]
+    return ev
+
+
+def passes_fluency_guard(ev: MethodEvaluation, reference_perplexity: float, *,
+                         max_ratio: float = 3.0, max_repeat: float = 0.3) -> bool:
+    """Geometric-mean perplexity ≤ ``max_ratio`` × the unmodified model's and repeated-3-gram
+    rate < ``max_repeat``."""
+    ppl = ev.fluency.get("perplexity_geomean", float("nan"))
+    rep = ev.fluency.get("repeated_3gram_rate_mean", ev.fluency.get("repeated_ngram_rate", 1.0))
+    return bool(np.isfinite(ppl) and ppl <= max_ratio * reference_perplexity and rep < max_repeat)
+
+
+def choose_setting(grid: dict, reference_perplexity: float, *, max_ratio: float = 3.0,
+                   max_repeat: float = 0.3) -> tuple[object, bool]:
+    """The key of the best setting of ``grid`` (key -> MethodEvaluation) on validation.
+
+    Among the settings within the fluency guard: highest judge accuracy, then readout accuracy.
+    When none passes, the least disfluent (lowest perplexity), flagged (second value False)."""
+    if not grid:
+        raise ValueError("choose_setting: empty grid")
+    ok = {k: v for k, v in grid.items()
+          if passes_fluency_guard(v, reference_perplexity, max_ratio=max_ratio, max_repeat=max_repeat)}
+    if ok:
+        key = max(ok, key=lambda k: (ok[k].accuracy.overall, (ok[k].readout or {}).get("overall", 0.0)))
+        return key, True
+    key = min(grid, key=lambda k: grid[k].fluency.get("perplexity_geomean", float("inf")))
+    return key, False

@@ -141,7 +141,9 @@ def _describe(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
     if origin in (list, Sequence, tuple):
         args = [a for a in get_args(tp) if a is not Ellipsis]
-        return f"a list of {_describe(args[0]) if args else 'values'}"
+        plural = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
+        inner = args[0] if args else None
+        return f"a list of {plural.get(inner) or (_describe(inner) if inner is not None else 'values')}"
     if origin in (dict, Mapping):
         return f"a table of {_describe(get_args(tp)[1]) if get_args(tp) else 'values'}"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(

@@ -34,7 +34,7 @@ def dry_run(cfg: RunConfigLike, run_dir: str | os.PathLike, studies: Sequence[St
     run_dir = Path(run_dir)
     hashes = stage_hashes(studies, cfg)
     wanted = closure(studies, only)
-    lines = [*header, f"{'stage':<12} {'state':<28} {'fwd':>7} {'gen':>6} {'est.':>8}  what"]
+    lines = [*header, f"{'stage':<16} {'state':<28} {'fwd':>7} {'gen':>6} {'est.':>8}  what"]
     total, model_needed = 0.0, False
     done: dict[str, bool] = {}
     for st in studies:
@@ -51,7 +51,7 @@ def dry_run(cfg: RunConfigLike, run_dir: str | os.PathLike, studies: Sequence[St
             state, est = f"to run [{h[:8]}]", estimate(plan)
             model_needed = True
         total += est
-        lines.append(f"{st.name:<12} {state:<28} {plan.forward:>7.0f} {plan.generate:>6.0f} "
+        lines.append(f"{st.name:<16} {state:<28} {plan.forward:>7.0f} {plan.generate:>6.0f} "
                      f"{est:>7.0f}s  {plan.what}")
     if model_needed:
         total += load_seconds

@@ -1,0 +1,215 @@
+"""Stages 05–07: Δμ, σ, sublayer influence, allocation and circuits; modulation strength λ
+chosen on validation under the fluency guard; on test the circuit against random circuits of
+the same per-layer sizes, the unmodulated model, prompting and steering (the method comparison).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..evaluate import MethodEvaluation
+from ..results import Result
+from ..run.engine import Plan, StageContext, Study
+from . import common
+from .steering import READOUT_PREFIX, summary_row
+
+
+@dataclass(frozen=True)
+class Config:
+    """``[circuits]``"""
+
+    n_influence_scenarios: int = 2  # neutral train scenarios (× 3 valences) for the influence
+    influence_alphas: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7)  # doses of the influence probe
+    budget_per_sublayer: int = 10  # the paper's B (units per sublayer on average)
+    score_source: Literal["activations", "components"] = "activations"
+    lambdas: tuple[float, ...] = (1.0, 2.0, 4.0)  # modulation strengths tried on validation
+    ppl_guard: float = 3.0
+    max_repeat: float = 0.3
+    random_controls: int = 1  # random circuits generated on test
+    readout: bool = True
+    faithfulness: bool = False
+    faithfulness_scenarios: int = 2  # test scenarios for faithfulness
+    faithfulness_random: int = 3
+    n_examples: int = 12
+
+    def __post_init__(self) -> None:
+        if self.n_influence_scenarios < 1 or self.budget_per_sublayer < 1:
+            raise ValueError("circuits: n_influence_scenarios and budget_per_sublayer must be >= 1")
+        if not self.lambdas or not self.influence_alphas:
+            raise ValueError("circuits: lambdas and influence_alphas must not be empty")
+        if self.random_controls < 0:
+            raise ValueError("circuits.random_controls must be >= 0")
+
+
+@dataclass
+class CircuitsResult(Result):
+    """The circuits, the validation grid and choice of λ, and every method's test evaluation."""
+
+    circuits: dict  # emotion -> EmotionCircuit
+    difference_vectors: object  # DifferenceVectors
+    influence: object  # InfluenceResult
+    sigma: object  # [2, layer] tensor
+    summary: dict  # sizes, Jaccard
+    grid: list[dict]
+    chosen: dict
+    evaluations: dict  # method -> MethodEvaluation (test)
+    score_source: str = ""
+    faithfulness: dict = field(default_factory=dict)
+
+    def random_mean(self) -> float | None:
+        return common.mean(v.accuracy.overall for k, v in self.evaluations.items()
+                           if k.startswith("random circuit"))
+
+    def headline(self) -> dict:
+        return {"circuit_modulation_accuracy": self.evaluations["circuit"].accuracy.overall,
+                "random_circuit_accuracy": self.random_mean(),
+                "circuit_perplexity": self.evaluations["circuit"].fluency.get("perplexity_geomean")}
+
+
+def run(ctx: StageContext) -> CircuitsResult:
+    import torch
+
+    from .. import circuits as C
+    from .. import sites as S
+    from ..activations import collect
+    from ..evaluate import choose_setting, evaluate_intervention, passes_fluency_guard
+    from ..prompts import emotion_prompts, neutral_prompts
+    from ..viz import figures
+
+    model, emos, s = ctx.model, ctx.config.emotions, ctx.settings
+    dirs = ctx.upstream("directions").directions
+    if dirs.layers != list(range(model.cfg.n_layers)):
+        raise ValueError("circuits need directions at every layer")
+    bs = common.batch_size(ctx)
+    train = common.records(ctx, "train")
+    prompts = emotion_prompts(model, train, emos)
+    acts = collect(model, prompts, ("mlp_post", "z", "resid_post", "resid_mid"), "last",
+                   batch_size=bs, progress=ctx.progress)
+    dv = C.difference_vectors_from_acts(acts["mlp_post"], acts["z"], prompts, emos)
+    sigma = C.sigma_from_acts(acts["resid_post"], acts["resid_mid"])
+    v_mid, v_post = dirs.vectors["resid_mid"], dirs.vectors["resid_post"]
+    infl_recs = common.records(ctx, "train", s.n_influence_scenarios)
+    infl = C.sublayer_influence(model, neutral_prompts(model, infl_recs), v_mid, v_post, sigma,
+                                alphas=tuple(s.influence_alphas), emotions=emos, batch_size=bs,
+                                progress=ctx.progress)
+    comp = ctx.upstream("components")
+    if s.score_source == "components":
+        if comp is None:
+            raise ValueError("circuits.score_source = 'components' needs the components stage")
+        nscores, hscores = comp.neurons.C_mean, comp.heads_attribution.mean
+        source = "components stage (C_mean; head attribution, same-layer readout)"
+    else:
+        n = model.cfg.n_layers
+        W_out = torch.stack([S.W_out(model, L).detach().float().cpu() for L in range(n)])
+        W_O = torch.stack([S.W_O(model, L).detach().float().cpu() for L in range(n)])
+        labels = [p.emotion for p in prompts]
+        ns, hs = [], []
+        for i, e in enumerate(emos):
+            rows = [j for j, lab in enumerate(labels) if lab == e]
+            ns.append(C.neuron_scores_from_acts(acts["mlp_post"][rows], W_out, v_post[i]))
+            hs.append(C.head_scores_from_acts(acts["z"][rows], W_O, v_mid[i]))
+        nscores, hscores = torch.stack(ns), torch.stack(hs)
+        source = "from activations (C_mean; exact resid_mid drop of each head)"
+    circuits = {e: C.assemble_circuit(e, infl.influence[i], nscores[i], hscores[i], dv.mlp[i], dv.z[i],
+                                      budget_per_sublayer=s.budget_per_sublayer)
+                for i, e in enumerate(emos)}
+    judge, gen = common.judge(ctx), common.gen_config(ctx)
+
+    def evaluate(recs, make, name):
+        p = neutral_prompts(model, recs)
+        ro = neutral_prompts(model, recs, assistant_prefix=READOUT_PREFIX) if s.readout else None
+        return evaluate_intervention(model, p, emos, make, judge, gen, method=name,
+                                     readout_prompts=ro, n_examples=s.n_examples)
+
+    def modulated(cs, lam):
+        return lambda e: C.modulate(model, cs[e], lam)
+
+    # λ on validation, under the fluency guard
+    rows, ok, lam = [], None, float(s.lambdas[0])
+    if len(s.lambdas) > 1:
+        val = common.records(ctx, "validation")
+        base = evaluate(val, lambda e: None, "none")
+        ref = base.fluency["perplexity_geomean"]
+        rows.append(summary_row("none", base, strength=0.0, passes_guard=True))
+        grid = {}
+        for x in s.lambdas:
+            ev = evaluate(val, modulated(circuits, float(x)), f"circuit λ={x}")
+            grid[float(x)] = ev
+            rows.append(summary_row(f"λ={x}", ev, strength=float(x), passes_guard=passes_fluency_guard(
+                ev, ref, max_ratio=s.ppl_guard, max_repeat=s.max_repeat)))
+        lam, ok = choose_setting(grid, ref, max_ratio=s.ppl_guard, max_repeat=s.max_repeat)
+    chosen = {"lambda": lam, "passes_fluency_guard": ok, "swept": len(s.lambdas) > 1,
+              "chosen_on": "validation", "budget_per_sublayer": s.budget_per_sublayer}
+    # test: the circuit, random circuits of the same sizes, and the other methods
+    test = common.records(ctx, "test")
+    evals: dict[str, MethodEvaluation] = {}
+    steer_res, prompt_res = ctx.upstream("steering"), ctx.upstream("prompting")
+    evals["none"] = steer_res.test_unsteered if steer_res is not None else evaluate(test, lambda e: None, "none")
+    if prompt_res is not None:
+        evals["prompting"] = prompt_res.evaluation
+    if steer_res is not None:
+        evals["steering"] = steer_res.test
+    evals["circuit"] = evaluate(test, modulated(circuits, lam), "circuit")
+    for r in range(s.random_controls):
+        rc = {e: C.random_circuit(circuits[e], dv.mlp[i], dv.z[i], seed=r) for i, e in enumerate(emos)}
+        evals[f"random circuit {r}"] = evaluate(test, modulated(rc, lam), f"random circuit {r}")
+    faith = {}
+    if s.faithfulness:
+        frecs = common.records(ctx, "test", s.faithfulness_scenarios)
+        fneu = neutral_prompts(model, frecs, assistant_prefix=READOUT_PREFIX)
+        for i, e in enumerate(emos):
+            finst = emotion_prompts(model, frecs, [e], assistant_prefix=READOUT_PREFIX)
+            faith[e] = C.faithfulness(model, circuits[e], fneu, finst, e, v_ref=infl.v_ref[i],
+                                      mlp_delta=dv.mlp[i], z_delta=dv.z[i], emotions=emos,
+                                      n_random=s.faithfulness_random, batch_size=bs).to_dict()
+    res = CircuitsResult(circuits, dv, infl, sigma, C.circuits_summary(circuits), rows, chosen, evals,
+                         source, faith)
+    ctx.table("method comparison on the test set", ["method", "judge", "readout", "perplexity", "rep3",
+                                                    *emos, "n"],
+              [[m, v.accuracy.overall, (v.readout or {}).get("overall"), v.fluency.get("perplexity_geomean"),
+                v.fluency.get("repeated_3gram_rate_mean"), *[v.accuracy.by_emotion.get(e) for e in emos],
+                v.accuracy.n] for m, v in evals.items()])
+    if rows:
+        ctx.table("λ on validation", ["setting", "judge", "readout", "perplexity", "rep3", "passes guard"],
+                  [[r["setting"], r["judge_accuracy"], r["readout_accuracy"], r["perplexity"],
+                    r["repeated_3gram"], r["passes_guard"]] for r in rows])
+    acc = {m: v.accuracy.overall for m, v in evals.items() if not m.startswith("random")}
+    ctx.figure("method comparison with the random-circuit control", "methods.png",
+               figures.method_comparison, acc, controls={"random circuit": res.random_mean() or 0.0},
+               per_emotion={m: evals[m].accuracy.by_emotion for m in acc})
+    ctx.figure("sublayer influence I(L, p) (mean over α)", "influence.png", figures.sublayer_influence,
+               {e: {"mlp": infl.mean(i)[0], "attn": infl.mean(i)[1]} for i, e in enumerate(emos)})
+    ctx.figure("circuit graph", "circuit_graph.png", figures.circuit_graph,
+               {e: {"heads": sorted(c.head_set()), "neurons": sorted(c.neuron_set())}
+                for e, c in circuits.items()}, model.cfg.n_layers, n_heads=model.cfg.n_heads)
+    return res
+
+
+def top_components(res: CircuitsResult, k: int = 4) -> dict:
+    """A few (layer, head) and (layer, neuron) of the first circuit, deepest first."""
+    c0 = next(iter(res.circuits.values()))
+    h = [(L, ids[0]) for L, ids in enumerate(c0.heads) if ids]
+    n = [(L, ids[0]) for L, ids in enumerate(c0.neurons) if ids]
+    return {"heads": h[::-1][:k], "neurons": n[::-1][:k]}
+
+
+def plan(cfg) -> Plan:
+    from ..run.plan import MODEL_COST  # noqa: F401  (the cost model lives there)
+
+    s = cfg.section("circuits")
+    nt = common.n_prompts(cfg, "test")
+    n_gen = nt * (1 + s.random_controls)
+    if len(s.lambdas) > 1:
+        n_gen += common.n_prompts(cfg, "validation") * (len(s.lambdas) + 1)
+    n_infl = 3 * s.n_influence_scenarios
+    n_layers = {"smollm2-135m-instruct": 30, "gemma-3-270m": 18}.get(cfg.model, 24)
+    # influence: one last-token rerun per (prompt, emotion, α, sublayer) ≈ 1/10 of a forward
+    infl = n_infl * len(cfg.emotions) * len(s.influence_alphas) * 2 * n_layers // 10
+    return Plan(forward=common.n_prompts(cfg, "train") + infl + 2 * n_gen, generate=n_gen,
+                what="Δμ, σ, influence, allocation; λ on validation; circuit vs random circuits on test")
+
+
+STUDY = Study("circuits", "Circuits and modulation (stages 05–07)", Config, run, plan,
+              requires=("directions",), optional=("components", "prompting", "steering"),
+              modules=("emocircuits.circuits",), inputs=common.sev_inputs("train", "validation", "test"))

@@ -1,0 +1,112 @@
+"""What the studies share: data subsets, the judge, generation settings, input files, the model."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..run.engine import StageContext
+from .config import TINY_MODELS, RunConfig
+
+DEFAULT_SIZES = {"train": 160, "validation": 40, "test": 40}
+
+
+def subset_records(ds, n: int | None):
+    """First ``n`` records taking themes in turn (theme order of first appearance); all if None."""
+    recs = list(ds)
+    if n is None or n >= len(recs):
+        return recs
+    if n < 1:
+        raise ValueError(f"data size must be >= 1, got {n}")
+    by_theme: dict[str, list] = {}
+    for r in recs:
+        by_theme.setdefault(r.theme, []).append(r)
+    out, i = [], 0
+    while len(out) < n:
+        for rs in by_theme.values():
+            if i < len(rs) and len(out) < n:
+                out.append(rs[i])
+        i += 1
+    return out
+
+
+def records(cfg: RunConfig | StageContext, split: str, n: int | None = None):
+    """The first ``data.n_<split>`` (or ``n``) SEV records of ``data.<split>``, themes in turn."""
+    from ..data import load_sev
+
+    cfg = cfg.config if isinstance(cfg, StageContext) else cfg
+    want = getattr(cfg.data, f"n_{split}") if n is None else n
+    return subset_records(load_sev(cfg.data.source(split)), want)
+
+
+def n_scenarios(cfg: RunConfig, split: str) -> int:
+    return getattr(cfg.data, f"n_{split}") or DEFAULT_SIZES[split]
+
+
+def n_prompts(cfg: RunConfig, split: str, per_emotion: bool = True) -> int:
+    """Prompts of a split: scenarios × 3 valences (× emotions)."""
+    return n_scenarios(cfg, split) * 3 * (len(cfg.emotions) if per_emotion else 1)
+
+
+def sev_inputs(*splits: str):
+    """An ``inputs`` function for a study: the SEV files of these splits (content-hashed)."""
+    def inputs(cfg: RunConfig) -> list[Path]:
+        return [source_path(cfg.data.source(s)) for s in splits]
+    return inputs
+
+
+def source_path(source: str) -> Path:
+    """The file behind a data source (``builtin:*`` -> the packaged file)."""
+    if source.startswith("builtin:"):
+        return Path(__file__).resolve().parents[1] / "data" / "builtin" / "sev_builtin.jsonl"
+    return Path(source)
+
+
+def utterance_inputs(cfg: RunConfig) -> list[Path]:
+    from ..data.utterances import builtin_path
+
+    return [builtin_path()]
+
+
+def judge(ctx: StageContext):
+    """The run's offline judge (``[judge] prefer``) over the run's emotions."""
+    from ..judges import default_judge
+
+    return default_judge(ctx.config.emotions, prefer=ctx.config.judge.prefer)
+
+
+def gen_config(ctx: StageContext | RunConfig, **over: Any):
+    cfg = ctx.config if isinstance(ctx, StageContext) else ctx
+    return cfg.generation.gen_config(**over)
+
+
+def batch_size(ctx: StageContext) -> int:
+    return ctx.config.generation.batch_size
+
+
+def load_run_model(name: str, *, dtype: str | None = None, device: str | None = None):
+    """``load_model(name)``, plus ``"tiny-llama"``/``"tiny-gemma"`` (random tiny test models)."""
+    from .. import models
+
+    if name in TINY_MODELS:
+        return models.tiny_model(TINY_MODELS[name], seed=0)
+    return models.load_model(name, device=device, dtype=dtype)
+
+
+def mean(vals) -> float | None:
+    v = [float(x) for x in vals if x is not None and math.isfinite(float(x))]
+    return sum(v) / len(v) if v else None
+
+
+def check_layers(layers: Sequence[int] | None, n_layers: int, where: str) -> list[int] | None:
+    """Layers within ``[-n_layers, n_layers)`` (negative from the end); anything else is an error."""
+    if layers is None:
+        return None
+    out = []
+    for x in layers:
+        if not -n_layers <= int(x) < n_layers:
+            raise ValueError(f"{where}: layer {x} out of range for a {n_layers}-layer model")
+        out.append(int(x) % n_layers)
+    return out

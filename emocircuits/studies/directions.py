@@ -1,0 +1,149 @@
+"""Stage 02: context-agnostic emotion directions, their decodability and the keyword control."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..results import Result
+from ..run.engine import Plan, StageContext, Study
+from . import common
+
+METHODS = ("context_agnostic", "mean_difference", "pca", "probe")
+CONTROL_WORDS = ("red", "blue", "green", "yellow", "purple", "orange", "brown", "pink")
+
+
+@dataclass(frozen=True)
+class Config:
+    """``[directions]``"""
+
+    sites: tuple[str, ...] = ("resid_mid", "resid_post")
+    # the first method is the one every later stage uses; the others are compared with it
+    methods: tuple[Literal["context_agnostic", "mean_difference", "pca", "probe"], ...] = ("context_agnostic",)
+    n_folds: int = 5
+    keyword_control: bool = True
+    control_words: tuple[str, ...] = CONTROL_WORDS
+    pca_layers: Literal["auto"] | tuple[int, ...] = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.sites:
+            raise ValueError("directions.sites is empty")
+        if not self.methods:
+            raise ValueError("directions.methods is empty")
+        if self.n_folds < 2:
+            raise ValueError(f"directions.n_folds must be >= 2, got {self.n_folds}")
+
+
+@dataclass
+class DirectionsResult(Result):
+    """Unit directions (the first method's), held-out decodability, the keyword control and
+    cosines between methods/emotions/layers."""
+
+    directions: object  # EmotionDirections
+    decoding: object  # Decodability of the last site
+    keyword_control: object | None = None  # KeywordControlResult
+    other_methods: dict = field(default_factory=dict)  # method -> EmotionDirections
+    method_cosine: dict = field(default_factory=dict)  # method -> {site: [per layer mean cos]}
+    off_diagonal_cosine_across_emotions: dict = field(default_factory=dict)
+    mean_cosine_across_layer_sites: dict = field(default_factory=dict)
+
+    def headline(self) -> dict:
+        out = {"decoding_peak_centered": max(self.decoding.centered) if len(self.decoding.centered) else None}
+        if self.keyword_control is not None:
+            out["decoding_emotion_words_max_over_layers"] = max(self.keyword_control.emotion.centered)
+            out["decoding_control_words_max_over_layers"] = max(self.keyword_control.control.centered)
+        return out
+
+
+def _pick_layers(n_layers: int, spec, k: int = 4) -> list[int]:
+    if spec == "auto":
+        return sorted({round(x * (n_layers - 1) / (k - 1)) for x in range(k)})
+    return common.check_layers(spec, n_layers, "directions.pca_layers")
+
+
+def directions_by_method(method: str, model, acts, prompts, emos, sites, recs, ctx):
+    from .. import directions as D
+
+    if method == "context_agnostic":
+        return D.context_agnostic(acts, prompts, emos, sites=sites)
+    if method == "pca":
+        return D.pca_directions(acts, prompts, emos, sites=sites)
+    if method == "probe":
+        return D.probe_directions(acts, prompts, emos, sites=sites)
+    if method == "mean_difference":
+        from ..activations import collect
+        from ..prompts import neutral_prompts
+
+        neu = neutral_prompts(model, recs)
+        nacts = collect(model, neu, sites, position="last", progress=ctx.progress,
+                        batch_size=common.batch_size(ctx))
+        return D.mean_difference(acts, prompts, emos, nacts, sites=sites)
+    raise ValueError(f"unknown directions method {method!r}; use one of {METHODS}")
+
+
+def run(ctx: StageContext) -> DirectionsResult:
+    from .. import directions as D
+    from ..activations import collect
+    from ..prompts import emotion_prompts
+    from ..viz import figures
+
+    model, emos, s = ctx.model, ctx.config.emotions, ctx.settings
+    pca_layers = _pick_layers(model.cfg.n_layers, s.pca_layers)  # checked before the work
+    sites = list(s.sites)
+    recs = common.records(ctx, "train")
+    prompts = emotion_prompts(model, recs, emos)
+    acts = collect(model, prompts, sites, position="last", progress=ctx.progress,
+                   batch_size=common.batch_size(ctx))
+    dirs = directions_by_method(s.methods[0], model, acts, prompts, emos, sites, recs, ctx)
+    others = {m: directions_by_method(m, model, acts, prompts, emos, sites, recs, ctx)
+              for m in s.methods[1:]}
+    method_cos = {m: {site: (o.vectors[site] * dirs.vectors[site]).sum(-1).mean(0).tolist()
+                      for site in sites} for m, o in others.items()}
+    n_folds = min(s.n_folds, len(recs))
+    main = sites[-1]
+    dec = D.nearest_centroid_accuracy(acts, prompts, emos, main, n_folds)
+    kw = None
+    if s.keyword_control:
+        kw = D.keyword_control(model, recs, emos, tuple(s.control_words)[: len(emos)], site=main,
+                               n_folds=n_folds, emotion_acts=acts, progress=ctx.progress)
+    res = DirectionsResult(
+        dirs, dec, kw, others, method_cos,
+        {f"{site}/L{layer}": float(D.cosine_across_emotions(dirs, site, layer).off_diagonal_mean())
+         for site in sites for layer in dirs.layers},
+        {e: float(D.cosine_across_layers(dirs, e, sites).off_diagonal_mean()) for e in emos})
+    if kw is not None:
+        ctx.figure("keyword-confound control: decoding emotion words vs colour words",
+                   "keyword_control.png", figures.probe_accuracy,
+                   {"emotion, group-centred": kw.emotion.centered,
+                    "control words, group-centred": kw.control.centered,
+                    "emotion, raw": kw.emotion.uncentered, "control words, raw": kw.control.uncentered},
+                   layers=kw.emotion.layers, chance=kw.emotion.chance,
+                   title="nearest-centroid decoding: emotion vs control words")
+    ctx.figure("nearest-centroid decoding per layer", "decoding.png", figures.probe_accuracy,
+               {"group-centred": dec.centered, "raw": dec.uncentered}, layers=dec.layers,
+               chance=dec.chance, title=f"held-out nearest-centroid accuracy ({main})")
+    ctx.figure("direction cosine across layers and sites (mean over emotions)",
+               "direction_similarity.png", figures.direction_similarity,
+               {site: dirs.vectors[site] for site in sites}, emos)
+    mid = dirs.layers[len(dirs.layers) * 2 // 3]
+    ctx.figure(f"cosine between emotion directions ({main}, layer {mid})", "emotion_similarity.png",
+               figures.emotion_similarity, dirs.vectors[main][:, dirs.layers.index(mid)], emos)
+    x = acts[main]
+    ctx.figure("PCA of last-token activations, coloured by instructed emotion", "pca.png",
+               figures.pca_clusters,
+               {layer: x[:, acts.layers[main].index(layer)] for layer in pca_layers
+                if layer in acts.layers[main]}, [p.emotion for p in prompts])
+    return res
+
+
+def plan(cfg) -> Plan:
+    s = cfg.section("directions")
+    n = common.n_prompts(cfg, "train")
+    extra = n if s.keyword_control else 0
+    if "mean_difference" in s.methods:
+        extra += common.n_prompts(cfg, "train", per_emotion=False)
+    return Plan(forward=n + extra, what="collect last-token resid; directions; decoding; keyword control")
+
+
+STUDY = Study("directions", "Emotion directions (stage 02)", Config, run, plan,
+              modules=("emocircuits.directions",), inputs=common.sev_inputs("train"))

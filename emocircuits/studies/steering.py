@@ -1,0 +1,147 @@
+"""Stage 03: steering with the emotion directions; (layer band, α) chosen on validation under
+the fluency guard, the chosen setting and the unsteered model evaluated on test."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..evaluate import MethodEvaluation
+from ..results import Result
+from ..run.engine import Plan, StageContext, Study
+from . import common
+
+READOUT_PREFIX = "I feel"
+
+
+@dataclass(frozen=True)
+class Config:
+    """``[steering]``: ``strengths`` are α in units of the residual rms at each steered position."""
+
+    layer_bands: Literal["paper"] | tuple[tuple[int, ...], ...] = "paper"
+    strengths: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
+    site: Literal["resid_post", "resid_mid", "resid_pre"] = "resid_post"
+    ppl_guard: float = 3.0  # perplexity ≤ this × the unsteered model's (validation)
+    max_repeat: float = 0.3  # repeated-3-gram rate below this
+    readout: bool = True  # the logit readout ("I feel") beside the judge
+    n_examples: int = 12
+
+    def __post_init__(self) -> None:
+        if not self.strengths:
+            raise ValueError("steering.strengths is empty")
+        if self.ppl_guard <= 1.0:
+            raise ValueError(f"steering.ppl_guard must be > 1, got {self.ppl_guard}")
+
+
+@dataclass
+class SteeringResult(Result):
+    """The validation grid (one summary row per setting), the choice, and test evaluations."""
+
+    grid: list[dict]
+    chosen: dict
+    test: MethodEvaluation
+    test_unsteered: MethodEvaluation
+    validation_unsteered_perplexity: float | None = None
+    examples: list[dict] = field(default_factory=list)
+
+    def headline(self) -> dict:
+        return {"steering_accuracy": self.test.accuracy.overall,
+                "no_intervention_accuracy": self.test_unsteered.accuracy.overall,
+                "steering_perplexity": self.test.fluency.get("perplexity_geomean")}
+
+
+def bands(model, spec) -> list[list[int]]:
+    from ..steering import paper_layers
+
+    if spec == "paper":
+        return [list(paper_layers(model))]
+    return [common.check_layers(b, model.cfg.n_layers, "steering.layer_bands") for b in spec]
+
+
+def summary_row(name: str, ev: MethodEvaluation, **extra) -> dict:
+    return {"setting": name, **extra, "judge_accuracy": ev.accuracy.overall,
+            "readout_accuracy": (ev.readout or {}).get("overall"),
+            "perplexity": ev.fluency.get("perplexity_geomean"),
+            "repeated_3gram": ev.fluency.get("repeated_3gram_rate_mean"), "n": ev.accuracy.n}
+
+
+def run(ctx: StageContext) -> SteeringResult:
+    from ..evaluate import choose_setting, evaluate_intervention, passes_fluency_guard
+    from ..prompts import neutral_prompts
+    from ..steering import band_name, steer
+
+    model, emos, s = ctx.model, ctx.config.emotions, ctx.settings
+    dirs = ctx.upstream("directions").directions
+    if s.site not in dirs.sites:
+        raise ValueError(f"steering.site {s.site!r}: the directions have sites {dirs.sites}")
+    bs = bands(model, s.layer_bands)
+    judge, gen = common.judge(ctx), common.gen_config(ctx)
+
+    def ctx_for(band, a):
+        return lambda e: steer(model, dirs, band, a, emotion=e, site=s.site)
+
+    def evaluate(recs, make, name):
+        p = neutral_prompts(model, recs)
+        ro = neutral_prompts(model, recs, assistant_prefix=READOUT_PREFIX) if s.readout else None
+        return evaluate_intervention(model, p, emos, make, judge, gen, method=name,
+                                     readout_prompts=ro, n_examples=s.n_examples)
+
+    settings = [(b, float(a)) for b in bs for a in s.strengths]
+    grid, rows, ref = {}, [], None
+    if len(settings) > 1:
+        val = common.records(ctx, "validation")
+        base = evaluate(val, lambda e: None, "none")
+        ref = base.fluency["perplexity_geomean"]
+        rows.append(summary_row("none", base, layers="none", strength=0.0, passes_guard=True))
+        for b, a in settings:
+            ev = evaluate(val, ctx_for(b, a), f"steering {band_name(b)} α={a}")
+            grid[(band_name(b), a)] = ev
+            rows.append(summary_row(f"{band_name(b)} α={a}", ev, layers=band_name(b), strength=a,
+                                    passes_guard=passes_fluency_guard(ev, ref, max_ratio=s.ppl_guard,
+                                                                      max_repeat=s.max_repeat)))
+        (bname, alpha), ok = choose_setting(grid, ref, max_ratio=s.ppl_guard, max_repeat=s.max_repeat)
+        band = next(b for b in bs if band_name(b) == bname)
+    else:
+        (band, alpha), ok = settings[0], None
+    test = common.records(ctx, "test")
+    ev = evaluate(test, ctx_for(band, alpha), "steering")
+    ev0 = evaluate(test, lambda e: None, "none")
+    chosen = {"layers": band_name(band), "strength": alpha, "site": s.site,
+              "swept": len(settings) > 1, "passes_fluency_guard": ok, "chosen_on": "validation"}
+    res = SteeringResult(rows, chosen, ev, ev0, ref, ev.examples)
+    ctx.table("steering on the test set (setting chosen on validation)",
+              ["method", "judge", "readout", "perplexity", *emos, "n"],
+              [[m, e.accuracy.overall, (e.readout or {}).get("overall"),
+                e.fluency.get("perplexity_geomean"), *[e.accuracy.by_emotion.get(x) for x in emos],
+                e.accuracy.n] for m, e in (("steering", ev), ("no intervention", ev0))])
+    if rows:
+        ctx.table("validation grid", ["setting", "judge", "readout", "perplexity", "rep3", "passes guard"],
+                  [[r["setting"], r["judge_accuracy"], r["readout_accuracy"], r["perplexity"],
+                    r["repeated_3gram"], r["passes_guard"]] for r in rows])
+        steered = [r for r in rows if r["setting"] != "none" and r["layers"] == rows[1]["layers"]]
+        if len(steered) > 1:
+            from ..viz import figures
+
+            xs = [r["strength"] for r in steered]
+            ctx.figure("steering sweep on validation", "steering_sweep.png", figures.sweep_curves, xs,
+                       {"judge accuracy": [r["judge_accuracy"] for r in steered],
+                        "readout accuracy": [r["readout_accuracy"] for r in steered]},
+                       perplexity={"perplexity": [r["perplexity"] for r in steered]},
+                       xlabel="α (× rms)", title=f"steering, layers {steered[0]['layers']}")
+    return res
+
+
+def plan(cfg) -> Plan:
+    s = cfg.section("steering")
+    n_b = 1 if s.layer_bands == "paper" else len(s.layer_bands)
+    n_set = n_b * len(s.strengths)
+    nv = common.n_prompts(cfg, "validation") if n_set > 1 else 0
+    nt = common.n_prompts(cfg, "test")
+    gen = nv * (n_set + 1) / 1 + nt * 2
+    return Plan(generate=gen, forward=2 * gen,
+                what=(f"sweep {n_set} settings on validation; best on test" if n_set > 1
+                      else "one setting (no sweep); steered vs unsteered on test"))
+
+
+STUDY = Study("steering", "Steering (stage 03)", Config, run, plan, requires=("directions",),
+              modules=("emocircuits.steering",), inputs=common.sev_inputs("validation", "test"))
