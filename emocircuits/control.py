@@ -43,14 +43,11 @@ Emotion-vocabulary baseline (after ECM, Zhou et al. 2018):
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -60,6 +57,7 @@ from jaxtyping import Float
 from .directions import group_centered_means
 from .emotions import EKMAN6, EMOTION_WORDS, NEUTRAL, VA_COORDINATES
 from .prompts import Prompt, encode
+from .results import Result
 
 EPS = 1e-12
 AXES: tuple[str, str] = ("valence", "arousal")
@@ -72,7 +70,7 @@ VA_EMOTIONS: tuple[str, ...] = EKMAN6 + (NEUTRAL,)
 
 
 @dataclass
-class VADirections:
+class VADirections(Result):
     """Unit valence and arousal directions per layer: ``vectors[axis, layer, d_model]``.
 
     ``layers[i]`` is the model layer of ``vectors[:, i]``; ``site`` the hook site they live in.
@@ -114,35 +112,6 @@ class VADirections:
     def axis_cosine(self) -> Float[torch.Tensor, "layer"]:
         """cos(valence, arousal) per layer."""
         return torch.nn.functional.cosine_similarity(self.vectors[0], self.vectors[1], dim=-1)
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """``path``.safetensors (vectors) + ``path``.json (layers, method, site, meta), atomically."""
-        from safetensors.torch import save_file
-
-        stem = Path(path).with_suffix("")
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        st = stem.with_suffix(".safetensors")
-        tmp = st.with_name(st.name + ".tmp")
-        save_file({"vectors": self.vectors.float().contiguous()}, str(tmp))
-        os.replace(tmp, st)
-        js = stem.with_suffix(".json")
-        tmp = js.with_name(js.name + ".tmp")
-        tmp.write_text(json.dumps({"layers": self.layers, "method": self.method, "site": self.site,
-                                   "meta": self.meta}, indent=1, default=str))
-        os.replace(tmp, js)
-        return js
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> VADirections:
-        from safetensors.torch import load_file
-
-        stem = Path(path).with_suffix("")
-        for f in (stem.with_suffix(".json"), stem.with_suffix(".safetensors")):
-            if not f.exists():
-                raise FileNotFoundError(f"VADirections.load: {f} missing")
-        d = json.loads(stem.with_suffix(".json").read_text())
-        return cls(load_file(str(stem.with_suffix(".safetensors")))["vectors"], d["layers"], d["method"],
-                   d["site"], d.get("meta", {}))
 
 
 def _check_target(target: Sequence[float]) -> tuple[float, float]:
@@ -263,7 +232,7 @@ def _check_rows(name: str, acts: torch.Tensor, prompts: Sequence) -> None:
 
 
 @dataclass
-class VAComparison:
+class VAComparison(Result):
     """cos(a, b) per axis and layer, and each set's own cos(valence, arousal)."""
 
     layers: list[int]
@@ -391,7 +360,7 @@ def default_grid(levels: Sequence[float] = (-1.0, -0.5, 0.0, 0.5, 1.0)) -> list[
 
 
 @dataclass
-class AxisScores:
+class AxisScores(Result):
     """Target vs measured along one axis."""
 
     pearson_r: float
@@ -400,12 +369,9 @@ class AxisScores:
     monotonic_fraction: float    # fraction of adjacent steps along the axis where the mean rises
     line_spearman: float         # mean Spearman along each line (other axis fixed)
 
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
 
 @dataclass
-class ControllabilityResult:
+class ControllabilityResult(Result):
     """Per grid point: targets, measured VA per prompt (text judge and readout), texts."""
 
     targets: list[tuple[float, float]]

@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 from . import sites as S
 from .activations import forward_until
 from .prompts import Prompt, TokenBatch, tokenize
+from .results import Result
 
 Ablation = Literal["zero", "mean", "resample"]
 PromptLike = str | Prompt
@@ -441,7 +442,7 @@ def patch(model, target: Sequence[PromptLike], locs: Loc | Sequence[Loc], metric
 
 
 @dataclass
-class PatchingResult:
+class PatchingResult(Result):
     """``effect[layer, component]`` = mean over prompts of (patched − unpatched) metric."""
 
     effect: Float[torch.Tensor, "layer component"]

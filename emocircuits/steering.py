@@ -37,6 +37,7 @@ from . import sites as S
 from .directions import EmotionDirections
 from .generation import GenerationConfig, generate, is_decoding
 from .prompts import Prompt
+from .results import Result
 
 RMS_EPS = 1e-12
 _PAPER_BAND = (11, 21, 28)  # layers [11, 21) of 28
@@ -233,7 +234,7 @@ def _with_prefix(text: str, prefix: str | None) -> str:
 
 
 @dataclass
-class SweepResult:
+class SteeringSweep(Result):
     """One row per (layers, α, emotion): readout share, judge accuracy, fluency."""
 
     rows: list[dict]
@@ -275,6 +276,10 @@ class SweepResult:
         return max(cand, key=lambda s: s[metric])
 
 
+SweepResult = SteeringSweep
+"""The old name of ``SteeringSweep`` (result type names are unique across the library)."""
+
+
 def _band_name(band: Sequence[int]) -> str:
     b = list(band)
     if len(b) > 1 and b == list(range(b[0], b[-1] + 1)):
@@ -299,7 +304,7 @@ def steering_sweep(
     include_baseline: bool = True,
     n_examples: int = 2,
     progress: bool = True,
-) -> SweepResult:
+) -> SteeringSweep:
     """Steer toward each emotion for every (layer band × α) and measure, per setting:
 
     * ``readout_share``: mean share of the target emotion's words in the next-token mass at the
@@ -359,7 +364,7 @@ def steering_sweep(
                 bar.update(1)
     finally:
         bar.close()
-    return SweepResult(rows, {"site": site, "scale": scale,
+    return SteeringSweep(rows, {"site": site, "scale": scale,
                               "positions": positions if isinstance(positions, str) else "index",
                               "gen_config": asdict(cfg), "readout_prefix": readout_prefix,
                               "judge": getattr(judge, "name", None), "seconds": time.perf_counter() - t0})
