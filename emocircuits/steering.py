@@ -280,8 +280,10 @@ SweepResult = SteeringSweep
 """The old name of ``SteeringSweep`` (result type names are unique across the library)."""
 
 
-def _band_name(band: Sequence[int]) -> str:
-    b = list(band)
+def band_name(band: Sequence[int]) -> str:
+    """The label of a layer band: ``"11-20"`` for a contiguous run of two or more layers,
+    otherwise the layers joined by commas (``"5"``, ``"1,3,7"``)."""
+    b = [int(x) for x in band]
     if len(b) > 1 and b == list(range(b[0], b[-1] + 1)):
         return f"{b[0]}-{b[-1]}"
     return ",".join(map(str, b))
@@ -354,7 +356,7 @@ def steering_sweep(
                 if judge is not None:
                     acc = float(np.mean(judge.judge(gen.texts, [e] * len(texts)).match))
                 rows.append({
-                    "layers": "none" if band is None else _band_name(band), "alpha": a, "emotion": e,
+                    "layers": "none" if band is None else band_name(band), "alpha": a, "emotion": e,
                     "readout_share": float(ro.share[:, k].mean()),
                     "readout_top1": float(np.mean([lab == e for lab in ro.labels])),
                     "judge_accuracy": acc, "perplexity": flu.mean_perplexity,
