@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .prompts import Prompt, TokenBatch, tokenize
+from .results import Result
 
 _PHASE_ATTR = "_emocircuits_decoding"
 
@@ -80,7 +81,7 @@ class GenerationConfig:
 
 
 @dataclass
-class GenerationResult:
+class GenerationResult(Result):
     texts: list[str]
     tokens: list[list[int]]  # generated ids per row (EOS excluded)
     prompt_lengths: list[int]

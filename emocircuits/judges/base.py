@@ -9,9 +9,11 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from jaxtyping import Float
 
+from ..results import Result
+
 
 @dataclass
-class JudgeResult:
+class JudgeResult(Result):
     """What every judge returns.
 
     ``labels[i]`` is the emotion the judge reads in ``texts[i]`` (or ``None`` when it can

@@ -25,11 +25,12 @@ from tqdm.auto import tqdm
 
 from ..emotions import NEGATIVE_EMOTIONS, POSITIVE_EMOTIONS, EmotionSet, emotion_set
 from ..prompts import Prompt, tokenize
+from ..results import Result
 from .base import JudgeResult
 
 
 @dataclass(frozen=True)
-class EmotionTokens:
+class EmotionTokens(Result):
     """First-token ids per emotion, after removing tokens shared between emotions."""
 
     emotions: tuple[str, ...]
@@ -70,7 +71,7 @@ def emotion_tokens(model_or_tokenizer, emotions: EmotionSet | Sequence[str] | No
 
 
 @dataclass
-class ReadoutResult:
+class ReadoutResult(Result):
     """``mass[i, j]`` = P(emotions[j]) at prompt i; ``share`` renormalises over emotions."""
 
     emotions: tuple[str, ...]
