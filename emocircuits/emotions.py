@@ -17,7 +17,10 @@ One place for the vocabulary every stage shares:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 EKMAN6: tuple[str, ...] = ("anger", "sadness", "happiness", "fear", "surprise", "disgust")
 NEUTRAL = "neutral"
@@ -75,6 +78,29 @@ VA_SOURCE = (
 
 POSITIVE_EMOTIONS: tuple[str, ...] = ("happiness",)
 NEGATIVE_EMOTIONS: tuple[str, ...] = ("anger", "sadness", "fear", "disgust")
+
+
+def valence_score(
+    probs,
+    emotions: Sequence[str],
+    *,
+    positive: Sequence[str] = POSITIVE_EMOTIONS,
+    negative: Sequence[str] = NEGATIVE_EMOTIONS,
+) -> np.ndarray:
+    """P(positive emotions) − P(negative emotions) per row of ``probs`` ``[n, emotion]``
+    (columns in ``emotions`` order; emotions of ``positive``/``negative`` that are not columns
+    are skipped, so surprise and neutral count on neither side by default).
+
+    The one valence helper behind ``ReadoutResult.valence_score``, ``MalleabilityResult.valence``
+    and ``probes.valence_of``."""
+    p = np.asarray(probs)
+    names = list(emotions)
+    if p.ndim != 2 or p.shape[1] != len(names):
+        raise ValueError(f"valence_score: probs must be [n, {len(names)}] for emotions {names}, "
+                         f"got shape {p.shape}")
+    pos = [names.index(e) for e in positive if e in names]
+    neg = [names.index(e) for e in negative if e in names]
+    return p[:, pos].sum(1) - p[:, neg].sum(1)
 
 
 @dataclass(frozen=True)

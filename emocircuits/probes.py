@@ -42,8 +42,10 @@ from tqdm.auto import tqdm
 
 from . import sites as S
 from .activations import forward_until
-from .emotions import NEGATIVE_EMOTIONS, POSITIVE_EMOTIONS
+from .deprecation import warn_deprecated
+from .emotions import valence_score
 from .prompts import Prompt, encode, pad_ids, render
+from .results import Result
 
 EMBED_LAYER = -1
 """Layer index used for the embedding (``resid_pre`` of layer 0) in sweeps and probes."""
@@ -971,11 +973,9 @@ class MalleabilityResult:
         return m - m[self.names.index(reference)]
 
     def valence(self) -> Float[np.ndarray, "prompt"]:
-        """Mean P(positive classes) − P(negative classes) per system prompt."""
-        pos = [self.classes.index(c) for c in POSITIVE_EMOTIONS if c in self.classes]
-        neg = [self.classes.index(c) for c in NEGATIVE_EMOTIONS if c in self.classes]
-        m = self.mean
-        return m[:, pos].sum(1) - m[:, neg].sum(1)
+        """Mean P(positive classes) − P(negative classes) per system prompt
+        (``emotions.valence_score`` of ``mean``)."""
+        return valence_score(self.mean, self.classes)
 
     def to_dataframe(self, reference: str = "none"):
         import pandas as pd
@@ -1037,16 +1037,123 @@ def malleability(
 
 
 def valence_of(probs: np.ndarray, classes: Sequence[str]) -> np.ndarray:
-    """P(positive emotions) − P(negative emotions) per row of a probe's probabilities."""
-    pos = [list(classes).index(c) for c in POSITIVE_EMOTIONS if c in classes]
-    neg = [list(classes).index(c) for c in NEGATIVE_EMOTIONS if c in classes]
-    return probs[:, pos].sum(1) - probs[:, neg].sum(1)
+    """Deprecated: ``emotions.valence_score(probs, classes)``."""
+    warn_deprecated("probes.valence_of", "emocircuits.emotions.valence_score", stacklevel=3)
+    return valence_score(probs, classes)
+
+
+def malleability_accuracy(result: MalleabilityResult, labels: Sequence[str]) -> dict[str, float]:
+    """The probe's accuracy (argmax = label) under each system prompt of ``result``."""
+    y = np.array([list(result.classes).index(lab) for lab in labels])
+    for n in result.names:
+        if len(result.probs[n]) != len(y):
+            raise ValueError(f"malleability_accuracy: {len(y)} labels for {len(result.probs[n])} rows")
+    return {n: float((result.probs[n].argmax(1) == y).mean()) for n in result.names}
+
+
+def fit_in_context_probe(model, utterances: Sequence[str], labels: Sequence[str], *, layer: int,
+                         system: str | None = None, kind: str = "logreg",
+                         classes: Sequence[str] | None = None, chat: bool | None = None,
+                         batch_size: int = 16, progress: bool = False) -> Probe:
+    """A probe at ``layer`` trained on ``utterances`` wrapped the way ``malleability`` reads them
+    (chat: the user message after ``system``; base: the text, after ``system`` when given), at
+    each utterance's last token: only the system prompt differs between its training input and
+    what ``malleability`` shows it (no raw-text -> chat distribution shift)."""
+    if len(utterances) != len(labels):
+        raise ValueError(f"fit_in_context_probe: {len(labels)} labels for {len(utterances)} utterances")
+    wrapped = [wrap_utterance(model, u, system, chat=chat) for u in utterances]
+    ids = [encode(model, w[0]) for w in wrapped]
+    x = hidden_at(model, ids, [[w[1]] for w in wrapped], [layer], batch_size=batch_size,
+                  progress=progress)[:, 0, 0]
+    return fit_probe(x, labels, layer=layer, kind=kind, classes=classes)
+
+
+def transfer_by_band(result: PersistenceResult,
+                     bands: Sequence[tuple[int, int]] = ((1, 32), (33, 64), (65, 128))) -> dict[str, float]:
+    """Mean transfer accuracy of a persistence run over k in each inclusive band ``(a, b)``
+    (``"k=a-b"``; bands past the generated length are left out, a band is cut at K)."""
+    if result.transfer_accuracy is None:
+        raise ValueError("transfer_by_band: the persistence run had no transfer probe")
+    k = np.asarray(result.k)
+    acc = np.asarray(result.transfer_accuracy, dtype=np.float64)
+    out = {}
+    for a, b in bands:
+        sel = (k >= a) & (k <= b)
+        if sel.any():
+            out[f"k={a}-{b}"] = float(acc[sel].mean())
+    return out
+
+
+@dataclass
+class ValenceAgreement(Result):
+    """One probe read on SEV prompts: its valence P(positive) − P(negative) per prompt against
+    the events' valence (AUC positive vs negative event) and the logit readout's (r, ρ)."""
+
+    auc: float
+    pearson: float
+    spearman: float
+    mean_probs: dict[str, list[float]]  # event valence -> mean class probabilities
+    mean_valence: dict[str, float]  # event valence -> mean probe valence
+
+
+@dataclass
+class SEVProbeCheck(Result):
+    """Probes against the logit readout on SEV neutral prompts (``sev_probe_check``)."""
+
+    classes: list[str]
+    n_prompts: int
+    auc_readout: float  # the readout's valence score, positive vs negative event
+    mean_readout_valence: dict[str, float]
+    probes: dict[str, ValenceAgreement]
+
+
+def sev_probe_check(model, probes: Mapping[str, Probe], prompts: Sequence[Prompt], *,
+                    batch_size: int = 16, progress: bool = False) -> SEVProbeCheck:
+    """Do probes trained on utterances read the emotion of an event? On neutral SEV prompts
+    (no emotion instruction; e.g. ending in the assistant prefix "I feel"), each probe's valence
+    P(positive) − P(negative) at the last token, v_probe, and the logit readout's valence score
+    v_ro (emotion-word mass, positive − negative) are compared: AUC(v, positive vs negative
+    event) for both, and Pearson / Spearman between v_probe and v_ro. Prompts need ``valence``."""
+    from scipy.stats import pearsonr, spearmanr
+
+    from .judges.readout import auc, emotion_readout
+
+    if not probes:
+        raise ValueError("sev_probe_check: no probes")
+    if len(prompts) < 2:
+        raise ValueError("sev_probe_check: needs at least 2 prompts")
+    val = np.array([str(getattr(p, "valence", None)) for p in prompts])
+    pos, neg = val == "positive", val == "negative"
+    if not pos.any() or not neg.any():
+        raise ValueError("sev_probe_check: prompts need both positive and negative events")
+    rv = emotion_readout(model, prompts, batch_size=batch_size).valence_score()
+    present = [v for v in ("positive", "neutral", "negative") if (val == v).any()]
+    inputs: dict[tuple[str, int], torch.Tensor] = {}
+    out: dict[str, ValenceAgreement] = {}
+    classes = None
+    for name, pr in probes.items():
+        key = (pr.site, pr.layer)
+        if key not in inputs:
+            inputs[key] = probe_inputs(model, pr, prompts, batch_size=batch_size, progress=progress)
+        pp = pr.predict_proba(inputs[key])
+        pv = valence_score(pp, pr.classes)
+        classes = list(pr.classes) if classes is None else classes
+        const = np.ptp(pv) == 0 or np.ptp(rv) == 0
+        out[name] = ValenceAgreement(
+            auc=auc(pv[pos], pv[neg]),
+            pearson=float("nan") if const else float(pearsonr(rv, pv)[0]),
+            spearman=float("nan") if const else float(spearmanr(rv, pv)[0]),
+            mean_probs={v: [float(x) for x in pp[val == v].mean(0)] for v in present},
+            mean_valence={v: float(pv[val == v].mean()) for v in present})
+    return SEVProbeCheck(classes or [], len(prompts), auc(rv[pos], rv[neg]),
+                         {v: float(rv[val == v].mean()) for v in present}, out)
 
 
 __all__ = [
     "DEFAULT_BUCKETS", "DEFAULT_SYSTEM_PROMPTS", "EMBED_LAYER", "MalleabilityResult",
-    "PersistenceResult", "Probe", "ProbeSweep", "ZeroShotResult", "class_first_tokens",
-    "cv_splits", "fit_probe", "hidden_at", "malleability", "parse_label", "persistence",
-    "pool_acts", "probe_inputs", "probe_layers", "valence_of", "wrap_utterance", "zero_shot",
+    "PersistenceResult", "Probe", "ProbeSweep", "SEVProbeCheck", "ValenceAgreement", "ZeroShotResult",
+    "class_first_tokens", "cv_splits", "fit_in_context_probe", "fit_probe", "hidden_at", "malleability",
+    "malleability_accuracy", "parse_label", "persistence", "pool_acts", "probe_inputs", "probe_layers",
+    "sev_probe_check", "transfer_by_band", "valence_of", "wrap_utterance", "zero_shot",
     "zero_shot_prompt",
 ]

@@ -31,6 +31,7 @@ import torch
 
 import emocircuits as ec
 from emocircuits import probes as P
+from emocircuits.emotions import valence_score
 from emocircuits.judges.readout import auc, emotion_readout
 from emocircuits.models import is_chat_model, model_id
 from emocircuits.prompts import encode
@@ -205,8 +206,8 @@ def main() -> None:
         rv = ro.valence_score()
         xs = P.probe_inputs(model, probe, prompts, batch_size=args.batch)
         pp = probe.predict_proba(xs)
-        pv = P.valence_of(pp, classes)
-        pv_ctx = P.valence_of(probe_ctx.predict_proba(xs), classes)
+        pv = valence_score(pp, classes)
+        pv_ctx = valence_score(probe_ctx.predict_proba(xs), classes)
         val = np.array([p.valence for p in prompts])
         pos, neg = val == "positive", val == "negative"
         from scipy.stats import pearsonr, spearmanr

@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from ..emotions import NEGATIVE_EMOTIONS, POSITIVE_EMOTIONS, EmotionSet, emotion_set
+from ..emotions import NEGATIVE_EMOTIONS, POSITIVE_EMOTIONS, EmotionSet, emotion_set, valence_score
 from ..prompts import Prompt, tokenize
 from ..results import Result
 from .base import JudgeResult
@@ -88,10 +88,9 @@ class ReadoutResult(Result):
 
     def valence_score(self, positive: Sequence[str] = POSITIVE_EMOTIONS,
                       negative: Sequence[str] = NEGATIVE_EMOTIONS) -> np.ndarray:
-        """P(positive emotions' words) − P(negative emotions' words), per prompt."""
-        pos = [self.emotions.index(e) for e in positive if e in self.emotions]
-        neg = [self.emotions.index(e) for e in negative if e in self.emotions]
-        return self.mass[:, pos].sum(1) - self.mass[:, neg].sum(1)
+        """P(positive emotions' words) − P(negative emotions' words), per prompt
+        (``emotions.valence_score`` of ``mass``)."""
+        return valence_score(self.mass, self.emotions, positive=positive, negative=negative)
 
 
 @torch.no_grad()
