@@ -28,7 +28,7 @@ import time
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ from .prompts import (
     emotion_prompts,
     neutral_prompts,
 )
+from .results import Result, atomic_write_text
 
 VALENCES: tuple[str, ...] = ("positive", "neutral", "negative")
 RECORD_FIELDS: tuple[str, ...] = (
@@ -85,32 +86,17 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_jsonl_atomic(rows: Iterable[dict], path: str | os.PathLike) -> Path:
-    """Write rows as JSONL to ``path`` via a temporary file and ``os.replace``."""
+    """Write rows as JSONL to ``path`` atomically (``results.atomic_write_text``, fsynced)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    atomic_write_text(path, text, fsync=True)
     _fsync_dir(path.parent)
     return path
 
 
 def write_json_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """Write one JSON document atomically (tmp + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    """Write one JSON document atomically (``results.atomic_write_text``, fsynced)."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n", fsync=True)
 
 
 def _read_rows(path: Path) -> tuple[list[dict], bool]:
@@ -384,7 +370,7 @@ def elicitation_seconds_per_100(rows: Sequence[dict]) -> float:
 
 
 @dataclass
-class ReadoutAccuracy:
+class ReadoutAccuracy(Result):
     """The logit readout on instructed prompts scored against the instructed emotion.
 
     ``table``: argmax_e P(e) == target on "Always reply in {target}" prompts + prefix.
@@ -409,9 +395,6 @@ class ReadoutAccuracy:
     neutral_share: dict[str, dict[str, float]]
     n_instructed: int
     n_neutral: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _drop_keyword(es: EmotionSet, tokenizer) -> EmotionSet:

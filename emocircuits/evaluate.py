@@ -13,24 +13,22 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .prompts import Prompt, encode
+from .results import Result
 
 
 @dataclass
-class AccuracyTable:
+class AccuracyTable(Result):
     overall: float
     n: int
     by_emotion: dict[str, float]
     by_valence: dict[str, float]
     by_emotion_valence: dict[str, float]  # key "emotion/valence"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def format(self, title: str = "") -> str:
         emos = list(self.by_emotion)
@@ -73,7 +71,7 @@ def repeated_ngram_rate(tokens: Sequence, n: int = 3) -> float:
 
 
 @dataclass
-class FluencyResult:
+class FluencyResult(Result):
     perplexity: list[float]
     repeated_ngram_rate: list[float]
     n: int = 3
@@ -135,7 +133,7 @@ def fluency(model, prompts: Sequence[str | Prompt], texts: Sequence[str], *, n: 
 
 
 @dataclass
-class MethodEvaluation:
+class MethodEvaluation(Result):
     """One method's generations judged and guarded."""
 
     method: str
@@ -186,17 +184,22 @@ def evaluate_intervention(
     readout_prompts: Sequence[Prompt] | None = None,
     with_fluency: bool = True,
     n_examples: int = 12,
+    logits_processors=None,
 ) -> MethodEvaluation:
     """Generate on ``prompts`` once per target emotion under ``make_ctx(emotion)`` (a context
-    manager, or None for the unmodified model), judge each text against its target, and add
+    manager, or None for the unmodified model), with ``logits_processors(emotion)`` (called
+    after ``make_ctx(emotion)``; a list for ``generate``, or None) when given, judge each text
+    against its target, and add
 
     * fluency under the *unmodified* model (perplexity, repeated-3-gram rate; per text in
       ``rows`` and summarised), when ``with_fluency``;
     * the logit readout on ``readout_prompts`` (prompt + "I feel"-style prefix, same order as
-      ``prompts``) under the same context: accuracy = argmax of emotion-word mass is the target.
+      ``prompts``) under the same context: accuracy = argmax of emotion-word mass is the target;
+      ``mean_target_mass`` / ``mean_target_share``: the target's word mass (raw / renormalised
+      over the emotions).
 
-    When ``make_ctx`` returns None for every emotion, the texts are generated once and judged
-    against every target (the unmodified model's floor).
+    When ``make_ctx`` (and ``logits_processors``) return None for every emotion, the texts are
+    generated once and judged against every target (the unmodified model's floor).
     """
     from contextlib import nullcontext
 
@@ -208,14 +211,16 @@ def evaluate_intervention(
     cache: dict[str, object] = {}
     for e in emotions:
         cm = make_ctx(e)
-        if cm is None and "gen" in cache:
+        procs = logits_processors(e) if logits_processors is not None else None
+        plain = cm is None and not procs
+        if plain and "gen" in cache:
             g, ro = cache["gen"], cache.get("ro")
         else:
             with cm if cm is not None else nullcontext():
-                g = generate(model, list(prompts), cfg, progress=False)
+                g = generate(model, list(prompts), cfg, progress=False, logits_processors=procs or ())
                 ro = (emotion_readout(model, list(readout_prompts), list(emotions))
                       if readout_prompts is not None else None)
-            if cm is None:
+            if plain:
                 cache.update(gen=g, ro=ro)
         allp += list(prompts)
         texts += g.texts
@@ -223,14 +228,16 @@ def evaluate_intervention(
         targets += [e] * len(prompts)
         if ro is not None:
             j = list(ro.emotions).index(e)
-            for p, lab, m in zip(readout_prompts, ro.labels, ro.mass[:, j], strict=True):
+            for p, lab, m, sh in zip(readout_prompts, ro.labels, ro.mass[:, j], ro.share[:, j],
+                                     strict=True):
                 ro_rows.append({"emotion": e, "valence": getattr(p, "valence", None),
-                                "match": lab == e, "mass": float(m)})
+                                "match": lab == e, "mass": float(m), "share": float(sh)})
     ev = evaluate_texts(method, allp, texts, targets, judge, model=model if with_fluency else None,
                         generated_tokens=toks if with_fluency else None)
     if ro_rows:
         ro_table = accuracy_table(ro_rows).to_dict()
         ro_table["mean_target_mass"] = float(np.mean([r["mass"] for r in ro_rows]))
+        ro_table["mean_target_share"] = float(np.mean([r["share"] for r in ro_rows]))
         ev.readout = ro_table
     ev.fluency["repeated_3gram_rate_mean"] = float(np.mean([repeated_ngram_rate(t, 3) for t in toks]))
     step = max(1, len(ev.rows) // max(1, n_examples))
