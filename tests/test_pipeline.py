@@ -1,160 +1,301 @@
-"""The pipeline: config, cache keys, resume after an exception and after a SIGKILL, dry run."""
+"""The run engine and the studies: typed config, cache keys, resume (exception and SIGKILL),
+the result contract in run folders, one run per folder, the CLI, experiment presets."""
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
 from emocircuits import cli
-from emocircuits import pipeline as P
+from emocircuits.results import Result
+from emocircuits.run import ConfigError, RunError, RunLockedError, Study, stage_hashes
+from emocircuits.run.engine import run_lock
+from emocircuits.studies import STUDIES, dry_run, get_study, load_config, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = ["data.n_train=3", "data.n_validation=1", "data.n_test=1", "generation.max_new_tokens=3",
+        "generation.min_new_tokens=0", "directions.keyword_control=false", "directions.n_folds=2",
+        'run.emotions=["anger", "sadness", "happiness"]']
+TINY_ARGS = [a for o in TINY for a in ("--set", o)]
 
 
-def tiny_cfg(**over) -> dict:
-    cfg = P.load_preset("quick")
-    cfg = P.apply_overrides(cfg, [
-        "data.n_train=3", "data.n_validation=1", "data.n_test=1", "generation.max_new_tokens=3",
-        "directions.keyword_control=false", "directions.n_folds=2",
-        'run.emotions=["anger", "sadness", "happiness"]',
-        *[f"{k}={v}" for k, v in over.items()]], model="tiny-llama")
-    return P.validate_config(cfg)
+def tiny_cfg(*over: str):
+    return load_config("quick", [*TINY, *over], model="tiny-llama")
 
 
 # ----------------------------------------------------------------------------- config
 
 
-def test_presets_load_and_validate():
+def test_presets_parse_into_typed_sections():
     for name in ("quick", "full"):
-        cfg = P.validate_config(P.load_preset(name))
-        assert cfg["run"]["model"] == "smollm2-135m-instruct"
-        assert cfg["run"]["preset"] == name
-    q = P.load_preset("quick")["data"]
-    assert q["n_train"] <= 8 and q["n_test"] <= 6 and P.load_preset("quick")["generation"]["max_new_tokens"] <= 32
-    f = P.load_preset("full")["data"]
-    assert (f["n_train"], f["n_validation"], f["n_test"]) == (160, 40, 40)
+        cfg = load_config(name)
+        assert cfg.run.model == "smollm2-135m-instruct" and cfg.run.preset == name
+        assert cfg.section("steering").strengths and isinstance(cfg.section("steering").strengths, tuple)
+    q, f = load_config("quick").data, load_config("full").data
+    assert q.n_train <= 8 and q.n_test <= 6
+    assert (f.n_train, f.n_validation, f.n_test) == (160, 40, 40)
+    # every default is filled in and in config.json's dict
+    d = load_config("quick").to_dict()
+    assert set(d) == {"run", "data", "generation", "judge", *(s.name for s in STUDIES)}
+    assert d["circuits"]["ppl_guard"] == 3.0
 
 
-def test_overrides_and_errors(tmp_path):
-    cfg = P.apply_overrides(P.load_preset("quick"), ["steering.alphas=[1.0, 2.0]", "data.n_test=2",
-                                                     "run.dtype=bf16"], model="gemma-3-270m")
-    assert cfg["steering"]["alphas"] == [1.0, 2.0] and cfg["data"]["n_test"] == 2
-    assert cfg["run"]["model"] == "gemma-3-270m" and cfg["run"]["dtype"] == "bf16"
-    with pytest.raises(P.PipelineError, match="section.key=value"):
-        P.apply_overrides({}, ["nodot=1"])
-    with pytest.raises(P.PipelineError, match="data.n_test"):
-        P.validate_config(P.apply_overrides(P.load_preset("quick"), ["data.n_test=0"]))
-    with pytest.raises(P.PipelineError, match="run.emotions"):
-        P.validate_config(P.apply_overrides(P.load_preset("quick"), ['run.emotions=["anger"]']))
+@pytest.mark.parametrize("override, message", [
+    ("steering.alpahs=[2.0]", "unknown key 'alpahs'"),
+    ("steering.strenghts=[2.0]", "did you mean 'strengths'"),
+    ("steering.strengths=8", "steering.strengths: expected a list of numbers, got 8 (int)"),
+    ("stering.strengths=[1.0]", "unknown section [stering] (did you mean [steering]?)"),
+    ("circuits.lambdas=[\"a\"]", "circuits.lambdas: expected a list of numbers"),
+    ("directions.keyword_control=1", "expected true or false"),
+    ("generation.batch_size=-4", "batch_size must be >= 1"),
+    ("data.n_test=0", "data.n_test must be a positive integer"),
+    ('run.emotions=["anger"]', "run.emotions must list >= 2"),
+    ('run.emotions=["anger", "joyy"]', "unknown emotion(s) ['joyy']"),
+    ('run.dtype="fp33"', "run.dtype 'fp33'"),
+    ('run.device="gpu"', "run.device 'gpu'"),
+    ('judge.prefer="best"', "judge.prefer: expected one of"),
+    ('run.stages=["nope"]', "unknown stage(s) ['nope']"),
+    ("nodot=1", "section.key=value"),
+])
+def test_bad_settings_are_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("quick", [override])
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("dry", [True, False])
+def test_cli_refuses_bad_settings_before_loading_a_model(dry, tmp_path, capsys, monkeypatch):
+    from emocircuits.studies import common
+
+    monkeypatch.setattr(common, "load_run_model", lambda *a, **k: pytest.fail("model loaded"))
+    args = ["run", "--model", "tiny-llama", "--out", str(tmp_path / "r"),
+            "--set", "steering.alpahs=[2.0]"] + (["--dry-run"] if dry else [])
+    assert cli.main(args) == 2
+    assert "unknown key 'alpahs'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_preset_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="shipped presets"):
-        P.load_preset("nope")
+        load_config("nope")
     bad = tmp_path / "bad.toml"
     bad.write_text("[run\nmodel=1")
-    with pytest.raises(P.PipelineError, match="invalid TOML"):
-        P.load_preset(bad)
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(bad)
 
 
-def test_hashes_follow_the_dependency_graph():
-    stages = P.default_stages()
-    a = P.stage_hashes(stages, tiny_cfg())
-    b = P.stage_hashes(stages, tiny_cfg(**{"directions.n_folds": 3}))
-    assert a["judge"] == b["judge"] and a["prompting"] == b["prompting"]
-    assert a["probes"] == b["probes"]
+def test_hashes_follow_the_dependency_graph_and_study_versions():
+    a = stage_hashes(STUDIES, tiny_cfg())
+    b = stage_hashes(STUDIES, tiny_cfg("directions.n_folds=3"))
+    for s in ("judge_agreement", "prompting", "probes"):
+        assert a[s] == b[s], s
     for s in ("directions", "steering", "components", "circuits", "control"):
         assert a[s] != b[s], s
-    c = P.stage_hashes(stages, tiny_cfg(**{"data.n_test": 2}))  # common section: everything
+    c = stage_hashes(STUDIES, tiny_cfg("data.n_test=2"))  # common section: everything
     assert all(a[s] != c[s] for s in a)
-    assert P.stage_hashes(stages, tiny_cfg()) == a  # deterministic
+    assert stage_hashes(STUDIES, tiny_cfg()) == a  # deterministic
+    # a default written out explicitly is the same config (hash after defaults)
+    assert stage_hashes(STUDIES, tiny_cfg("circuits.ppl_guard=3.0")) == a
+    # bumping one study's version invalidates it and what requires it
+    from dataclasses import replace
+
+    bumped = [replace(s, version=s.version + 1) if s.name == "directions" else s for s in STUDIES]
+    d = stage_hashes(bumped, tiny_cfg())
+    assert d["prompting"] == a["prompting"] and d["judge_agreement"] == a["judge_agreement"]
+    assert d["directions"] != a["directions"] and d["steering"] != a["steering"]
+    assert d["circuits"] != a["circuits"]
+
+
+def test_data_file_contents_are_in_the_key(tmp_path):
+    from emocircuits.data import load_sev, save_sev
+
+    src = tmp_path / "train.jsonl"
+    save_sev(list(load_sev("builtin:train"))[:6], src)
+    cfg = tiny_cfg(f'data.train="{src}"')
+    a = stage_hashes(STUDIES, cfg)
+    text = src.read_text().replace("a ", "the ", 1)
+    src.write_text(text)
+    b = stage_hashes(STUDIES, cfg)
+    assert a["directions"] != b["directions"] and a["prompting"] == b["prompting"]
 
 
 def test_subset_records_round_robin_over_themes():
     from emocircuits.data import load_sev
+    from emocircuits.studies.common import subset_records
 
     ds = load_sev("builtin:train")
-    sub = P.subset_records(ds, 8)
-    assert len(sub) == 8 and len({r.theme for r in sub}) == 8
-    assert P.subset_records(ds, None) == list(ds)
+    sub = subset_records(ds, 6)
+    assert len(sub) == 6 and len({r.theme for r in sub}) == min(6, len({r.theme for r in ds}))
+    assert subset_records(ds, None) == list(ds)
 
 
-# ----------------------------------------------------------------------------- resume
+# ----------------------------------------------------------------------------- engine
 
 
-def _counting_stage(counter: dict, name: str, fail: bool = False):
+@dataclass
+class Numbers(Result):
+    x: torch.Tensor
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class NoConfig:
+    pass
+
+
+def _after(calls: dict, fail: bool = False):
     def fn(ctx):
-        counter[name] = counter.get(name, 0) + 1
-        x = ctx.upstream["directions"].artifacts["directions"].vectors["resid_post"]
-        ctx.results["sum"] = float(x.double().sum())
-        ctx.path("partial.txt").write_text("half done")
+        calls["after"] = calls.get("after", 0) + 1
         if fail:
             raise RuntimeError("injected failure")
-        ctx.artifacts["x"] = x * 2
-    return fn
+        v = ctx.upstream("directions").directions.vectors["resid_mid"]
+        return Numbers(v.norm(dim=-1) * 2, "ok")
+    return Study("after", "after", NoConfig, fn, requires=("directions",))
 
 
 def test_resume_after_injected_exception_gives_identical_results(tiny_llama, tmp_path):
     cfg = tiny_cfg()
-    dirs_stage = next(s for s in P.default_stages() if s.name == "directions")
+    dirs = get_study("directions")
     calls: dict = {}
-    failing = [dirs_stage, P.Stage("after", _counting_stage(calls, "after", fail=True),
-                                   requires=("directions",))]
-    with pytest.raises(P.PipelineError, match="after.*injected failure"):
-        P.run_pipeline(cfg, tmp_path / "run", stages=failing, keep_going=False, progress=False,
-                       model=tiny_llama, report=False)
-    stage_dirs = sorted(p.name for p in (tmp_path / "run" / "stages").iterdir())
-    assert len(stage_dirs) == 1 and stage_dirs[0].startswith("directions-")  # no tmp left behind
-    doc = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert doc["stages"]["directions"]["status"] == "done"
-    # resume: directions is cached, "after" reruns and succeeds
-    ok = [dirs_stage, P.Stage("after", _counting_stage(calls, "after"), requires=("directions",))]
-    r2 = P.run_pipeline(cfg, tmp_path / "run", stages=ok, progress=False, model=tiny_llama)
+    with pytest.raises(RunError, match="after.*injected failure"):
+        run_pipeline(cfg, tmp_path / "run", studies=[dirs, _after(calls, fail=True)],
+                     keep_going=False, progress=False, model=tiny_llama, report=False)
+    names = sorted(p.name for p in (tmp_path / "run" / "stages").iterdir())
+    assert len(names) == 1 and names[0].startswith("directions-")  # no tmp left behind
+    assert not (tmp_path / "run" / ".lock").exists()
+    ok = [dirs, _after(calls)]
+    r2 = run_pipeline(cfg, tmp_path / "run", studies=ok, progress=False, model=tiny_llama)
     assert r2.cached == ["directions"] and r2.ran == ["after"] and calls["after"] == 2
-    # a fresh run from scratch gives the same numbers
-    r3 = P.run_pipeline(cfg, tmp_path / "fresh", stages=ok, progress=False, model=tiny_llama,
-                        report=False)
+    r3 = run_pipeline(cfg, tmp_path / "fresh", studies=ok, progress=False, model=tiny_llama, report=False)
     assert r3.ran == ["directions", "after"]
     for s in ("directions", "after"):
         assert r2.results["stages"][s]["results"] == r3.results["stages"][s]["results"]
-    a = P._load_record(tmp_path / "run", "after", r2.results["stages"]["after"]["config_hash"])
-    b = P._load_record(tmp_path / "fresh", "after", r3.results["stages"]["after"]["config_hash"])
-    assert torch.equal(a.artifacts["x"], b.artifacts["x"])
-    # a third run does nothing
-    r4 = P.run_pipeline(cfg, tmp_path / "run", stages=ok, progress=False, model=tiny_llama)
+    assert torch.equal(r2.result("after").x, r3.result("after").x)
+    r4 = run_pipeline(cfg, tmp_path / "run", studies=ok, progress=False, model=tiny_llama)
     assert r4.ran == [] and r4.cached == ["directions", "after"] and calls["after"] == 3
+    assert torch.equal(r4.result("after").x, r3.result("after").x)  # typed, from the folder
     assert (tmp_path / "run" / "report.html").exists()
+
+
+def test_config_or_version_change_reruns_exactly_that_stage_and_after(tiny_llama, tmp_path):
+    from dataclasses import replace
+
+    calls: dict = {}
+    studies = [get_study("judge_agreement"), get_study("directions"), _after(calls)]
+    r1 = run_pipeline(tiny_cfg(), tmp_path, studies=studies, progress=False, model=tiny_llama, report=False)
+    assert r1.ran == ["judge_agreement", "directions", "after"]
+    r2 = run_pipeline(tiny_cfg("directions.n_folds=3"), tmp_path, studies=studies, progress=False,
+                      model=tiny_llama, report=False)
+    assert r2.cached == ["judge_agreement"] and r2.ran == ["directions", "after"]
+    bumped = [studies[0], studies[1], replace(studies[2], version=2)]
+    r3 = run_pipeline(tiny_cfg("directions.n_folds=3"), tmp_path, studies=bumped, progress=False,
+                      model=tiny_llama, report=False)
+    assert r3.cached == ["judge_agreement", "directions"] and r3.ran == ["after"]
+
+
+_PAYLOAD = """
+import os
+class Boom:
+    def __reduce__(self):
+        return (os.system, ("touch {marker}",))
+"""
+
+
+def test_a_crafted_pickle_in_a_run_folder_is_never_executed(tiny_llama, tmp_path):
+    cfg = tiny_cfg()
+    studies = [get_study("directions")]
+    r = run_pipeline(cfg, tmp_path / "run", studies=studies, progress=False, model=tiny_llama, report=False)
+    folder = r.records["directions"].dir
+    marker = tmp_path / "pwned"
+    ns: dict = {}
+    exec(_PAYLOAD.format(marker=marker), ns)
+    blob = pickle.dumps({"directions": ns["Boom"]()})
+    # plant the pickle where the old layout read it, and as the result's tensor file
+    (folder / "artifacts.pt").write_bytes(blob)
+    (folder / "result.safetensors").write_bytes(blob)
+    with pytest.warns(UserWarning, match="result.safetensors"):
+        r2 = run_pipeline(cfg, tmp_path / "run", studies=studies, progress=False, model=tiny_llama,
+                          report=False)
+    assert not marker.exists()
+    assert r2.ran == ["directions"]  # the broken stage was named and rebuilt
+    # a result.json naming a type outside the registry is refused too
+    doc = json.loads((r2.records["directions"].dir / "result.json").read_text())
+    doc["body"]["__result__"] = "system"
+    (r2.records["directions"].dir / "result.json").write_text(json.dumps(doc))
+    with pytest.warns(UserWarning, match="result.json"):
+        r3 = run_pipeline(cfg, tmp_path / "run", studies=studies, progress=False, model=tiny_llama,
+                          report=False)
+    assert r3.ran == ["directions"] and not marker.exists()
+
+
+def test_output_json_of_another_stage_is_not_taken_as_cached(tiny_llama, tmp_path):
+    studies = [get_study("judge_agreement")]
+    r = run_pipeline(tiny_cfg(), tmp_path, studies=studies, progress=False, model=tiny_llama, report=False)
+    p = r.records["judge_agreement"].dir / "output.json"
+    out = json.loads(p.read_text())
+    out["hash"] = "0" * 16
+    p.write_text(json.dumps(out))
+    with pytest.warns(UserWarning, match="output.json"):
+        r2 = run_pipeline(tiny_cfg(), tmp_path, studies=studies, progress=False, model=tiny_llama,
+                          report=False)
+    assert r2.ran == ["judge_agreement"]
+
+
+def test_one_run_per_folder(tmp_path):
+    with run_lock(tmp_path):
+        with pytest.raises(RunLockedError, match="in use by another emocircuits run"):
+            run_pipeline(tiny_cfg(), tmp_path, studies=[get_study("judge_agreement")], progress=False,
+                         report=False)
+    assert not (tmp_path / ".lock").exists()
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(RunError, match="is a file"):
+        run_pipeline(tiny_cfg(), f, studies=[get_study("judge_agreement")], progress=False, report=False)
 
 
 _KILL_SCRIPT = """
 import os, signal, sys
-from emocircuits import pipeline as P
+from dataclasses import dataclass
+import torch
+from emocircuits.results import Result
+from emocircuits.run import Study
+from emocircuits.studies import get_study, load_config, run_pipeline
 
-cfg = P.validate_config(P.apply_overrides(P.load_preset("quick"), [
-    "data.n_train=3", "data.n_validation=1", "data.n_test=1", "directions.keyword_control=false",
-    "directions.n_folds=2", 'run.emotions=["anger", "sadness", "happiness"]'], model="tiny-llama"))
+cfg = load_config("quick", {tiny!r}, model="tiny-llama")
+
+@dataclass
+class Norms(Result):
+    x: torch.Tensor
+
+@dataclass(frozen=True)
+class C:
+    pass
 
 def second(ctx):
-    v = ctx.upstream["directions"].artifacts["directions"].vectors["resid_mid"]
-    ctx.results["norms"] = v.norm(dim=-1).tolist()
+    v = ctx.upstream("directions").directions.vectors["resid_mid"]
     ctx.path("half.txt").write_text("x")
     if sys.argv[2] == "kill":
         os.kill(os.getpid(), signal.SIGKILL)  # dies mid-stage, like a killed job
+    return Norms(v.norm(dim=-1))
 
-stages = [s for s in P.default_stages() if s.name == "directions"]
-stages.append(P.Stage("second", second, requires=("directions",)))
-r = P.run_pipeline(cfg, sys.argv[1], stages=stages, progress=False, report=False)
+studies = [get_study("directions"), Study("second", "second", C, second, requires=("directions",))]
+r = run_pipeline(cfg, sys.argv[1], studies=studies, progress=False, report=False)
 print("RAN", ",".join(r.ran), "CACHED", ",".join(r.cached))
 """
 
 
 def test_killed_process_resumes_with_identical_results(tmp_path):
     script = tmp_path / "run_kill.py"
-    script.write_text(textwrap.dedent(_KILL_SCRIPT))
+    script.write_text(textwrap.dedent(_KILL_SCRIPT.format(tiny=TINY)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     run = tmp_path / "run"
     p1 = subprocess.run([sys.executable, str(script), str(run), "kill"], env=env,
@@ -165,7 +306,7 @@ def test_killed_process_resumes_with_identical_results(tmp_path):
     assert any(n.startswith(".tmp-second-") for n in names)  # the half-written stage
     p2 = subprocess.run([sys.executable, str(script), str(run), "ok"], env=env,
                         capture_output=True, text=True, timeout=600)
-    assert p2.returncode == 0, p2.stderr[-2000:]
+    assert p2.returncode == 0, p2.stderr[-2000:]  # the killed run's lock did not stay stuck
     assert "RAN second CACHED directions" in p2.stdout
     assert not any(n.startswith(".tmp-") for n in os.listdir(run / "stages"))
     p3 = subprocess.run([sys.executable, str(script), str(tmp_path / "fresh"), "ok"], env=env,
@@ -182,32 +323,20 @@ def test_unavailable_module_and_failures_are_recorded(tiny_llama, tmp_path):
     def boom(ctx):
         raise ValueError("bad things")
 
-    stages = [P.Stage("ghost", lambda ctx: None, modules=("emocircuits._no_such_module",)),
-              P.Stage("child", lambda ctx: None, requires=("ghost",)),
-              P.Stage("boom", boom),
-              P.Stage("fine", lambda ctx: ctx.results.update(x=1.5))]
-    r = P.run_pipeline(tiny_cfg(), tmp_path, stages=stages, progress=False, model=tiny_llama)
+    studies = [Study("ghost", "ghost", NoConfig, lambda ctx: None, modules=("emocircuits._no_such_module",)),
+               Study("child", "child", NoConfig, lambda ctx: None, requires=("ghost",)),
+               Study("boom", "boom", NoConfig, boom),
+               Study("fine", "fine", NoConfig, lambda ctx: Numbers(torch.ones(2) * 1.5)),
+               Study("untyped", "untyped", NoConfig, lambda ctx: {"x": 1})]
+    r = run_pipeline(tiny_cfg(), tmp_path, studies=studies, progress=False, model=tiny_llama)
     st = json.loads((tmp_path / "results.json").read_text())["stages"]
     assert st["ghost"]["status"].startswith("unavailable: module emocircuits._no_such_module")
     assert st["child"]["status"].startswith("skipped: upstream ghost")
     assert st["boom"]["status"] == "failed: ValueError: bad things"
-    assert st["fine"]["status"] == "done" and st["fine"]["results"] == {"x": 1.5}
-    assert r.failed == ["boom"] and r.skipped == ["ghost", "child"] and r.ran == ["fine"]
-    page = (tmp_path / "report.html").read_text()
-    assert "failed: ValueError: bad things" in page
-
-
-def test_jsonable_handles_tensors_nan_and_dataclasses():
-    import numpy as np
-
-    from emocircuits.evaluate import accuracy_table
-
-    t = accuracy_table([{"emotion": "anger", "valence": "positive", "match": True}])
-    out = P._jsonable({"a": torch.tensor([1.0, float("nan")]), "b": np.float32(2.5), "t": t,
-                       "c": (np.int64(3), np.bool_(True))})
-    assert out["a"] == [1.0, None] and out["b"] == 2.5 and out["c"] == [3, True]
-    assert out["t"]["overall"] == 1.0
-    json.dumps(out, allow_nan=False)
+    assert st["untyped"]["status"].startswith("failed: RunError: stage 'untyped' returned dict")
+    assert st["fine"]["status"] == "done" and st["fine"]["results"]["x"] == [1.5, 1.5]
+    assert r.failed == ["boom", "untyped"] and r.skipped == ["ghost", "child"] and r.ran == ["fine"]
+    assert "failed: ValueError: bad things" in (tmp_path / "report.html").read_text()
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -215,54 +344,78 @@ def test_jsonable_handles_tensors_nan_and_dataclasses():
 
 def test_cli_dry_run_prints_plan_and_cache_state(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["run", "--dry-run", "--model", "tiny-llama", "--out", str(out), "--set",
-            "data.n_train=3", "--set", "data.n_test=1", "--set", "data.n_validation=1", "--set",
-            "directions.keyword_control=false", "--set", "directions.n_folds=2"]
+    args = ["run", "--dry-run", "--model", "tiny-llama", "--out", str(out), *TINY_ARGS]
     assert cli.main(args) == 0
     text = capsys.readouterr().out
-    for s in ("judge", "prompting", "directions", "steering", "circuits", "views"):
-        assert s in text
+    for s in STUDIES:
+        assert s.name in text
     assert "estimated total" in text and "train=3" in text and "to run" in text
     assert not out.exists()  # a dry run writes nothing
-    # run the judge stage only, then the plan shows it cached
-    assert cli.main(["judge", "--model", "tiny-llama", "--out", str(out), "--no-progress",
-                     "--set", "data.n_train=3", "--set", "data.n_test=1", "--set",
-                     "data.n_validation=1", "--set", "directions.keyword_control=false",
-                     "--set", "directions.n_folds=2"]) == 0
+    assert cli.main(["judge_agreement", "--model", "tiny-llama", "--out", str(out), "--no-progress",
+                     *TINY_ARGS]) == 0
     capsys.readouterr()
     assert cli.main(args) == 0
     lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines() if ln.strip()}
-    assert "cached" in lines["judge"] and "to run" in lines["directions"]
+    assert "cached" in lines["judge_agreement"] and "to run" in lines["directions"]
 
 
-def test_cli_errors_are_clear(capsys):
+def test_cli_errors_and_version(capsys):
     assert cli.main(["run", "--preset", "nope", "--dry-run"]) == 2
     assert "preset 'nope' not found" in capsys.readouterr().err
     assert cli.main(["stages"]) == 0
     assert "directions" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["--version"])
+    assert "emocircuits 0." in capsys.readouterr().out
+
+
+def test_an_experiment_preset_and_the_cli_give_bit_identical_results(tiny_llama, tmp_path):
+    """experiments/06_circuits.toml through the CLI == the same preset through run_pipeline."""
+    preset = ROOT / "experiments" / "06_circuits.toml"
+    over = [*TINY, "circuits.lambdas=[1.0]", "steering.strengths=[1.0]", "circuits.random_controls=1",
+            "circuits.faithfulness=false", "data.n_validation=1"]
+    assert cli.main(["run", "--preset", str(preset), "--model", "tiny-llama", "--out", str(tmp_path / "cli"),
+                     "--no-progress", "--no-report", *[a for o in over for a in ("--set", o)]]) == 0
+    cfg = load_config(preset, over, model="tiny-llama")
+    r = run_pipeline(cfg, tmp_path / "api", progress=False, report=False, model=tiny_llama)
+    assert "circuits" in r.ran
+    a = json.loads((tmp_path / "cli" / "results.json").read_text())["stages"]
+    b = r.results["stages"]
+    assert a.keys() == b.keys()
+    for s in a:
+        assert a[s]["config_hash"] == b[s]["config_hash"], s
+        assert a[s]["results"] == b[s]["results"], s
+        fa = (tmp_path / "cli" / a[s]["folder"] / "result.safetensors")
+        fb = (tmp_path / "api" / b[s]["folder"] / "result.safetensors")
+        assert fa.exists() == fb.exists() and (not fa.exists() or fa.read_bytes() == fb.read_bytes()), s
 
 
 @pytest.mark.slow
 def test_every_default_stage_runs_on_a_tiny_model(tiny_llama, tmp_path):
-    """The whole default pipeline end to end (tiny sizes): every stage done, report written."""
-    cfg = tiny_cfg(**{"data.n_validation": 1, "steering.alphas": "[8.0]",
-                      "probes.max_utterances": 48, "probes.zero_shot_n": 4,
-                      "probes.persistence_n": 4, "probes.cv": 2, "control.levels": "[-1.0, 1.0]",
-                      "control.n_scenarios": 1, "components.sweep_ks": "[1, 2]"})
-    r = P.run_pipeline(cfg, tmp_path, progress=False, model=tiny_llama)
-    st = r.results["stages"]
-    bad = {k: v["status"] for k, v in st.items() if v["status"] != "done"}
+    """The whole default pipeline end to end (tiny sizes): every stage done, report written,
+    every stage's typed result reloads from its folder."""
+    cfg = tiny_cfg("steering.strengths=[1.0, 2.0]", "circuits.lambdas=[1.0, 2.0]",
+                   "probes.max_utterances=48", "probes.zero_shot_n=4", "probes.persistence_n=4",
+                   "probes.cv=2", "control.levels=[-1.0, 1.0]", "control.n_scenarios=1",
+                   "components.sweep_ks=[1, 2]")
+    r = run_pipeline(cfg, tmp_path, progress=False, model=tiny_llama)
+    bad = {k: v["status"] for k, v in r.results["stages"].items() if v["status"] != "done"}
     assert not bad, bad
-    res = json.loads((tmp_path / "results.json").read_text())
-    assert res["stages"]["circuits"]["results"]["test_accuracy_summary"]["random_circuit_control_mean"] is not None
-    assert "mean_spearman" in res["stages"]["components"]["results"]["attribution_vs_exact_head_ablation"]
-    assert (tmp_path / "report.html").stat().st_size > 10_000
-    summ = res["summary"]
+    from emocircuits.results import load_result
+
+    for name, rec in r.records.items():
+        back = load_result(rec.dir / "result")
+        assert type(back).__name__ == rec.output["result_type"], name
+    circ = r.result("circuits")
+    assert circ.chosen["chosen_on"] == "validation" and len(circ.grid) == 3
+    assert {"none", "prompting", "steering", "circuit", "random circuit 0"} <= set(circ.evaluations)
+    summ = r.results["summary"]
     for k in ("judge_accuracy_on_builtin_utterance_labels", "prompting_accuracy", "steering_accuracy",
               "circuit_modulation_accuracy", "random_circuit_accuracy", "probe_peak_accuracy",
               "zero_shot_accuracy", "vocabulary_bias_accuracy", "head_attribution_vs_exact_spearman"):
         assert k in summ, k
-    assert "Summary" in (tmp_path / "report.html").read_text()
+    assert summ["circuit_modulation_accuracy"] == circ.evaluations["circuit"].accuracy.overall
+    assert (tmp_path / "report.html").stat().st_size > 10_000
 
 
 @pytest.mark.slow

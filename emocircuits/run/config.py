@@ -93,7 +93,8 @@ def _check(v: Any, tp: Any) -> tuple[bool, Any]:
     if tp is int:
         return isinstance(v, int) and not isinstance(v, bool), v
     if tp is float:
-        return isinstance(v, (int, float)) and not isinstance(v, bool), float(v) if not isinstance(v, bool) else v
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        return ok, float(v) if ok else None
     if tp is str:
         return isinstance(v, str), v
     if origin in (list, Sequence, tuple):

@@ -165,12 +165,14 @@ class RunConfig:
 
 def parse_config(data: Mapping[str, Any], studies: Sequence[Any] | None = None) -> RunConfig:
     """A :class:`RunConfig` from a plain dict (a parsed preset): every key and type checked."""
-    if isinstance(data, RunConfig):
-        return data
     if studies is None:
         from . import STUDIES
 
         studies = STUDIES
+    if isinstance(data, RunConfig):  # add the default section of any study it lacks
+        missing = {s.name: parse_section(s.config, None, s.name) for s in studies
+                   if s.name not in data.stages}
+        return replace(data, stages={**data.stages, **missing}) if missing else data
     by = {s.name: s for s in studies}
     accepted = [*COMMON, *by]
     for k, v in data.items():
