@@ -39,7 +39,7 @@ import itertools
 import math
 import random
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -562,13 +562,20 @@ def random_circuit(circuit: EmotionCircuit, mlp_delta: Float[torch.Tensor, "laye
                          {**circuit.meta, "random_seed": seed, "control": "random"})
 
 
-def _jaccard(a: set, b: set) -> float:
-    return len(a & b) / len(a | b) if (a or b) else 1.0
+def jaccard(a: Iterable, b: Iterable) -> float:
+    """Jaccard index |A∩B| / |A∪B| of two collections taken as sets (e.g. (layer, id) pairs).
+
+    Convention: two empty sets are identical, J(∅, ∅) = 1.0 (and J(∅, B) = 0 for non-empty B),
+    so ``overlap(c, c) == 1`` for every circuit, empty or not. (``components.jaccard`` gave 0.0
+    for two empty sets; it is now this function.)"""
+    sa, sb = set(a), set(b)
+    union = sa | sb
+    return len(sa & sb) / len(union) if union else 1.0
 
 
 def overlap(a: EmotionCircuit, b: EmotionCircuit) -> dict[str, float]:
     """Jaccard |A∩B|/|A∪B| of the (layer, id) neuron sets and head sets."""
-    return {"neurons": _jaccard(a.neuron_set(), b.neuron_set()), "heads": _jaccard(a.head_set(), b.head_set())}
+    return {"neurons": jaccard(a.neuron_set(), b.neuron_set()), "heads": jaccard(a.head_set(), b.head_set())}
 
 
 def circuits_summary(circuits: Sequence[EmotionCircuit] | dict[str, EmotionCircuit]) -> dict:
@@ -782,6 +789,6 @@ __all__ = [
     "sigma_from_acts", "sublayer_sigma", "reference_band", "reference_direction", "aligned_directions",
     "InfluenceResult", "sublayer_influence", "Allocation", "allocate_kind", "allocate_circuit",
     "select_components", "EmotionCircuit", "build_circuit", "assemble_circuit", "random_circuit",
-    "overlap", "circuits_summary", "circuit_hooks", "modulate", "ablate", "neuron_scores_from_acts",
+    "jaccard", "overlap", "circuits_summary", "circuit_hooks", "modulate", "ablate", "neuron_scores_from_acts",
     "head_scores_from_acts", "emotion_scores", "FaithfulnessResult", "faithfulness",
 ]

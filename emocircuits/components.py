@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 
 from . import sites as S
 from .activations import collect
+from .circuits import jaccard  # noqa: F401 - the one definition, re-exported (was a copy here)
 from .directions import group_centered_means
 from .patching import (
     Metric,
@@ -506,11 +507,6 @@ def rank_agreement(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> dict[str, f
     ta = set(torch.topk(a.flatten(), k).indices.tolist())
     tb = set(torch.topk(b.flatten(), k).indices.tolist())
     return {"spearman": rho, f"top{k}_overlap": len(ta & tb) / k}
-
-
-def jaccard(a: Sequence, b: Sequence) -> float:
-    sa, sb = set(a), set(b)
-    return len(sa & sb) / max(1, len(sa | sb))
 
 
 # ----------------------------------------------------------------------------- sweeps

@@ -551,3 +551,17 @@ def test_assemble_warns_when_the_budget_takes_most_heads():
         warnings.simplefilter("error")
         c = C.assemble_circuit("anger", infl, *args, budget_per_sublayer=1, min_per_layer=(1, 0))
     assert c.n_heads <= 8
+
+
+def test_jaccard_one_definition_and_empty_convention():
+    from emocircuits import components as K
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a = {(int(x), int(y)) for x, y in rng.integers(0, 4, size=(int(rng.integers(0, 8)), 2))}
+        b = {(int(x), int(y)) for x, y in rng.integers(0, 4, size=(int(rng.integers(0, 8)), 2))}
+        brute = len(a & b) / len(a | b) if (a | b) else 1.0
+        assert C.jaccard(list(a), list(b)) == pytest.approx(brute)
+    assert C.jaccard([], []) == 1.0 and C.jaccard([], [(0, 1)]) == 0.0
+    assert K.jaccard is C.jaccard  # components re-exports the one definition
+    assert C.jaccard([(1, 2), (1, 2), (3, 4)], [(1, 2)]) == 0.5  # duplicates count once
