@@ -290,15 +290,124 @@ def pool_acts(
 # ----------------------------------------------------------------------------- probes
 
 
+_SKLEARN_TYPES = ("StandardScaler", "LogisticRegression", "MLPClassifier")
+
+
+def _sklearn_type(name: str):
+    """The few sklearn classes a saved probe may name (nothing else is ever instantiated)."""
+    if name == "StandardScaler":
+        from sklearn.preprocessing import StandardScaler
+        return StandardScaler
+    if name == "LogisticRegression":
+        from sklearn.linear_model import LogisticRegression
+        return LogisticRegression
+    if name == "MLPClassifier":
+        from sklearn.neural_network import MLPClassifier
+        return MLPClassifier
+    raise ValueError(f"a saved probe names sklearn type {name!r}; only {list(_SKLEARN_TYPES)} are read")
+
+
+def _plain(v: Any) -> bool:
+    if v is None or isinstance(v, (bool, int, float, str, np.generic, np.ndarray)):
+        return not isinstance(v, np.ndarray) or v.dtype.kind in "biuf"
+    if isinstance(v, (list, tuple)):
+        return all(_plain(x) for x in v)
+    return False
+
+
 @dataclass
-class Probe:
-    """A fitted probe on one layer's hidden state (``site`` at ``layer``; -1 = embedding)."""
+class ProbeState(Result):
+    """A fitted probe model as numbers: what ``Probe`` saves in place of its estimator.
+
+    ``steps``: one entry per model in the chain (a ``StandardScaler`` pipeline step, then the
+    classifier; a single ``TorchProbeModel``): ``{"type", "params", "fitted"}`` with the
+    constructor parameters and the fitted attributes (arrays become tensors in the file).
+    ``build()`` makes the estimator again; only ``TorchProbeModel`` and sklearn's
+    ``StandardScaler`` / ``LogisticRegression`` / ``MLPClassifier`` are ever instantiated."""
+
+    backend: str  # "torch" | "sklearn"
+    steps: list[dict]
+
+    @classmethod
+    def of(cls, est: Any) -> ProbeState:
+        if isinstance(est, TorchProbeModel):
+            params = {"kind": est.kind, "standardize": est.standardize, "C": est.C,
+                      "hidden": est.hidden, "steps": est.steps, "seed": est.seed}
+            fitted = {k: getattr(est, k) for k in ("classes_", "mu_", "sd_") if hasattr(est, k)}
+            if hasattr(est, "params_"):
+                fitted["params_"] = list(est.params_)
+            return cls("torch", [{"type": "TorchProbeModel", "params": params, "fitted": fitted}])
+        chain = [s for _, s in est.steps] if hasattr(est, "steps") else [est]
+        steps = []
+        for s in chain:
+            name = type(s).__name__
+            if name not in _SKLEARN_TYPES or not type(s).__module__.startswith("sklearn."):
+                raise TypeError(f"cannot save a Probe whose estimator holds a {type(s).__module__}.{name} "
+                                f"(saved: TorchProbeModel, or sklearn {', '.join(_SKLEARN_TYPES)})")
+            params = s.get_params(deep=False)
+            bad = [k for k, v in params.items() if not _plain(v)]
+            if bad:
+                raise TypeError(f"cannot save {name} parameters {bad} (not plain values)")
+            fitted = {k: v for k, v in vars(s).items()
+                      if k.endswith("_") and not k.startswith("_") and _plain(v)}
+            steps.append({"type": name, "params": params, "fitted": fitted})
+        return cls("sklearn", steps)
+
+    def build(self) -> Any:
+        if self.backend == "torch":
+            if len(self.steps) != 1 or self.steps[0].get("type") != "TorchProbeModel":
+                raise ValueError("a torch probe state holds exactly one TorchProbeModel")
+            st = self.steps[0]
+            m = TorchProbeModel(**st["params"])
+            for k, v in st["fitted"].items():
+                if k not in ("classes_", "mu_", "sd_", "params_"):
+                    raise ValueError(f"TorchProbeModel has no fitted attribute {k!r}")
+                setattr(m, k, tuple(v) if k == "params_" else v)
+            return m
+        if self.backend != "sklearn" or not self.steps:
+            raise ValueError(f"unknown probe backend {self.backend!r}")
+        models = []
+        for st in self.steps:
+            m = _sklearn_type(st["type"])(**st["params"])
+            for k, v in st["fitted"].items():
+                if not (isinstance(k, str) and k.endswith("_") and not k.startswith("_")):
+                    raise ValueError(f"{st['type']}: bad fitted attribute {k!r}")
+                setattr(m, k, v)
+            if st["type"] == "MLPClassifier" and "classes_" in st["fitted"]:
+                from sklearn.preprocessing import LabelBinarizer
+
+                m._label_binarizer = LabelBinarizer().fit(m.classes_)
+            models.append(m)
+        if len(models) == 1:
+            return models[0]
+        from sklearn.pipeline import make_pipeline
+
+        return make_pipeline(*models)
+
+
+@dataclass
+class Probe(Result):
+    """A fitted probe on one layer's hidden state (``site`` at ``layer``; -1 = embedding).
+
+    Saves (``Result.save``) with its estimator as a ``ProbeState`` (coefficients, intercepts,
+    scaler statistics as tensors) and rebuilds the estimator on load; nothing is pickled."""
 
     estimator: Any
     classes: tuple[str, ...]
     layer: int
     kind: str = "logreg"
     site: str = "resid_post"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.estimator, ProbeState):
+            self.estimator = self.estimator.build()
+
+    def _result_fields(self) -> dict[str, Any]:
+        return {**super()._result_fields(), "estimator": ProbeState.of(self.estimator)}
+
+    def to_dict(self) -> dict:
+        return {"classes": list(self.classes), "layer": self.layer, "kind": self.kind,
+                "site": self.site, "estimator": type(self.estimator).__name__}
 
     def predict_proba(self, x: Float[torch.Tensor, "n d"] | np.ndarray) -> Float[np.ndarray, "n cls"]:
         """P(class | x), columns in ``classes`` order."""
@@ -341,7 +450,7 @@ def fit_probe(
 
 
 @dataclass
-class ProbeSweep:
+class ProbeSweep(Result):
     """Per-layer probe scores. Arrays are indexed like ``layers`` (−1 = embedding)."""
 
     layers: list[int]
@@ -710,7 +819,7 @@ def zero_shot_prompt(model, text: str, classes: Sequence[str], *, chat: bool | N
 
 
 @dataclass
-class ZeroShotResult:
+class ZeroShotResult(Result):
     classes: tuple[str, ...]
     replies: list[str]
     predictions: list[str | None]
@@ -792,7 +901,7 @@ DEFAULT_BUCKETS: tuple[int, ...] = (0, 1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192,
 
 
 @dataclass
-class PersistenceResult:
+class PersistenceResult(Result):
     """Probe accuracy as a function of k (generated tokens read; k=0: last prompt token)."""
 
     layer: int
@@ -945,7 +1054,7 @@ def persistence(
 
 
 @dataclass
-class MalleabilityResult:
+class MalleabilityResult(Result):
     """``probs[name]``: [n, cls] probe probabilities under system prompt ``name``."""
 
     classes: tuple[str, ...]
@@ -1151,7 +1260,7 @@ def sev_probe_check(model, probes: Mapping[str, Probe], prompts: Sequence[Prompt
 
 __all__ = [
     "DEFAULT_BUCKETS", "DEFAULT_SYSTEM_PROMPTS", "EMBED_LAYER", "MalleabilityResult",
-    "PersistenceResult", "Probe", "ProbeSweep", "SEVProbeCheck", "ValenceAgreement", "ZeroShotResult",
+    "PersistenceResult", "Probe", "ProbeState", "ProbeSweep", "SEVProbeCheck", "ValenceAgreement", "ZeroShotResult",
     "class_first_tokens", "cv_splits", "fit_in_context_probe", "fit_probe", "hidden_at", "malleability",
     "malleability_accuracy", "parse_label", "persistence", "pool_acts", "probe_inputs", "probe_layers",
     "sev_probe_check", "transfer_by_band", "valence_of", "wrap_utterance", "zero_shot",
