@@ -97,18 +97,19 @@ def unit_costs(model_name: str, device: str, max_new_tokens: int = 8) -> dict:
 
 
 def plan_counts(preset: str, model: str, overrides: list[str]) -> dict:
-    """Per-stage (forward, generate) counts from the pipeline's plans, and max_new_tokens."""
-    from emocircuits import pipeline as P
+    """Per-stage (forward, generate) counts from the studies' own plans, and max_new_tokens."""
+    from emocircuits.studies import STUDIES, load_config
 
-    cfg = P.validate_config(P.apply_overrides(P.load_preset(preset), overrides, model=model))
+    cfg = load_config(preset, overrides, model=model)
     stages = {}
-    for st in P.default_stages():
-        if st.missing_modules() or st.plan is None:
+    for st in STUDIES:
+        if st.missing_modules():
             continue
         p = st.plan(cfg)
-        stages[st.name] = {"forward": int(p.get("forward", 0)), "generate": int(p.get("generate", 0))}
-    return {"T": int(cfg.get("generation", {}).get("max_new_tokens", 32)), "stages": stages,
-            "data": {k: v for k, v in cfg["data"].items() if k.startswith("n_")}}
+        stages[st.name] = {"forward": int(p.forward), "generate": int(p.generate)}
+    d = cfg.data
+    return {"T": cfg.generation.max_new_tokens, "stages": stages,
+            "data": {"n_train": d.n_train, "n_validation": d.n_validation, "n_test": d.n_test}}
 
 
 def estimate(counts: dict, u: dict) -> dict:

@@ -5,6 +5,7 @@
     emocircuits run --preset experiments/06_circuits.toml           # an experiment preset
     emocircuits directions --preset quick --out runs/quick          # one stage (+ what it needs)
     emocircuits report runs/quick                                   # rebuild report.html
+    emocircuits figures runs/quick runs/circuits --out runs/figures  # compare run folders
     emocircuits stages                                              # list the stages
 
 Settings: --preset (quick, full or a TOML path), --set section.key=value (TOML values,
@@ -48,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         _common(sub.add_parser(st.name, help=f"{st.title} (and what it needs)"))
     rep = sub.add_parser("report", help="rebuild report.html of a run folder")
     rep.add_argument("run_dir")
+    fig = sub.add_parser("figures", help="figures comparing finished run folders")
+    fig.add_argument("run_dirs", nargs="+")
+    fig.add_argument("--out", default="runs/figures")
     sub.add_parser("stages", help="list the stages and whether their modules are available")
     return ap
 
@@ -63,6 +67,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             state = "available" if not miss else f"unavailable ({', '.join(miss)} missing)"
             req = f" after {', '.join(st.requires)}" if st.requires else ""
             print(f"{st.name:<16} {st.title}{req} — {state}")
+        return 0
+    if args.command == "figures":
+        from .viz.runs import figures_from_runs
+
+        try:
+            for p in figures_from_runs(args.run_dirs, args.out):
+                print("wrote", p)
+        except RunError as e:
+            print(f"emocircuits figures: {e}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "report":
         from .viz.report import build_report

@@ -416,6 +416,10 @@ def test_every_default_stage_runs_on_a_tiny_model(tiny_llama, tmp_path):
         assert k in summ, k
     assert summ["circuit_modulation_accuracy"] == circ.evaluations["circuit"].accuracy.overall
     assert (tmp_path / "report.html").stat().st_size > 10_000
+    # figures comparing run folders, from the typed results on disk
+    assert cli.main(["figures", str(tmp_path), "--out", str(tmp_path / "figs")]) == 0
+    names = {p.name for p in (tmp_path / "figs").iterdir()}
+    assert {"probes_depth.png", f"{tmp_path.name}_methods.png"} <= names
 
 
 @pytest.mark.slow

@@ -312,6 +312,27 @@ class RunResult:
         return self.records[name].result
 
 
+def open_run(run_dir: str | os.PathLike) -> dict[str, StageRecord]:
+    """The finished stages of a run folder (from its results.json), typed results loaded lazily."""
+    run_dir = Path(run_dir)
+    p = run_dir / "results.json"
+    if not p.is_file():
+        raise RunError(f"{run_dir}: no results.json (not a run folder, or no stage finished yet)")
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+        stages = doc["stages"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise RunError(f"{p}: not a valid results.json ({type(e).__name__}: {e})") from None
+    out = {}
+    for name, st in stages.items():
+        if not isinstance(st, dict) or st.get("status") != "done":
+            continue
+        rec = load_record(run_dir, name, str(st.get("config_hash")))
+        if rec is not None:
+            out[name] = rec
+    return out
+
+
 def closure(studies: Sequence[Study], only: Sequence[str] | None) -> set[str]:
     """``only`` and everything they require."""
     names = [s.name for s in studies]
