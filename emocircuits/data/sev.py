@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any, overload
 
 from emocircuits.emotions import all_emotion_words
+from emocircuits.results import atomic_write_text
 
 __all__ = [
     "BUILTIN_FILE",
@@ -448,7 +448,7 @@ def load_sev(source: str | os.PathLike[str], *, name: str | None = None) -> SEVD
 
 
 def save_sev(records: Iterable[SEVRecord], path: str | os.PathLike[str]) -> Path:
-    """Write records as JSONL atomically (temp file in the same folder, then ``os.replace``)."""
+    """Write records as JSONL atomically (``results.atomic_write_text``, fsynced)."""
     records = list(records)
     seen: dict[str, int] = {}
     problems: list[SEVProblem] = []
@@ -463,23 +463,9 @@ def save_sev(records: Iterable[SEVRecord], path: str | os.PathLike[str]) -> Path
         seen.setdefault(r.skeleton_id, i)
     if problems:
         raise SEVValidationError(problems, source="save_sev")
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            for r in records:
-                fh.write(json.dumps(r.to_dict(), ensure_ascii=False, allow_nan=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return target
+    text = "".join(json.dumps(r.to_dict(), ensure_ascii=False, allow_nan=False) + "\n"
+                   for r in records)
+    return atomic_write_text(path, text, fsync=True)
 
 
 # --------------------------------------------------------------------------- emotion words

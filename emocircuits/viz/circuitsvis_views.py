@@ -20,7 +20,6 @@ from __future__ import annotations
 import html as _html
 import json
 import os
-import tempfile
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import torch
 from .. import sites as S
 from ..activations import forward_until
 from ..prompts import Prompt, tokenize
+from ..results import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -246,11 +246,4 @@ def standalone_html(views: Sequence[View], *, title: str = "emocircuits views",
 def write_html(views: Sequence[View], out: str | os.PathLike, *, title: str = "emocircuits views"
                ) -> Path:
     """Write ``standalone_html(views)`` to ``out`` atomically; returns the path."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(standalone_html(views, title=title))
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out)
-    return out
+    return atomic_write_text(out, standalone_html(views, title=title))

@@ -21,8 +21,8 @@ function                       picture
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from ..results import atomic_write_bytes  # noqa: E402
 
 Array = Any  # np.ndarray | torch.Tensor | nested list
 
@@ -46,22 +48,16 @@ def _np(x: Array) -> np.ndarray:
 
 
 def _save(fig, out: str | os.PathLike) -> Path:
-    """Write ``fig`` to ``out`` atomically (tmp file + os.replace) and close it."""
+    """Write ``fig`` to ``out`` atomically (``results.atomic_write_bytes``) and close it."""
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"figure path {out} must end in .png")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".png.tmp", dir=out.parent)
-    os.close(fd)
+    buf = io.BytesIO()
     try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    return atomic_write_bytes(out, buf.getvalue())
 
 
 def _color(i: int) -> str:

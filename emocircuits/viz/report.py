@@ -21,11 +21,11 @@ import base64
 import html
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..results import atomic_write_text
 from .circuitsvis_views import bundle_script
 
 _CSS = """
@@ -167,10 +167,4 @@ def build_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     results = json.loads(res_path.read_text(encoding="utf-8"))
     out = Path(out) if out is not None else run_dir / "report.html"
     page = render_report(results, run_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(page)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out)
-    return out
+    return atomic_write_text(out, page)
