@@ -59,20 +59,18 @@ class GroupInfo(Result):
         return s
 
 
-def group_centered_means(
+def group_deltas(
     x: Float[torch.Tensor, "n *feat"],
     groups: Sequence[Hashable],
-    labels: Sequence[str],
+    labels: Sequence[str | None],
     emotions: Sequence[str],
-    *,
-    normalize: bool = False,
-    norm_dims: int = 1,
-) -> tuple[Float[torch.Tensor, "emotion *feat"], GroupInfo]:
-    """u_e (or unit v_e) from rows ``x[i]`` with group ``groups[i]`` and emotion ``labels[i]``.
+) -> tuple[Float[torch.Tensor, "group emotion *feat"], GroupInfo]:
+    """δ_{g,e} = h_{g,e} − μ_g for every complete group (float64), groups in first-seen order
+    (``GroupInfo.used``). The one group-centring step: ``group_centered_means`` averages it
+    over groups; PCA, probe and nearest-centroid directions use it per group.
 
     Rows of emotions outside ``emotions`` are ignored; groups missing any emotion are dropped
-    (reported in ``GroupInfo``); a (group, emotion) seen twice is averaged. ``norm_dims``
-    trailing dims form the vector that is L2-normalised (1: per layer over d_model).
+    (reported in ``GroupInfo``); a (group, emotion) seen twice is averaged (h_{g,e} is the mean).
     Raises ``ValueError`` when no complete group remains or ``x`` holds NaN/inf.
     """
     if x.shape[0] != len(groups) or x.shape[0] != len(labels):
@@ -108,12 +106,31 @@ def group_centered_means(
     for g in used:
         h = sums[g] / counts[g].view(shape)
         deltas.append(h - h.mean(0, keepdim=True))
-    c = torch.stack(deltas).mean(0)
+    return torch.stack(deltas), GroupInfo(used, dropped)
+
+
+def group_centered_means(
+    x: Float[torch.Tensor, "n *feat"],
+    groups: Sequence[Hashable],
+    labels: Sequence[str | None],
+    emotions: Sequence[str],
+    *,
+    normalize: bool = False,
+    norm_dims: int = 1,
+) -> tuple[Float[torch.Tensor, "emotion *feat"], GroupInfo]:
+    """u_e (or unit v_e) from rows ``x[i]`` with group ``groups[i]`` and emotion ``labels[i]``:
+    c_e = mean_g δ_{g,e} (``group_deltas``), u_e = c_e − mean_e' c_e'.
+
+    Groups as in ``group_deltas``. ``norm_dims`` trailing dims form the vector that is
+    L2-normalised (1: per layer over d_model).
+    """
+    deltas, info = group_deltas(x, groups, labels, emotions)
+    c = deltas.mean(0)
     u = c - c.mean(0, keepdim=True)
     if normalize:
         dims = tuple(range(u.dim() - norm_dims, u.dim()))
         u = u / (u.norm(dim=dims, keepdim=True) + EPS)
-    return u.float(), GroupInfo(used, dropped)
+    return u.float(), info
 
 
 # ============================================================================ directions API
@@ -300,21 +317,11 @@ def mean_difference(
 
 
 def _deltas(x: torch.Tensor, prompts: Sequence[Prompt], emotions: Sequence[str]):
-    """δ_{g,e} = h_{g,e} − μ_g over complete groups -> [group, emotion, *feat] (float64)."""
-    complete, dropped, _ = _complete_rows(prompts, emotions)
-    if not complete:
-        raise ValueError(f"no complete scenario–event group for {list(emotions)}")
-    order = sorted(complete, key=str)
-    gi = {g: i for i, g in enumerate(order)}
-    ei = {e: i for i, e in enumerate(emotions)}
-    h = torch.zeros(len(order), len(emotions), *x.shape[1:], dtype=torch.float64)
-    cnt = torch.zeros(len(order), len(emotions), dtype=torch.float64)
-    for i, p in enumerate(prompts):
-        if p.group in gi and p.emotion in ei:
-            h[gi[p.group], ei[p.emotion]] += x[i].double()
-            cnt[gi[p.group], ei[p.emotion]] += 1
-    h = h / cnt.view(*cnt.shape, *([1] * (x.dim() - 1)))
-    return h - h.mean(1, keepdim=True), GroupInfo(order, dropped)
+    """``group_deltas`` over ``Prompt.group`` / ``Prompt.emotion``, groups sorted by ``str``
+    (the order PCA, probe and nearest-centroid directions have always used)."""
+    d, info = group_deltas(x, [p.group for p in prompts], [p.emotion for p in prompts], emotions)
+    order = sorted(range(len(info.used)), key=lambda i: str(info.used[i]))
+    return d[order], GroupInfo([info.used[i] for i in order], info.dropped)
 
 
 def pca_directions(

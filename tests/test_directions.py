@@ -272,3 +272,54 @@ def test_reply_mean_activations_match_manual(tiny_llama):
         k = len(replies[i])
         ref = a["resid_post"][0, 0, n - k:n].mean(0)
         assert torch.allclose(acts["resid_post"][j, 0], ref, atol=1e-5)
+
+
+def test_group_deltas_brute_force_and_the_centring_built_on_it():
+    """One group-centring step: group_deltas equals a per-group loop on random data (with an
+    incomplete group, a duplicated (group, emotion) and rows of other emotions); the centred
+    means, PCA and nearest-centroid paths all use it."""
+    from emocircuits.directions import group_centered_means, group_deltas
+
+    g = torch.Generator().manual_seed(3)
+    emos = ["a", "b", "c"]
+    groups, labels = [], []
+    for gi in range(5):
+        for e in emos + ["zzz"]:
+            groups.append(("s", gi))
+            labels.append(e)
+    groups += [("s", 1), ("s", 9), ("s", 9)]          # a duplicate of (s1, a); an incomplete group
+    labels += ["a", "a", "b"]
+    x = torch.randn(len(groups), 2, 4, generator=g) * 3 + 1
+    d, info = group_deltas(x, groups, labels, emos)
+    assert info.used == [("s", i) for i in range(5)] and info.dropped == {("s", 9): ["c"]}
+    for k, grp in enumerate(info.used):
+        h = torch.stack([x[[i for i in range(len(groups)) if groups[i] == grp and labels[i] == e]]
+                         .double().mean(0) for e in emos])
+        torch.testing.assert_close(d[k], h - h.mean(0), rtol=0, atol=1e-12)
+    u, _ = group_centered_means(x, groups, labels, emos)
+    c = d.mean(0)
+    torch.testing.assert_close(u.double(), c - c.mean(0), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="NaN"):
+        group_deltas(torch.full_like(x, float("nan")), groups, labels, emos)
+    with pytest.raises(ValueError, match="no complete"):
+        group_deltas(x[:2], groups[:2], labels[:2], emos)
+
+
+def test_pca_and_centroid_paths_unchanged_by_the_merge():
+    """pca_directions == the top singular vector of a brute-force per-group δ matrix."""
+    acts, prompts, _ = _synthetic(n_scen=4, d=8, seed=5)
+    emos = EMO[:3]
+    x = acts["resid_post"].double()
+    groups = sorted({p.group for p in prompts if p.emotion in emos}, key=str)
+    dirs = pca_directions(acts, prompts, emos, sites="resid_post")
+    for k in range(len(emos)):
+        rows = []
+        for grp in groups:
+            h = torch.stack([x[[i for i, p in enumerate(prompts) if p.group == grp and p.emotion == f]].mean(0)
+                             for f in emos])
+            rows.append((h - h.mean(0))[k])
+        m = torch.stack(rows)  # [g, layer, d]
+        for j in range(m.shape[1]):
+            v = torch.linalg.svd(m[:, j], full_matrices=False)[2][0]
+            v = v * torch.sign((m[:, j] @ v).mean())
+            assert float(_cos(dirs.vectors["resid_post"][k, j], v)) > 1 - 1e-6
