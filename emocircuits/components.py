@@ -509,6 +509,16 @@ def rank_agreement(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> dict[str, f
     return {"spearman": rho, f"top{k}_overlap": len(ta & tb) / k}
 
 
+def pairwise_jaccard(tops: dict[str, Sequence]) -> dict:
+    """Jaccard overlap of every pair of emotions' top-component sets (``{emotion: [(layer,
+    index), ...]}``, extra columns such as scores ignored): ``{"pairs": {"a-b": J}, "mean": J̄}``."""
+    from itertools import combinations
+
+    keys = {e: [tuple(int(x) for x in r[:2]) for r in rows] for e, rows in tops.items()}
+    pairs = {f"{a}-{b}": jaccard(keys[a], keys[b]) for a, b in combinations(list(keys), 2)}
+    return {"pairs": pairs, "mean": sum(pairs.values()) / len(pairs) if pairs else float("nan")}
+
+
 # ----------------------------------------------------------------------------- sweeps
 
 

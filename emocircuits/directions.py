@@ -455,6 +455,38 @@ def cosine_across_emotions(dirs: EmotionDirections, site: str = "resid_post",
     return CosineMatrix(list(dirs.emotions), (v @ v.T).numpy())
 
 
+def direction_agreement(ref: EmotionDirections, other: EmotionDirections,
+                        site: str = "resid_post") -> list[float]:
+    """Per layer of ``other`` (each must be a layer of ``ref``): mean over the shared emotions of
+    cos(ref_e, other_e) at ``site``, e.g. how close the PCA or reply-token directions are to the
+    context-agnostic ones."""
+    missing = [layer for layer in other.layers if layer not in ref.layers]
+    if missing:
+        raise ValueError(f"direction_agreement: layers {missing} are not in the reference directions")
+    emos = [e for e in ref.emotions if e in other.emotions]
+    if not emos:
+        raise ValueError("direction_agreement: no emotion in common")
+    lay = [ref.layers.index(layer) for layer in other.layers]
+    a = ref._site(site)[[ref._emo(e) for e in emos]][:, lay].double()
+    b = other._site(site)[[other._emo(e) for e in emos]].double()
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1).mean(0).tolist()
+
+
+def adjacent_site_cosines(dirs: EmotionDirections, emotion: str,
+                          sites: Sequence[str] = ("resid_mid", "resid_post")) -> dict[str, float]:
+    """Summary of :func:`cosine_across_layers` for one emotion: the mean off-diagonal cosine,
+    the mean cosine between consecutive sites of one layer (resid_mid_l -> resid_post_l, i.e.
+    Attn -> MLP) and from a layer's last site to the next layer's first (MLP_l -> Attn_l+1)."""
+    cm = cosine_across_layers(dirs, emotion, sites)
+    k, n = len(sites), len(dirs.layers)
+    adj = np.diag(cm.matrix, 1)  # position p -> p+1, layer-major
+    within = [adj[j * k + i] for j in range(n) for i in range(k - 1)]
+    nxt = [adj[j * k + k - 1] for j in range(n - 1)]
+    mean = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
+    return {"off_diagonal_mean": cm.off_diagonal_mean(), "within_layer": mean(within),
+            "to_next_layer": mean(nxt)}
+
+
 # ----------------------------------------------------------------------------- validity checks
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from .emotions import EKMAN6, EmotionSet, emotion_set
@@ -477,9 +478,107 @@ def readout_accuracy(
         n_instructed=len(instr), n_neutral=len(neut))
 
 
+def judge_confusion(rows: Sequence[dict]) -> dict[str, dict[str, int]]:
+    """{target emotion: {label read: count}}, most frequent first: what the judge read for each
+    instruction. Rows carry ``emotion`` and ``label`` (``evaluate_texts`` rows) or
+    ``judge.label`` (``judge_generations`` rows); an unjudged (empty) reply counts as "None"."""
+    out: dict[str, Counter] = defaultdict(Counter)
+    for i, r in enumerate(rows):
+        if "label" in r:
+            lab = r["label"]
+        elif isinstance(r.get("judge"), dict):
+            lab = r["judge"].get("label")
+        else:
+            raise KeyError(f"judge_confusion: row {i} ({r.get('key')}) has no label")
+        out[r["emotion"]][str(lab)] += 1
+    return {e: dict(c.most_common()) for e, c in out.items()}
+
+
+def elicitation_timing(rows: Sequence[dict]) -> dict[str, float | int]:
+    """Generation cost from the rows' ``meta``: seconds per 100 generations, mean new tokens."""
+    toks = [r["meta"]["n_new_tokens"] for r in rows if "n_new_tokens" in r.get("meta", {})]
+    return {"n_generations": len(rows),
+            "elicit_s_per_100_generations": elicitation_seconds_per_100(rows),
+            "mean_new_tokens": float(np.mean(toks)) if toks else float("nan")}
+
+
+@dataclass
+class NeutralReadout(Result):
+    """The logit readout on NEUTRAL prompts (no instruction) + an assistant prefix, per item.
+
+    ``share[i, j]``: emotion j's share of the emotion-word mass at prompt i (renormalised over
+    the emotions); ``labels[i]``: its argmax; ``valence_score[i]`` = P(positive emotions'
+    words) − P(negative emotions' words) (raw mass); ``valence_score_mean[v]``: its mean on
+    events of valence v; ``label_fraction[v][e]``: how often e is the argmax there;
+    ``valence_auc``: AUC of the score, positive vs negative events (None without both).
+    """
+
+    emotions: list[str]
+    assistant_prefix: str
+    items: list[dict]  # {"skeleton_id", "valence"} per row
+    share: Float[np.ndarray, "n emotion"]
+    labels: list[str]
+    valence_score: Float[np.ndarray, "n"]
+    valence_score_mean: dict[str, float]
+    label_fraction: dict[str, dict[str, float]]  # valence -> emotion -> argmax fraction
+    valence_auc: float | None = None
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        df = pd.DataFrame(self.share, columns=self.emotions)
+        df.insert(0, "valence", [it["valence"] for it in self.items])
+        df.insert(0, "skeleton_id", [it["skeleton_id"] for it in self.items])
+        df["argmax"] = self.labels
+        df["valence_score"] = self.valence_score
+        return df
+
+
+def neutral_readout(
+    model,
+    records: Sequence[Any],
+    emotions: EmotionSet | Sequence[str] = EKMAN6,
+    *,
+    assistant_prefix: str | None = "I feel",
+    valences: Sequence[str] = VALENCES,
+    chat: bool | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> NeutralReadout:
+    """The readout on neutral prompts of ``records`` (one forward per prompt), see
+    :class:`NeutralReadout`. ``assistant_prefix=None``: the model's default ("I feel" after a
+    chat template, "I felt" after the plain rendering)."""
+    from .judges.readout import auc
+
+    es = emotions if isinstance(emotions, EmotionSet) else emotion_set(tuple(emotions))
+    use_chat = is_chat_model(model) if chat is None else bool(chat)
+    prefix = assistant_prefix if assistant_prefix is not None else default_assistant_prefix(model, use_chat)
+    prompts = neutral_prompts(model, records, valences=valences, assistant_prefix=prefix or None,
+                              chat=use_chat)
+    logits = last_token_logits(model, [p.text for p in prompts], batch_size=batch_size,
+                               progress=progress)
+    r = readout_from_logits(logits, emotion_tokens(model, es))
+    vs = np.asarray(r.valence_score(), dtype=np.float64)
+    val = np.array([p.valence for p in prompts])
+    labels = r.labels
+    means, fracs = {}, {}
+    for v in valences:
+        sel = val == v
+        if sel.any():
+            means[v] = float(vs[sel].mean())
+            cnt = Counter(lab for lab, s in zip(labels, sel, strict=True) if s)
+            fracs[v] = {e: cnt.get(e, 0) / int(sel.sum()) for e in es.names}
+    pos, neg = vs[val == "positive"], vs[val == "negative"]
+    auc_v = float(auc(pos, neg)) if len(pos) and len(neg) else None
+    return NeutralReadout(list(es.names), prefix, [{"skeleton_id": p.skeleton_id, "valence": p.valence}
+                                                   for p in prompts],
+                          np.asarray(r.share, dtype=np.float64), labels, vs, means, fracs, auc_v)
+
+
 __all__ = [
-    "ElicitationFileError", "RECORD_FIELDS", "ReadoutAccuracy", "VALENCES",
-    "default_assistant_prefix", "elicit", "elicitation_seconds_per_100", "judge_generations",
-    "load_generations", "prompting_table", "readout_accuracy", "record_key",
+    "ElicitationFileError", "NeutralReadout", "RECORD_FIELDS", "ReadoutAccuracy", "VALENCES",
+    "default_assistant_prefix", "elicit", "elicitation_seconds_per_100", "elicitation_timing",
+    "judge_confusion", "judge_generations", "load_generations", "neutral_readout",
+    "prompting_table", "readout_accuracy", "record_key",
     "write_json_atomic", "write_jsonl_atomic",
 ]
