@@ -295,6 +295,8 @@ def _encode(obj: Any, key: str, tensors: dict[str, torch.Tensor], seen: dict[int
     if isinstance(obj, list):
         return [_encode(v, _join(key, str(i)), tensors, seen) for i, v in enumerate(obj)]
     if isinstance(obj, np.generic):
+        if obj.dtype.name in _NP_SCALARS:  # kept as a numpy scalar of its dtype
+            return {"__scalar__": obj.dtype.name, "value": _encode(obj.item(), key, tensors, seen)}
         obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
         return {"__float__": repr(obj)}
@@ -314,6 +316,10 @@ def _free_key(key: str, tensors: Mapping[str, torch.Tensor]) -> str:
     return k
 
 
+_NP_SCALARS = frozenset({"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
+                         "uint64", "float16", "float32", "float64"})
+
+
 def _join(key: str, part: str) -> str:
     return f"{key}.{part}" if key else part
 
@@ -329,6 +335,10 @@ def _decode(node: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
         return tensors[node["__ndarray__"]].numpy()
     if "__list__" in node:
         return np.asarray(_decode(node["__list__"], tensors))
+    if "__scalar__" in node:
+        if node["__scalar__"] not in _NP_SCALARS:
+            raise ValueError(f"bad numpy scalar type {node['__scalar__']!r}")
+        return np.dtype(node["__scalar__"]).type(_decode(node["value"], tensors))
     if "__float__" in node:
         if node["__float__"] not in ("nan", "inf", "-inf"):
             raise ValueError(f"bad float {node['__float__']!r}")
