@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from . import sites as S
 from .activations import collect
-from .directions import GroupInfo, group_centered_means
+from .directions import EmotionDirections, GroupInfo, group_centered_means
 from .prompts import Prompt, tokenize
 from .results import Result
 
@@ -152,17 +152,41 @@ def _unit(v: torch.Tensor) -> torch.Tensor:
     return v / (v.norm(dim=-1, keepdim=True) + EPS)
 
 
-def reference_direction(v_mid: Float[torch.Tensor, "layer d_model"],
-                        v_post: Float[torch.Tensor, "layer d_model"],
-                        band: Sequence[int] | None = None) -> Float[torch.Tensor, "d_model"]:
+def reference_direction(v_mid: Float[torch.Tensor, "*emotion layer d_model"] | EmotionDirections,
+                        v_post: Float[torch.Tensor, "*emotion layer d_model"] | None = None,
+                        band: Sequence[int] | None = None, *,
+                        emotion: str | None = None) -> Float[torch.Tensor, "*emotion d_model"]:
     """v_ref = normalise(Σ_k sign(<u_k, u_0>) u_k) over u = (v_mid[L], v_post[L]) for L in band
-    (in that order; u_0 = v_mid[band[0]], the paper's attention L21)."""
-    if v_mid.shape != v_post.shape or v_mid.dim() != 2:
-        raise ValueError(f"v_mid {tuple(v_mid.shape)} and v_post {tuple(v_post.shape)} must both be [layer, d_model]")
-    band = reference_band(v_mid.shape[0]) if band is None else list(band)
-    for L in band:
-        if not 0 <= L < v_mid.shape[0]:
-            raise IndexError(f"reference band layer {L} outside 0..{v_mid.shape[0] - 1}")
+    (in that order; u_0 = v_mid[band[0]], the paper's attention L21). Default band:
+    ``reference_band(n_layers)``.
+
+    ``v_mid``/``v_post``: ``[layer, d_model]`` (one emotion -> ``[d_model]``) or
+    ``[emotion, layer, d_model]`` (-> ``[emotion, d_model]``), layer axis = model layer; or
+    ``reference_direction(dirs)`` with ``EmotionDirections`` (sites resid_mid and resid_post, all
+    model layers; ``emotion=`` for one). A band layer outside the layer axis is a ``ValueError``.
+    (The one definition: ``components.reference_direction`` is its deprecated alias.)"""
+    if isinstance(v_mid, EmotionDirections):
+        if v_post is not None:
+            raise TypeError("reference_direction(dirs): EmotionDirections carry both sites; pass no v_post")
+        dirs = v_mid
+        emos = [emotion] if emotion is not None else None
+        v_mid = dirs.tensor("resid_mid", emos, n_layers=max(dirs.layers) + 1)
+        v_post = dirs.tensor("resid_post", emos, n_layers=max(dirs.layers) + 1)
+        if emotion is not None:
+            v_mid, v_post = v_mid[0], v_post[0]
+    elif emotion is not None:
+        raise TypeError("reference_direction: emotion= only applies to EmotionDirections")
+    if v_post is None or v_mid.shape != v_post.shape or v_mid.dim() not in (2, 3):
+        raise ValueError(f"v_mid {tuple(v_mid.shape)} and v_post "
+                         f"{None if v_post is None else tuple(v_post.shape)} must both be [layer, d_model] "
+                         f"or [emotion, layer, d_model]")
+    n_layers = v_mid.shape[-2]
+    band = reference_band(n_layers) if band is None else [int(b) for b in band]
+    bad = [L for L in band if not 0 <= L < n_layers]
+    if bad:
+        raise ValueError(f"reference band {band} has layers {bad} outside 0..{n_layers - 1}")
+    if v_mid.dim() == 3:
+        return torch.stack([reference_direction(v_mid[e], v_post[e], band) for e in range(v_mid.shape[0])])
     u = _unit(torch.stack([x for L in band for x in (v_mid[L], v_post[L])]).double())
     sign = torch.where(u @ u[0] < 0, -1.0, 1.0).to(u.dtype)
     return _unit((sign[:, None] * u).sum(0)).float()

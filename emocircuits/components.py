@@ -28,7 +28,7 @@ forward + one backward per emotion. Readouts:
 * ``"final"`` — s = ⟨final_norm[last], v_ref,e⟩ (downstream effect of every head).
 * ``"logit"`` — s = log Σ_{t∈T_e} p(t), the emotion's next-token word mass.
 
-v_ref (``reference_direction``) is the unit mean of the sign-aligned resid_mid and resid_post
+v_ref (``circuits.reference_direction``) is the unit mean of the sign-aligned resid_mid and resid_post
 directions over a late band of layers (paper: 21–25 of 28, scaled to depth).
 
 **Sweeps** (``component_sweep``, paper Sec. 6): the emotion score is measured twice,
@@ -52,6 +52,8 @@ from tqdm.auto import tqdm
 from . import sites as S
 from .activations import collect
 from .circuits import jaccard  # noqa: F401 - the one definition, re-exported (was a copy here)
+from .circuits import reference_direction as circuits_reference_direction
+from .deprecation import deprecated_alias
 from .directions import group_centered_means
 from .patching import (
     Metric,
@@ -328,20 +330,9 @@ def head_ablation_importance(model, prompts: Sequence[PromptLike], labels: Seque
                             {"readout": "same_layer", "ablation": "zero z, all positions"})
 
 
-def reference_direction(directions_mid: torch.Tensor, directions_post: torch.Tensor,
-                        band: Sequence[int] | None = None) -> Float[torch.Tensor, "emotion d_model"]:
-    """v_ref,e for every emotion: ``emocircuits.circuits.reference_direction`` per emotion
-    (unit sum of the sign-aligned resid_mid and resid_post directions over ``band``; default
-    band: the paper's layers 21–25 of 28 scaled to depth, ``circuits.reference_band``)."""
-    from .circuits import reference_direction as one_reference
-
-    if directions_mid.shape != directions_post.shape or directions_mid.dim() != 3:
-        raise ValueError("directions_mid and directions_post must both be [emotion, layer, d_model]")
-    L = directions_mid.shape[1]
-    if band is not None and any(not 0 <= b < L for b in band):
-        raise ValueError(f"reference band {list(band)} outside 0..{L - 1}")
-    return torch.stack([one_reference(directions_mid[e], directions_post[e], band)
-                        for e in range(directions_mid.shape[0])])
+reference_direction = deprecated_alias(circuits_reference_direction, "components.reference_direction",
+                                       "emocircuits.circuits.reference_direction")
+"""Deprecated: ``circuits.reference_direction`` (it takes ``[emotion, layer, d_model]`` too)."""
 
 
 def final_projection(model, v: torch.Tensor) -> Metric:

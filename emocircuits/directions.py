@@ -194,6 +194,40 @@ class EmotionDirections(Result):
         v = self._site(site)
         return {e: v[i] for i, e in enumerate(self.emotions)}
 
+    def vector(self, emotion: str, layer: int, site: str = "resid_post") -> Float[torch.Tensor, "d_model"]:
+        """One direction: ``emotion`` at model layer ``layer`` of ``site`` (same as ``at``)."""
+        return self.at(emotion, layer, site)
+
+    def tensor(self, site: str = "resid_post", emotions: Sequence[str] | None = None, *,
+               n_layers: int | None = None) -> Float[torch.Tensor, "emotion layer d_model"]:
+        """The raw ``[emotion, layer, d_model]`` tensor of ``site``: rows in ``emotions`` order
+        (default: all, in ``self.emotions`` order), the layer axis as in ``self.layers``; with
+        ``n_layers`` it is indexed by model layer 0..n_layers−1 (every one must be present)."""
+        v = self._site(site)
+        if emotions is not None:
+            v = v[[self._emo(e) for e in emotions]]
+        if n_layers is not None and self.layers != list(range(n_layers)):
+            missing = [layer for layer in range(n_layers) if layer not in self.layers]
+            if missing:
+                raise ValueError(f"directions lack model layers {missing} (have {self.layers}); "
+                                 f"this call needs all {n_layers}")
+            v = v[:, [self.layers.index(layer) for layer in range(n_layers)]]
+        return v
+
+
+def direction_tensor(directions: EmotionDirections | torch.Tensor, site: str,
+                     emotions: Sequence[str] | None = None, *, n_layers: int | None = None
+                     ) -> tuple[torch.Tensor, list[str] | None]:
+    """``(tensor, emotions)`` for functions that take directions as ``EmotionDirections`` or as a
+    raw tensor: an ``EmotionDirections`` gives ``.tensor(site, emotions, n_layers=...)`` and its
+    emotions (``emotions`` when given); a tensor is returned as it is, with ``emotions``."""
+    if isinstance(directions, EmotionDirections):
+        emos = list(emotions) if emotions is not None else list(directions.emotions)
+        return directions.tensor(site, emos, n_layers=n_layers), emos
+    if not isinstance(directions, torch.Tensor):
+        raise TypeError(f"directions must be EmotionDirections or a tensor, got {type(directions).__name__}")
+    return directions, (list(emotions) if emotions is not None else None)
+
 
 # ----------------------------------------------------------------------------- helpers
 

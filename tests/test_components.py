@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from emocircuits import circuits as CI
 from emocircuits import components as C
 from emocircuits import patching as P
 from emocircuits import sites
@@ -117,7 +118,7 @@ def test_same_layer_attribution_sum_trick_equals_per_layer_backward(tiny):
 def test_attribution_other_readouts_run(tiny_llama):
     prompts = _prompts()
     dm, dp = _dirs(tiny_llama, 3), _dirs(tiny_llama, 4)
-    vref = C.reference_direction(dm, dp)
+    vref = CI.reference_direction(dm, dp)
     assert vref.shape == (len(EMOS), tiny_llama.cfg.d_model)
     assert torch.allclose(vref.norm(dim=-1), torch.ones(len(EMOS)), atol=1e-5)
     f = C.head_attribution(tiny_llama, prompts, None, EMOS, readout="final", v_ref=vref, progress=False)
@@ -131,10 +132,10 @@ def test_reference_direction_band_and_signs():
     d[0, :, 0] = 1.0
     post = d.clone()
     post[0, 23] = -post[0, 23]  # a flipped sign is aligned back
-    v = C.reference_direction(d, post)
+    v = CI.reference_direction(d, post)
     assert torch.allclose(v[0], torch.tensor([1.0, 0, 0, 0]))
     with pytest.raises(ValueError, match="band"):
-        C.reference_direction(d, post, band=[40])
+        CI.reference_direction(d, post, band=[40])
 
 
 def test_component_sweep_matches_manual(tiny_llama):
