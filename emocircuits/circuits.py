@@ -88,24 +88,38 @@ class DifferenceVectors(Result):
         return self.mlp[i], self.z[i]
 
 
+def delta_mu(acts: Float[torch.Tensor, "n layer *width"], prompts: Sequence[Prompt],
+             emotions: Sequence[str]) -> tuple[Float[torch.Tensor, "emotion layer *width"], GroupInfo]:
+    """Δμ_e = mean_g (a_{g,e} − mean_e' a_{g,e'}) of one site's last-token activations ``acts``
+    (row i = ``prompts[i]``), unnormalised: ``group_centered_means`` over ``Prompt.group``
+    (skeleton_id, valence). The one definition of the difference vectors (§6.1).
+
+    Every prompt must carry an emotion and a skeleton id (a missing id would merge all
+    scenarios of a valence into one group)."""
+    if len(prompts) != acts.shape[0]:
+        raise ValueError(f"{len(prompts)} prompts but the activations have {acts.shape[0]} rows")
+    missing = [i for i, p in enumerate(prompts)
+               if getattr(p, "emotion", None) is None or getattr(p, "skeleton_id", None) is None]
+    if missing:
+        p = prompts[missing[0]]
+        raise ValueError(f"difference vectors need emotion-instructed prompts with skeleton ids; "
+                         f"prompt {missing[0]} has emotion={getattr(p, 'emotion', None)!r}, "
+                         f"skeleton_id={getattr(p, 'skeleton_id', None)!r}")
+    return group_centered_means(acts, [p.group for p in prompts], [p.emotion for p in prompts],
+                                emotions, normalize=False)
+
+
 def difference_vectors_from_acts(
     mlp_post: Float[torch.Tensor, "n layer d_mlp"],
     z: Float[torch.Tensor, "n layer head d_head"],
     prompts: Sequence[Prompt],
     emotions: Sequence[str],
 ) -> DifferenceVectors:
-    """Δμ from collected last-token activations; groups = ``Prompt.group`` (skeleton, valence)."""
+    """Δμ (``delta_mu``) at both intervention points from collected last-token activations."""
     if len(prompts) != mlp_post.shape[0] or len(prompts) != z.shape[0]:
         raise ValueError(f"{len(prompts)} prompts but mlp_post has {mlp_post.shape[0]} rows, z {z.shape[0]}")
-    missing = [i for i, p in enumerate(prompts) if p.emotion is None or p.skeleton_id is None]
-    if missing:
-        raise ValueError(f"difference vectors need emotion-instructed prompts with skeleton ids; "
-                         f"prompt {missing[0]} has emotion={prompts[missing[0]].emotion!r}, "
-                         f"skeleton_id={prompts[missing[0]].skeleton_id!r}")
-    groups = [p.group for p in prompts]
-    labels = [p.emotion for p in prompts]
-    mlp, info = group_centered_means(mlp_post, groups, labels, emotions, normalize=False)
-    zz, _ = group_centered_means(z, groups, labels, emotions, normalize=False)
+    mlp, info = delta_mu(mlp_post, prompts, emotions)
+    zz, _ = delta_mu(z, prompts, emotions)
     return DifferenceVectors(list(emotions), mlp, zz, info)
 
 
@@ -809,7 +823,7 @@ def faithfulness(model, circuit: EmotionCircuit, prompts_neutral: Sequence[str |
 
 
 __all__ = [
-    "SUBLAYERS", "PAPER_ALPHAS", "DifferenceVectors", "difference_vectors", "difference_vectors_from_acts",
+    "SUBLAYERS", "PAPER_ALPHAS", "DifferenceVectors", "delta_mu", "difference_vectors", "difference_vectors_from_acts",
     "sigma_from_acts", "sublayer_sigma", "reference_band", "reference_direction", "aligned_directions",
     "InfluenceResult", "sublayer_influence", "Allocation", "allocate_kind", "allocate_circuit",
     "select_components", "EmotionCircuit", "build_circuit", "assemble_circuit", "random_circuit",

@@ -51,10 +51,9 @@ from tqdm.auto import tqdm
 
 from . import sites as S
 from .activations import collect
-from .circuits import jaccard  # noqa: F401 - the one definition, re-exported (was a copy here)
+from .circuits import delta_mu, jaccard  # jaccard: the one definition, re-exported
 from .circuits import reference_direction as circuits_reference_direction
-from .deprecation import deprecated_alias
-from .directions import group_centered_means
+from .deprecation import deprecated_alias, warn_deprecated
 from .patching import (
     Metric,
     _forward,
@@ -517,16 +516,14 @@ def difference_vectors(model, prompts: Sequence[PromptLike], emotions: Sequence[
                        site: Literal["mlp_post", "z"], layers: Sequence[int] | None = None,
                        batch_size: int = 16, progress: bool = True
                        ) -> Float[torch.Tensor, "emotion layer ..."]:
-    """Δμ_e^l (§6.1): group-centred means (unnormalised) of ``site`` at the last token.
-
-    Groups are ``prompt.group`` (skeleton, valence); returns [emotion, layer, *width].
-    """
-    groups = [p.group for p in prompts]  # type: ignore[union-attr]
-    labels = _labels(prompts, None)
+    """Deprecated: ``circuits.delta_mu(collect(model, prompts, site, layers=...)[site], prompts,
+    emotions)[0]`` (or ``circuits.difference_vectors`` for both sites) — Δμ_e^l of ``site`` at
+    the last token, [emotion, layer, *width]."""
+    warn_deprecated("components.difference_vectors", "emocircuits.circuits.delta_mu (one site) or "
+                    "circuits.difference_vectors (mlp_post and z)", stacklevel=3)
     acts = collect(model, prompts, site, "last", layers=layers, batch_size=batch_size,
                    progress=progress)
-    u, _ = group_centered_means(acts[site], groups, labels, emotions, normalize=False)
-    return u
+    return delta_mu(acts[site], prompts, emotions)[0]  # type: ignore[arg-type]
 
 
 @dataclass

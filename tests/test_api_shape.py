@@ -69,3 +69,39 @@ def test_reference_direction_one_definition():
     torch.testing.assert_close(old, want)
     with pytest.raises(ValueError, match="band"):
         CI.reference_direction(mid[0], post[0], band=[30])
+
+
+# ------------------------------------------------------------------ difference vectors
+
+
+def _emotion_prompts(n_scen=3, emos=("anger", "fear", "joy")):
+    from emocircuits.prompts import Prompt
+
+    return [Prompt(f"Reply in {e}. Story {s} went {v}.", emotion=e, skeleton_id=f"s{s}", valence=v)
+            for s in range(n_scen) for v in ("positive", "negative") for e in emos]
+
+
+def test_delta_mu_brute_force_and_the_deprecated_site_helper(tiny_llama):
+    from emocircuits.activations import collect
+
+    emos = ["anger", "fear", "joy"]
+    prompts = _emotion_prompts()
+    x = torch.randn(len(prompts), 2, 5, generator=torch.Generator().manual_seed(4)) * 2 + 3
+    u, info = CI.delta_mu(x, prompts, emos)
+    assert len(info.used) == 6
+    want = torch.zeros(3, 2, 5, dtype=torch.float64)
+    for grp in {p.group for p in prompts}:
+        rows = {p.emotion: i for i, p in enumerate(prompts) if p.group == grp}
+        h = torch.stack([x[rows[e]].double() for e in emos])
+        want += (h - h.mean(0)) / 6
+    torch.testing.assert_close(u.double(), want, rtol=0, atol=1e-6)
+    # the Δμ of both intervention points, and the old per-site helper, are this function
+    acts = collect(tiny_llama, prompts, ("mlp_post", "z"), progress=False)
+    dv = CI.difference_vectors_from_acts(acts["mlp_post"], acts["z"], prompts, emos)
+    assert torch.equal(dv.mlp, CI.delta_mu(acts["mlp_post"], prompts, emos)[0])
+    old = _deprecated(K.difference_vectors, tiny_llama, prompts, emos, "z", layers=[0, 1], progress=False)
+    torch.testing.assert_close(old, dv.z[:, [0, 1]])
+    from emocircuits.prompts import Prompt
+
+    with pytest.raises(ValueError, match="skeleton ids"):
+        CI.delta_mu(x[:1], [Prompt("x", emotion="anger")], emos)
