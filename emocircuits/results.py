@@ -388,3 +388,32 @@ def _import_result_modules() -> None:
             importlib.import_module(f"emocircuits.{m}")
         except ImportError:
             pass
+
+
+def compact_json(obj: Any, max_numbers: int = 1024) -> Any:
+    """A JSON value with every numeric array of more than ``max_numbers`` entries replaced by
+    ``{"shape": [...], "stored": "safetensors"}`` (for summaries such as results.json; the
+    full values stay in the result's tensor file)."""
+    if isinstance(obj, dict):
+        return {k: compact_json(v, max_numbers) for k, v in obj.items()}
+    if isinstance(obj, list):
+        shape = _numeric_shape(obj)
+        if shape is not None and math.prod(shape) > max_numbers:
+            return {"shape": list(shape), "stored": "safetensors"}
+        return [compact_json(v, max_numbers) for v in obj]
+    return obj
+
+
+def _numeric_shape(x: Any) -> tuple[int, ...] | None:
+    """The shape of a rectangular nested list of numbers/None, else None."""
+    if not isinstance(x, list):
+        return () if (x is None or isinstance(x, (int, float))) and not isinstance(x, bool) else None
+    if not x:
+        return (0,)
+    first = _numeric_shape(x[0])
+    if first is None:
+        return None
+    for v in x[1:]:
+        if _numeric_shape(v) != first:
+            return None
+    return (len(x), *first)

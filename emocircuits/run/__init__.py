@@ -14,6 +14,7 @@ from .engine import (
     StageContext,
     StageRecord,
     Study,
+    open_run,
     run_studies,
     stage_hashes,
 )
@@ -22,5 +23,5 @@ from .plan import dry_run, estimate_seconds
 __all__ = [
     "ConfigError", "ModelHandle", "Plan", "RunError", "RunLockedError", "RunResult", "StageContext",
     "StageRecord", "Study", "apply_overrides", "check_value", "dry_run", "estimate_seconds",
-    "load_toml", "parse_section", "run_studies", "section_dict", "stage_hashes",
+    "load_toml", "open_run", "parse_section", "run_studies", "section_dict", "stage_hashes",
 ]

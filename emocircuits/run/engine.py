@@ -39,7 +39,15 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
-from ..results import Result, ResultFileError, atomic_write_json, atomic_write_text, jsonable, load_result
+from ..results import (
+    Result,
+    ResultFileError,
+    atomic_write_json,
+    atomic_write_text,
+    compact_json,
+    jsonable,
+    load_result,
+)
 from .config import file_sha, section_dict, sha
 
 
@@ -467,7 +475,7 @@ def _run_stage(st: Study, h: str, cfg: RunConfigLike, run_dir: Path, records: di
         result.save(tmp / "result")
         headline = result.headline() if hasattr(result, "headline") else {}
         output = {"stage": st.name, "hash": h, "version": st.version, "seconds": round(seconds, 2),
-                  "result_type": type(result).__name__, "results": jsonable(result.to_dict()),
+                  "result_type": type(result).__name__, "results": compact_json(jsonable(result.to_dict())),
                   "headline": jsonable(headline), "notes": ctx.notes, "figures": ctx.figures,
                   "tables": jsonable(ctx.tables), "views": ctx.views,
                   "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
