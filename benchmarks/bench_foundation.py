@@ -1,7 +1,11 @@
 """Measure the foundation: load times, RSS, HF-vs-bridge logit diffs, forward and generation
-speed with and without a hook, and the readout AUC on the paper's SEV data.
+speed with and without a hook, and the readout AUC on the paper's SEV data (when
+``shared/data/sev_reference/sev.jsonl`` is next to the checkout).
 
-    python experiments/00_foundation_measurements.py --out runs/foundation/results.json
+    flock /tmp/ec_heavy.lock .venv/bin/python benchmarks/bench_foundation.py --out benchmarks/out/foundation.json
+
+Real models only (SmolLM2-135M-Instruct, Gemma-3-270M); ``--skip-cold`` skips the cold load
+into a fresh cache. Prints the measurements as one JSON document and writes them to ``--out``.
 """
 
 from __future__ import annotations
@@ -38,12 +42,12 @@ def max_logit_diff(model, texts) -> float:
     return float((ref[m] - got[m]).abs().max())
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="runs/foundation/results.json")
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "foundation.json"))
     ap.add_argument("--skip-cold", action="store_true")
     ap.add_argument("--auc-scenarios", type=int, default=160)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     res: dict = {"threads": torch.get_num_threads()}
     if not args.skip_cold:
         with tempfile.TemporaryDirectory() as d:
@@ -116,6 +120,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
+    return res
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ def run(ctx: StageContext) -> CircuitsResult:
     evals: dict[str, MethodEvaluation] = {}
     steer_res, prompt_res = ctx.upstream("steering"), ctx.upstream("prompting")
     evals["none"] = steer_res.test_unsteered if steer_res is not None else evaluate(test, lambda e: None, "none")
-    if prompt_res is not None:
+    if prompt_res is not None and prompt_res.evaluation is not None:  # prompting.elicit = false
         evals["prompting"] = prompt_res.evaluation
     if steer_res is not None:
         evals["steering"] = steer_res.test

@@ -1,4 +1,10 @@
-"""Stage 02: context-agnostic emotion directions, their decodability and the keyword control."""
+"""Stage 02: context-agnostic emotion directions, their decodability and the keyword control.
+
+Switches (``[directions]``): ``methods`` (the first is the one later stages use; the others are
+compared with it per layer), ``decoding_sites`` (held-out nearest-centroid decoding per site),
+``keyword_control``, ``reply_directions`` (directions read from the generated replies'
+tokens, compared with the main ones).
+"""
 
 from __future__ import annotations
 
@@ -24,6 +30,12 @@ class Config:
     keyword_control: bool = True
     control_words: tuple[str, ...] = CONTROL_WORDS
     pca_layers: Literal["auto"] | tuple[int, ...] = "auto"
+    decoding_sites: tuple[str, ...] | None = None  # None: every site (the last is the headline)
+    # directions from the generated replies (mean over reply tokens), first n train scenarios
+    reply_directions: bool = False
+    reply_scenarios: int | None = 8  # None: every train scenario
+    reply_sites: tuple[str, ...] = ("resid_post",)
+    reply_max_new_tokens: int = 24
 
     def __post_init__(self) -> None:
         if not self.sites:
@@ -32,12 +44,23 @@ class Config:
             raise ValueError("directions.methods is empty")
         if self.n_folds < 2:
             raise ValueError(f"directions.n_folds must be >= 2, got {self.n_folds}")
+        for name, subset in (("decoding_sites", self.decoding_sites or ()),
+                             ("reply_sites", self.reply_sites)):
+            bad = [x for x in subset if x not in self.sites]
+            if bad:
+                raise ValueError(f"directions.{name}: {bad} not in directions.sites {list(self.sites)}")
+        if not self.reply_sites:
+            raise ValueError("directions.reply_sites is empty")
+        if self.reply_scenarios is not None and self.reply_scenarios < 1:
+            raise ValueError("directions.reply_scenarios must be >= 1")
+        if self.reply_max_new_tokens < 1:
+            raise ValueError("directions.reply_max_new_tokens must be >= 1")
 
 
 @dataclass
 class DirectionsResult(Result):
     """Unit directions (the first method's), held-out decodability, the keyword control and
-    cosines between methods/emotions/layers."""
+    cosines between methods/emotions/layers; the reply-token directions when switched on."""
 
     directions: object  # EmotionDirections
     decoding: object  # Decodability of the last site
@@ -46,9 +69,19 @@ class DirectionsResult(Result):
     method_cosine: dict = field(default_factory=dict)  # method -> {site: [per layer mean cos]}
     off_diagonal_cosine_across_emotions: dict = field(default_factory=dict)
     mean_cosine_across_layer_sites: dict = field(default_factory=dict)
+    decoding_by_site: dict = field(default_factory=dict)  # site -> Decodability
+    emotion_cosine: object | None = None  # CosineMatrix between emotions (last site, middle layer)
+    layer_cosine: object | None = None  # CosineMatrix across layers × sites (first emotion)
+    adjacent_cosines: dict = field(default_factory=dict)  # emotion -> adjacent_site_cosines
+    reply: object | None = None  # EmotionDirections from the generated replies
+    reply_cosine: dict = field(default_factory=dict)  # site -> [per layer mean cos with `directions`]
 
     def headline(self) -> dict:
         out = {"decoding_peak_centered": max(self.decoding.centered) if len(self.decoding.centered) else None}
+        for site, d in self.decoding_by_site.items():
+            out[f"decoding_peak_centered_{site}"] = max(d.centered) if len(d.centered) else None
+        for site, c in self.reply_cosine.items():
+            out[f"reply_direction_cosine_max_{site}"] = max(c) if c else None
         if self.keyword_control is not None:
             out["decoding_emotion_words_max_over_layers"] = max(self.keyword_control.emotion.centered)
             out["decoding_control_words_max_over_layers"] = max(self.keyword_control.control.centered)
@@ -97,20 +130,40 @@ def run(ctx: StageContext) -> DirectionsResult:
     dirs = directions_by_method(s.methods[0], model, acts, prompts, emos, sites, recs, ctx)
     others = {m: directions_by_method(m, model, acts, prompts, emos, sites, recs, ctx)
               for m in s.methods[1:]}
-    method_cos = {m: {site: (o.vectors[site] * dirs.vectors[site]).sum(-1).mean(0).tolist()
-                      for site in sites} for m, o in others.items()}
+    method_cos = {m: {site: D.direction_agreement(dirs, o, site) for site in sites}
+                  for m, o in others.items()}
     n_folds = min(s.n_folds, len(recs))
     main = sites[-1]
-    dec = D.nearest_centroid_accuracy(acts, prompts, emos, main, n_folds)
+    dec_sites = list(s.decoding_sites) if s.decoding_sites is not None else sites
+    by_site = {site: D.nearest_centroid_accuracy(acts, prompts, emos, site, n_folds)
+               for site in dict.fromkeys([*dec_sites, main])}
+    dec = by_site[main]
     kw = None
     if s.keyword_control:
         kw = D.keyword_control(model, recs, emos, tuple(s.control_words)[: len(emos)], site=main,
                                n_folds=n_folds, emotion_acts=acts, progress=ctx.progress)
+    reply, reply_cos = None, {}
+    if s.reply_directions:
+        n_rep = len(recs) if s.reply_scenarios is None else min(s.reply_scenarios, len(recs))
+        gen = common.gen_config(ctx, max_new_tokens=s.reply_max_new_tokens,
+                                min_new_tokens=min(ctx.config.generation.min_new_tokens,
+                                                   s.reply_max_new_tokens))
+        reply = D.reply_directions(model, recs[:n_rep], emos, sites=tuple(s.reply_sites), config=gen,
+                                   batch_size=common.batch_size(ctx), progress=ctx.progress)
+        reply_cos = {site: D.direction_agreement(dirs, reply, site) for site in s.reply_sites}
     res = DirectionsResult(
         dirs, dec, kw, others, method_cos,
         {f"{site}/L{layer}": float(D.cosine_across_emotions(dirs, site, layer).off_diagonal_mean())
          for site in sites for layer in dirs.layers},
-        {e: float(D.cosine_across_layers(dirs, e, sites).off_diagonal_mean()) for e in emos})
+        {e: float(D.cosine_across_layers(dirs, e, sites).off_diagonal_mean()) for e in emos},
+        by_site, D.cosine_across_emotions(dirs, main), D.cosine_across_layers(dirs, emos[0], sites),
+        {e: D.adjacent_site_cosines(dirs, e, sites) for e in emos}, reply, reply_cos)
+    if others or reply_cos:
+        curves = {f"{m} ({site})": c for m, per in method_cos.items() for site, c in per.items()}
+        curves.update({f"reply tokens ({site})": c for site, c in reply_cos.items()})
+        ctx.table(f"mean cosine with the {s.methods[0]} directions, per layer",
+                  ["directions", *[f"L{layer}" for layer in dirs.layers]],
+                  [[name, *c] for name, c in curves.items()])
     if kw is not None:
         ctx.figure("keyword-confound control: decoding emotion words vs colour words",
                    "keyword_control.png", figures.probe_accuracy,
@@ -120,8 +173,9 @@ def run(ctx: StageContext) -> DirectionsResult:
                    layers=kw.emotion.layers, chance=kw.emotion.chance,
                    title="nearest-centroid decoding: emotion vs control words")
     ctx.figure("nearest-centroid decoding per layer", "decoding.png", figures.probe_accuracy,
-               {"group-centred": dec.centered, "raw": dec.uncentered}, layers=dec.layers,
-               chance=dec.chance, title=f"held-out nearest-centroid accuracy ({main})")
+               {f"{site}, {kind}": getattr(d, attr) for site, d in by_site.items()
+                for kind, attr in (("group-centred", "centered"), ("raw", "uncentered"))},
+               layers=dec.layers, chance=dec.chance, title="held-out nearest-centroid accuracy")
     ctx.figure("direction cosine across layers and sites (mean over emotions)",
                "direction_similarity.png", figures.direction_similarity,
                {site: dirs.vectors[site] for site in sites}, emos)
@@ -142,7 +196,15 @@ def plan(cfg) -> Plan:
     extra = n if s.keyword_control else 0
     if "mean_difference" in s.methods:
         extra += common.n_prompts(cfg, "train", per_emotion=False)
-    return Plan(forward=n + extra, what="collect last-token resid; directions; decoding; keyword control")
+    gen = 0
+    if s.reply_directions:
+        n_rep = common.n_scenarios(cfg, "train")
+        n_rep = n_rep if s.reply_scenarios is None else min(n_rep, s.reply_scenarios)
+        gen = n_rep * 3 * len(cfg.emotions)
+        extra += gen
+    return Plan(forward=n + extra, generate=gen,
+                what="collect last-token resid; directions; decoding; keyword control"
+                     + ("; reply-token directions" if s.reply_directions else ""))
 
 
 STUDY = Study("directions", "Emotion directions (stage 02)", Config, run, plan,

@@ -1,5 +1,9 @@
 """Stage 03: steering with the emotion directions; (layer band, α) chosen on validation under
-the fluency guard, the chosen setting and the unsteered model evaluated on test."""
+the fluency guard, the chosen setting and the unsteered model evaluated on test.
+
+``layer_bands``: ``"paper"`` (the paper's band scaled to depth), ``"paper+early"`` (that band
+and one of the same width starting at depth/5), or explicit bands. ``reference_strength``: also
+evaluate the paper band at this α on test (a fixed reference beside the chosen setting)."""
 
 from __future__ import annotations
 
@@ -18,13 +22,14 @@ READOUT_PREFIX = "I feel"
 class Config:
     """``[steering]``: ``strengths`` are α in units of the residual rms at each steered position."""
 
-    layer_bands: Literal["paper"] | tuple[tuple[int, ...], ...] = "paper"
+    layer_bands: Literal["paper", "paper+early"] | tuple[tuple[int, ...], ...] = "paper"
     strengths: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
     site: Literal["resid_post", "resid_mid", "resid_pre"] = "resid_post"
     ppl_guard: float = 3.0  # perplexity ≤ this × the unsteered model's (validation)
     max_repeat: float = 0.3  # repeated-3-gram rate below this
     readout: bool = True  # the logit readout ("I feel") beside the judge
     n_examples: int = 12
+    reference_strength: float | None = None  # also on test: the paper band at this α
 
     def __post_init__(self) -> None:
         if not self.strengths:
@@ -43,26 +48,40 @@ class SteeringResult(Result):
     test_unsteered: MethodEvaluation
     validation_unsteered_perplexity: float | None = None
     examples: list[dict] = field(default_factory=list)
+    test_reference: MethodEvaluation | None = None  # the paper band at reference_strength
+    reference: dict | None = None  # its setting ({"layers", "strength", "same_as_chosen"})
 
     def headline(self) -> dict:
-        return {"steering_accuracy": self.test.accuracy.overall,
-                "no_intervention_accuracy": self.test_unsteered.accuracy.overall,
-                "steering_perplexity": self.test.fluency.get("perplexity_geomean")}
+        out = {"steering_accuracy": self.test.accuracy.overall,
+               "no_intervention_accuracy": self.test_unsteered.accuracy.overall,
+               "steering_perplexity": self.test.fluency.get("perplexity_geomean")}
+        if self.reference is not None:
+            ref = self.test if self.reference.get("same_as_chosen") else self.test_reference
+            out["steering_reference_accuracy"] = ref.accuracy.overall if ref is not None else None
+        return out
 
 
 def bands(model, spec) -> list[list[int]]:
     from ..steering import paper_layers
 
-    if spec == "paper":
-        return [list(paper_layers(model))]
+    if spec in ("paper", "paper+early"):
+        pl = list(paper_layers(model))
+        if spec == "paper":
+            return [pl]
+        n = model.cfg.n_layers
+        start = min(n // 5, n - len(pl))
+        early = list(range(start, start + len(pl)))
+        return [pl] if early == pl else [pl, early]
     return [common.check_layers(b, model.cfg.n_layers, "steering.layer_bands") for b in spec]
 
 
 def summary_row(name: str, ev: MethodEvaluation, **extra) -> dict:
     return {"setting": name, **extra, "judge_accuracy": ev.accuracy.overall,
             "readout_accuracy": (ev.readout or {}).get("overall"),
+            "readout_share": (ev.readout or {}).get("mean_target_share"),
             "perplexity": ev.fluency.get("perplexity_geomean"),
-            "repeated_3gram": ev.fluency.get("repeated_3gram_rate_mean"), "n": ev.accuracy.n}
+            "repeated_3gram": ev.fluency.get("repeated_3gram_rate_mean"), "n": ev.accuracy.n,
+            "judge_by_emotion": dict(ev.accuracy.by_emotion)}
 
 
 def run(ctx: StageContext) -> SteeringResult:
@@ -109,11 +128,20 @@ def run(ctx: StageContext) -> SteeringResult:
     chosen = {"layers": band_name(band), "strength": alpha, "site": s.site,
               "swept": len(settings) > 1, "passes_fluency_guard": ok, "chosen_on": "validation"}
     res = SteeringResult(rows, chosen, ev, ev0, ref, ev.examples)
+    shown = [("steering", ev), ("no intervention", ev0)]
+    if s.reference_strength is not None:
+        pl, a_ref = bands(model, "paper")[0], float(s.reference_strength)
+        same = pl == list(band) and a_ref == alpha
+        res.reference = {"layers": band_name(pl), "strength": a_ref, "site": s.site,
+                         "same_as_chosen": same}
+        if not same:
+            res.test_reference = evaluate(test, ctx_for(pl, a_ref), "steering (reference)")
+            shown.insert(1, (f"steering {band_name(pl)} α={a_ref:g} (reference)", res.test_reference))
     ctx.table("steering on the test set (setting chosen on validation)",
-              ["method", "judge", "readout", "perplexity", *emos, "n"],
+              ["method", "judge", "readout", "readout share", "perplexity", *emos, "n"],
               [[m, e.accuracy.overall, (e.readout or {}).get("overall"),
-                e.fluency.get("perplexity_geomean"), *[e.accuracy.by_emotion.get(x) for x in emos],
-                e.accuracy.n] for m, e in (("steering", ev), ("no intervention", ev0))])
+                (e.readout or {}).get("mean_target_share"), e.fluency.get("perplexity_geomean"),
+                *[e.accuracy.by_emotion.get(x) for x in emos], e.accuracy.n] for m, e in shown])
     if rows:
         ctx.table("validation grid", ["setting", "judge", "readout", "perplexity", "rep3", "passes guard"],
                   [[r["setting"], r["judge_accuracy"], r["readout_accuracy"], r["perplexity"],
@@ -133,11 +161,12 @@ def run(ctx: StageContext) -> SteeringResult:
 
 def plan(cfg) -> Plan:
     s = cfg.section("steering")
-    n_b = 1 if s.layer_bands == "paper" else len(s.layer_bands)
+    n_b = ((2 if s.layer_bands == "paper+early" else 1) if isinstance(s.layer_bands, str)
+           else len(s.layer_bands))
     n_set = n_b * len(s.strengths)
     nv = common.n_prompts(cfg, "validation") if n_set > 1 else 0
     nt = common.n_prompts(cfg, "test")
-    gen = nv * (n_set + 1) / 1 + nt * 2
+    gen = nv * (n_set + 1) / 1 + nt * (2 + (s.reference_strength is not None))
     return Plan(generate=gen, forward=2 * gen,
                 what=(f"sweep {n_set} settings on validation; best on test" if n_set > 1
                       else "one setting (no sweep); steered vs unsteered on test"))
