@@ -158,7 +158,8 @@ def evaluate_texts(method: str, prompts: Sequence[Prompt], texts: Sequence[str],
                          f"{len(targets)} targets; they must match one to one")
     res = judge.judge(list(texts), list(targets))
     rows = [{"emotion": t, "valence": getattr(p, "valence", None), "match": bool(m),
-             "label": lab, "text": x, "key": getattr(p, "key", None)}
+             "label": lab, "text": x, "key": getattr(p, "key", None),
+             "scenario": getattr(p, "skeleton_id", None)}
             for p, t, m, lab, x in zip(prompts, targets, res.match, res.labels, texts, strict=True)]
     flu: dict = {}
     if model is not None:
