@@ -119,7 +119,7 @@ def main(argv=None) -> dict:
     with torch.no_grad():
         model(wb.tokens, attention_mask=wb.attention_mask, logits_to_keep=1)  # warm-up
     t = time.perf_counter()
-    loop = head_ablation_importance(model, sub, None, sub_dirs, sub_emos, loop_layers,
+    loop = head_ablation_importance(model, sub, None, sub_dirs, sub_emos, layers=loop_layers,
                                     batched=False, progress=False)
     t_loop_sub = time.perf_counter() - t
     n_fwd_sub = len(sub) * len(loop_layers) * (1 + H)  # the project's loop: a baseline per layer
@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
     ex_layers = ([int(x) for x in args.layers.split(",")] if args.layers
                  else sorted(set(range(0, L, max(1, L // 5))) | {L - 1}))
     t = time.perf_counter()
-    exact = head_ablation_importance(model, prompts, None, dsel, emos, ex_layers,
+    exact = head_ablation_importance(model, prompts, None, dsel, emos, layers=ex_layers,
                                      batch_size=args.batch_size, progress=False)
     t_exact_sub = time.perf_counter() - t
     scale = sum(range(1, L + 1)) / sum(x + 1 for x in ex_layers)

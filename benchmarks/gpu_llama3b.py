@@ -123,7 +123,7 @@ def run_dtype(model, args, dtype_name: str) -> dict:
     t_loop = per_fwd * len(hp) * (1 + L * H)
     lay = sorted({0, L // 2, L - 1})
     t = time.perf_counter()
-    head_ablation_importance(model, hp, None, dirs, hemos, lay, batch_size=args.head_batch,
+    head_ablation_importance(model, hp, None, dirs, hemos, layers=lay, batch_size=args.head_batch,
                              progress=False)
     C.sync(dev)
     t_exact = (time.perf_counter() - t) * sum(range(1, L + 1)) / sum(x + 1 for x in lay)

@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from . import sites as S
 from .activations import collect
+from .deprecation import warn_deprecated
 from .directions import EmotionDirections, GroupInfo, group_centered_means
 from .prompts import Prompt, tokenize
 from .results import Result
@@ -719,17 +720,23 @@ def ablate(model, circuit: EmotionCircuit, *, neuron_positions: str = "all",
 def neuron_scores_from_acts(mlp_post: Float[torch.Tensor, "n layer d_mlp"],
                             W_out: Float[torch.Tensor, "layer d_mlp d_model"],
                             v_post: Float[torch.Tensor, "layer d_model"]) -> Float[torch.Tensor, "layer d_mlp"]:
-    """C_mean[L, n] = mean_x g_n(x) · (W_out[L] v_post[L])_n (§5.1)."""
-    beta = torch.einsum("lnd,ld->ln", W_out.double().cpu(), _unit(v_post.double().cpu()))
-    return (mlp_post.double().mean(0) * beta).float()
+    """Deprecated alias of ``components.neuron_scores_from_acts`` (the one C_mean, §5.1)."""
+    from .components import neuron_scores_from_acts as scores
+
+    warn_deprecated("circuits.neuron_scores_from_acts", "emocircuits.components.neuron_scores_from_acts")
+    return scores(mlp_post, W_out, v_post)
 
 
 def head_scores_from_acts(z: Float[torch.Tensor, "n layer head d_head"],
                           W_O: Float[torch.Tensor, "layer head d_head d_model"],
                           v_mid: Float[torch.Tensor, "layer d_model"]) -> Float[torch.Tensor, "layer head"]:
-    """mean_x <z_h(x)[last] W_O[L, h], v_mid[L]>: the drop of <resid_mid[L][last], v_mid[L]>
-    when head h is zeroed at all positions (exact for pre-norm models; the paper reads the
-    ln2-normalised input instead, A5)."""
+    """Deprecated: mean_x <z_h(x)[last] W_O[L, h], v_mid[L]>, the drop of
+    <resid_mid[L][last], v_mid[L]> when head h is zeroed (a pre-norm linear stand-in). The head
+    score is the paper's ln2 readout, ``components.head_ablation_scores_from_acts`` (from
+    resid_pre, attn_o_out and z) or ``components.head_ablation_importance_closed_form``; this
+    function keeps its old numbers for one release."""
+    warn_deprecated("circuits.head_scores_from_acts (the resid_mid stand-in)",
+                    "emocircuits.components.head_ablation_scores_from_acts (the paper's ln2 readout)")
     zm = z.double().mean(0)
     return torch.einsum("lhe,lhed,ld->lh", zm, W_O.double().cpu(), _unit(v_mid.double().cpu())).float()
 

@@ -54,6 +54,7 @@ from .activations import collect
 from .circuits import delta_mu, jaccard  # jaccard: the one definition, re-exported
 from .circuits import reference_direction as circuits_reference_direction
 from .deprecation import deprecated_alias, warn_deprecated
+from .directions import EmotionDirections
 from .patching import (
     Metric,
     _forward,
@@ -82,9 +83,25 @@ def _labels(prompts: Sequence[PromptLike], labels: Sequence[str] | None) -> list
     return list(labels)  # type: ignore[arg-type]
 
 
-def _layer_dirs(model, directions: torch.Tensor, emotions: Sequence[str], lay: list[int],
-                name: str) -> Float[torch.Tensor, "emotion layer d_model"]:
-    """Directions for ``lay`` (the layer axis is either all model layers or exactly ``lay``), unit."""
+def _emotions_of(directions, emotions: Sequence[str] | None, who: str) -> list[str]:
+    """``emotions``, or the emotions of ``EmotionDirections`` when not given."""
+    if emotions is not None:
+        return list(emotions)
+    if isinstance(directions, EmotionDirections):
+        return list(directions.emotions)
+    raise ValueError(f"{who}: pass emotions= (the rows of the direction tensor) or EmotionDirections")
+
+
+def _select_layer_dirs(model, directions: torch.Tensor | EmotionDirections, emotions: Sequence[str],
+                       lay: list[int], name: str, site: str) -> Float[torch.Tensor, "emotion layer d_model"]:
+    """Directions [emotion, len(lay), d] for ``lay``, not normalised: ``EmotionDirections`` at
+    ``site`` (rows in ``emotions`` order), or a tensor whose layer axis is all model layers or
+    exactly ``lay``."""
+    if isinstance(directions, EmotionDirections):
+        missing = [layer for layer in lay if layer not in directions.layers]
+        if missing:
+            raise ValueError(f"{name}: the directions have no layers {missing} (have {directions.layers})")
+        directions = directions.tensor(site, emotions)[:, [directions.layers.index(layer) for layer in lay]]
     if directions.dim() != 3 or directions.shape[0] != len(emotions):
         raise ValueError(f"{name} must be [emotion={len(emotions)}, layer, d_model], "
                          f"got {tuple(directions.shape)}")
@@ -98,7 +115,13 @@ def _layer_dirs(model, directions: torch.Tensor, emotions: Sequence[str], lay: l
     else:
         raise ValueError(f"{name} has {directions.shape[1]} layers: expected all "
                          f"{model.cfg.n_layers} model layers or one per requested layer ({len(lay)})")
-    d = d.detach().float().cpu()
+    return d.detach()
+
+
+def _layer_dirs(model, directions: torch.Tensor | EmotionDirections, emotions: Sequence[str],
+                lay: list[int], name: str, site: str = "resid_mid") -> Float[torch.Tensor, "emotion layer d_model"]:
+    """``_select_layer_dirs``, unit (float32)."""
+    d = _select_layer_dirs(model, directions, emotions, lay, name, site).float().cpu()
     return d / (d.norm(dim=-1, keepdim=True) + EPS)
 
 
@@ -169,27 +192,53 @@ class NeuronContributions(Result):
         })
 
 
-def neuron_betas(model, directions: torch.Tensor, emotions: Sequence[str],
+def neuron_betas_from_weights(W_out: Float[torch.Tensor, "layer d_mlp d_model"],
+                              v_post: Float[torch.Tensor, "*emotion layer d_model"]
+                              ) -> Float[torch.Tensor, "*emotion layer d_mlp"]:
+    """β[..., l, n] = (W_out[l] v̂[..., l])_n, v̂ = v / ‖v‖ (float64): the one definition of the
+    neuron alignment β (§5.1), behind ``neuron_betas``, ``neuron_scores_from_acts`` and
+    ``neuron_contributions``."""
+    v = v_post.detach().double().cpu()
+    v = v / (v.norm(dim=-1, keepdim=True) + EPS)
+    return torch.einsum("lnd,...ld->...ln", W_out.detach().double().cpu(), v)
+
+
+def neuron_scores_from_acts(mlp_post: Float[torch.Tensor, "n layer d_mlp"],
+                            W_out: Float[torch.Tensor, "layer d_mlp d_model"],
+                            v_post: Float[torch.Tensor, "layer d_model"]) -> Float[torch.Tensor, "layer d_mlp"]:
+    """C_mean[l, n] = mean_x g_n(x) · β[l, n] from collected last-token ``mlp_post`` of one
+    emotion's prompts (§5.1; equals ``neuron_contributions(...).C_mean`` of that emotion)."""
+    return (mlp_post.double().mean(0) * neuron_betas_from_weights(W_out, v_post)).float()
+
+
+def neuron_betas(model, directions: torch.Tensor | EmotionDirections, emotions: Sequence[str] | None = None,
                  layers: Sequence[int] | None = None) -> Float[torch.Tensor, "emotion layer d_mlp"]:
-    """β_e^l = W_out^l · v̂_e^l (v renormalised to unit length)."""
+    """β_e^l = W_out^l · v̂_e^l (``neuron_betas_from_weights``; resid_post directions)."""
+    emotions = _emotions_of(directions, emotions, "neuron_betas")
     lay = S.layers_of(model, layers)
-    v = _layer_dirs(model, directions, emotions, lay, "directions")
-    W = torch.stack([S.W_out(model, layer).detach().float().cpu() for layer in lay])  # [L, N, D]
-    return torch.einsum("lnd,eld->eln", W, v)
+    v = _select_layer_dirs(model, directions, emotions, lay, "directions", "resid_post")
+    W = torch.stack([S.W_out(model, layer).detach() for layer in lay])  # [L, N, D]
+    return neuron_betas_from_weights(W, v).float()
 
 
 def neuron_contributions(model, prompts: Sequence[PromptLike], labels: Sequence[str] | None,
-                         directions: Float[torch.Tensor, "emotion layer d_model"],
-                         emotions: Sequence[str], layers: Sequence[int] | None = None,
+                         directions: Float[torch.Tensor, "emotion layer d_model"] | EmotionDirections,
+                         emotions: Sequence[str] | None = None, *, layers: Sequence[int] | None = None,
                          batch_size: int = 16, progress: bool = True) -> NeuronContributions:
-    """Neuron contribution tables (module docstring); ``directions`` = resid_post directions.
+    """Neuron contribution tables (module docstring); ``directions`` = ``EmotionDirections``
+    (its resid_post site; ``emotions`` default to its emotions) or a resid_post tensor
+    [emotion, layer, d_model].
 
     ``labels[i]`` is prompt i's emotion (default: ``prompt.emotion``); prompts whose label is
     not in ``emotions`` are ignored; every emotion needs at least one prompt.
     """
+    emotions = _emotions_of(directions, emotions, "neuron_contributions")
     labels = _labels(prompts, labels)
     lay = S.layers_of(model, layers)
-    beta = neuron_betas(model, directions, emotions, lay)
+    v = _select_layer_dirs(model, directions, emotions, lay, "directions", "resid_post")
+    W = torch.stack([S.W_out(model, layer).detach() for layer in lay])  # [L, N, D]
+    b = neuron_betas_from_weights(W, v)  # float64
+    beta = b.float()
     rows = _emotion_rows(labels, emotions)
     keep = sorted(i for r in rows.values() for i in r)
     acts = collect(model, [prompts[i] for i in keep], "mlp_post", "last", layers=lay,
@@ -203,7 +252,6 @@ def neuron_contributions(model, prompts: Sequence[PromptLike], labels: Sequence[
         Gp.append(ge.clamp(min=0).mean(0))
         Gn.append((-ge).clamp(min=0).mean(0))
     H_mean, G_pos, G_neg = torch.stack(H), torch.stack(Gp), torch.stack(Gn)
-    b = beta.double()
     C_mean = H_mean * b
     # max(gβ, 0) = β·max(g, 0) for β ≥ 0 and |β|·max(−g, 0) for β < 0 (likewise for max(−gβ, 0)).
     C_pos = torch.where(b >= 0, b * G_pos, -b * G_neg)
@@ -270,15 +318,18 @@ def mlp_in_projection(model, layer: int, directions: torch.Tensor) -> Metric:
 
 
 def head_ablation_importance(model, prompts: Sequence[PromptLike], labels: Sequence[str] | None,
-                             directions_mid: Float[torch.Tensor, "emotion layer d_model"],
-                             emotions: Sequence[str], layers: Sequence[int] | None = None, *,
+                             directions_mid: Float[torch.Tensor, "emotion layer d_model"] | EmotionDirections,
+                             emotions: Sequence[str] | None = None, *,
+                             layers: Sequence[int] | None = None,
                              batch_size: int = 8, batched: bool = True,
                              progress: bool = True) -> HeadImportance:
-    """The paper's exact head importance (module docstring); ``directions_mid`` = resid_mid dirs.
+    """The paper's exact head importance (module docstring); ``directions_mid`` =
+    ``EmotionDirections`` (its resid_mid site) or a resid_mid tensor [emotion, layer, d_model].
 
     ``batched=False`` is the paper's loop: batch 1, one full forward per (prompt, layer, head)
     (the reference and the timing baseline).
     """
+    emotions = _emotions_of(directions_mid, emotions, "head_ablation_importance")
     labels = _labels(prompts, labels)
     lay = S.layers_of(model, layers)
     v = _layer_dirs(model, directions_mid, emotions, lay, "directions_mid")  # [E, L, D]
@@ -360,16 +411,23 @@ def same_layer_readout_sum(model, layers: Sequence[int], v_layers: torch.Tensor)
 
 
 def head_attribution(model, prompts: Sequence[PromptLike], labels: Sequence[str] | None,
-                     emotions: Sequence[str], *,
+                     emotions: Sequence[str] | None = None, *,
                      readout: Literal["same_layer", "final", "logit"] = "same_layer",
-                     directions_mid: torch.Tensor | None = None, v_ref: torch.Tensor | None = None,
+                     directions_mid: torch.Tensor | EmotionDirections | None = None,
+                     v_ref: torch.Tensor | None = None,
                      layers: Sequence[int] | None = None, batch_size: int = 8,
                      progress: bool = True) -> HeadImportance:
     """Attribution-patching estimate of head importance (paper sign), one backward per emotion.
 
-    ``same_layer`` needs ``directions_mid`` [emotion, layer, d]; ``final`` needs ``v_ref``
-    [emotion, d]; ``logit`` uses the emotion's word mass (``emotion_tokens``).
+    ``same_layer`` needs ``directions_mid`` (``EmotionDirections`` -> its resid_mid site, or a
+    tensor [emotion, layer, d]); ``final`` needs ``v_ref`` [emotion, d] (default with
+    ``EmotionDirections``: ``circuits.reference_direction(directions_mid)``); ``logit`` uses the
+    emotion's word mass (``emotion_tokens``). ``emotions`` default to the directions' emotions.
     """
+    if emotions is None:
+        emotions = _emotions_of(directions_mid, emotions, "head_attribution")
+    if readout == "final" and v_ref is None and isinstance(directions_mid, EmotionDirections):
+        v_ref = torch.stack([circuits_reference_direction(directions_mid, emotion=e) for e in emotions])
     labels = _labels(prompts, labels)
     lay = S.layers_of(model, layers)
     rows = _emotion_rows(labels, emotions)
@@ -418,12 +476,49 @@ def _aggregate_heads(imp: torch.Tensor, base: torch.Tensor, keep: list[int],
 
 
 @torch.no_grad()
+def head_ablation_scores_from_acts(
+        model, resid_pre: Float[torch.Tensor, "n layer d_model"],
+        attn_o_out: Float[torch.Tensor, "n layer d_model"],
+        z: Float[torch.Tensor, "n layer head d_head"],
+        v_mid: Float[torch.Tensor, "*n layer d_model"], *,
+        layers: Sequence[int] | None = None) -> tuple[Float[torch.Tensor, "n layer head"],
+                                                      Float[torch.Tensor, "n layer"]]:
+    """The one head score (§5.2, the paper's): exact same-layer zero-ablation importance
+    I_{l,h}(x) = s_l(base) − s_l(head h zeroed), s_l = ⟨ln2(resid_mid_l)[last], v_mid_l⟩, from
+    collected last-token ``resid_pre``, ``attn_o_out`` and ``z`` at ``layers`` (default all;
+    the layer axis of every input). ``v_mid``: unit directions ``[layer, d]`` for every row or
+    ``[n, layer, d]`` per row. Returns (importance [n, layer, head], s_l(base) [n, layer]),
+    float64; see ``head_ablation_importance_closed_form`` for the derivation."""
+    lay = S.layers_of(model, layers)
+    n = resid_pre.shape[0]
+    if v_mid.dim() == 2:
+        v_mid = v_mid.unsqueeze(0).expand(n, -1, -1)
+    dev = model.cfg.device
+    imp = torch.zeros(n, len(lay), model.cfg.n_heads, dtype=torch.float64)
+    base = torch.zeros(n, len(lay), dtype=torch.float64)
+    for li, layer in enumerate(lay):
+        blk = model.blocks[layer]
+        pre = resid_pre[:, li].to(dev)
+        o = attn_o_out[:, li].to(dev)
+        heads = torch.einsum("nhk,hkd->nhd", z[:, li].to(dev), S.W_O(model, layer).float())
+        o_all = torch.cat([o.unsqueeze(1), o.unsqueeze(1) - heads], 1)  # [n, 1+H, d]
+        post = getattr(blk, "ln1_post", None)
+        x = blk.ln2(pre.unsqueeze(1) + (post(o_all) if post is not None else o_all))
+        sc = (x.double() * v_mid[:, li].to(dev).double().unsqueeze(1)).sum(-1).cpu()
+        base[:, li] = sc[:, 0]
+        imp[:, li] = sc[:, :1] - sc[:, 1:]
+    return imp, base
+
+
+@torch.no_grad()
 def head_ablation_importance_closed_form(
         model, prompts: Sequence[PromptLike], labels: Sequence[str] | None,
-        directions_mid: Float[torch.Tensor, "emotion layer d_model"], emotions: Sequence[str],
-        layers: Sequence[int] | None = None, *, batch_size: int = 16,
+        directions_mid: Float[torch.Tensor, "emotion layer d_model"] | EmotionDirections,
+        emotions: Sequence[str] | None = None, *,
+        layers: Sequence[int] | None = None, batch_size: int = 16,
         progress: bool = True) -> HeadImportance:
-    """The paper's exact same-layer ablation score for every head from ONE forward per batch.
+    """The paper's exact same-layer ablation score for every head from ONE forward per batch
+    (``head_ablation_scores_from_acts`` on one collect of resid_pre, attn_o_out and z).
 
     Zeroing head h of layer l at all positions changes nothing upstream of layer l's attention
     output, and changes that output at the last token by exactly −z_h W_O[h]. So with
@@ -431,8 +526,7 @@ def head_ablation_importance_closed_form(
     s_l(ablate h) = ⟨ln2(r + post(a − z_h W_O[h])), v⟩, s_l(base) = ⟨ln2(r + post(a)), v⟩,
     importance = s(base) − s(ablated) — equal to the batched ablation up to float error (test).
     """
-    from .activations import collect
-
+    emotions = _emotions_of(directions_mid, emotions, "head_ablation_importance_closed_form")
     labels = _labels(prompts, labels)
     lay = S.layers_of(model, layers)
     v = _layer_dirs(model, directions_mid, emotions, lay, "directions_mid")
@@ -441,41 +535,29 @@ def head_ablation_importance_closed_form(
     emo_of = torch.tensor([list(emotions).index(labels[i]) for i in keep])
     acts = collect(model, [prompts[i] for i in keep], ("resid_pre", "attn_o_out", "z"), "last",
                    layers=lay, batch_size=batch_size, progress=progress)
-    dev = model.cfg.device
-    imp = torch.zeros(len(keep), len(lay), model.cfg.n_heads, dtype=torch.float64)
-    base = torch.zeros(len(keep), len(lay), dtype=torch.float64)
-    for li, layer in enumerate(lay):
-        blk = model.blocks[layer]
-        pre = acts.layer("resid_pre", layer).to(dev)
-        o = acts.layer("attn_o_out", layer).to(dev)
-        heads = torch.einsum("nhk,hkd->nhd", acts.layer("z", layer).to(dev),
-                             S.W_O(model, layer).float())
-        o_all = torch.cat([o.unsqueeze(1), o.unsqueeze(1) - heads], 1)  # [n, 1+H, d]
-        post = getattr(blk, "ln1_post", None)
-        x = blk.ln2(pre.unsqueeze(1) + (post(o_all) if post is not None else o_all))
-        sc = (x.double() * v[emo_of, li].to(dev).double().unsqueeze(1)).sum(-1).cpu()
-        base[:, li] = sc[:, 0]
-        imp[:, li] = sc[:, :1] - sc[:, 1:]
+    imp, base = head_ablation_scores_from_acts(model, acts["resid_pre"], acts["attn_o_out"], acts["z"],
+                                               v[emo_of], layers=lay)
     return _aggregate_heads(imp, base, keep, rows, emotions, lay, "ablation_closed_form",
                             {"readout": "same_layer", "ablation": "zero z, all positions (closed form)"})
 
 
 def head_importance(model, prompts: Sequence[PromptLike], labels: Sequence[str] | None,
-                    directions_mid: Float[torch.Tensor, "emotion layer d_model"],
-                    emotions: Sequence[str], *,
+                    directions_mid: Float[torch.Tensor, "emotion layer d_model"] | EmotionDirections,
+                    emotions: Sequence[str] | None = None, *,
                     method: Literal["ablation", "closed_form", "attribution", "loop"] = "ablation",
                     layers: Sequence[int] | None = None, batch_size: int = 8,
                     progress: bool = True) -> HeadImportance:
     """The paper's same-layer head importance by exact batched ablation, attribution or the loop."""
+    emotions = _emotions_of(directions_mid, emotions, "head_importance")
     if method == "ablation":
-        return head_ablation_importance(model, prompts, labels, directions_mid, emotions, layers,
+        return head_ablation_importance(model, prompts, labels, directions_mid, emotions, layers=layers,
                                         batch_size=batch_size, progress=progress)
     if method == "closed_form":
         return head_ablation_importance_closed_form(model, prompts, labels, directions_mid,
-                                                    emotions, layers, batch_size=batch_size,
+                                                    emotions, layers=layers, batch_size=batch_size,
                                                     progress=progress)
     if method == "loop":
-        return head_ablation_importance(model, prompts, labels, directions_mid, emotions, layers,
+        return head_ablation_importance(model, prompts, labels, directions_mid, emotions, layers=layers,
                                         batched=False, progress=progress)
     if method == "attribution":
         return head_attribution(model, prompts, labels, emotions, readout="same_layer",

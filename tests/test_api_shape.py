@@ -105,3 +105,68 @@ def test_delta_mu_brute_force_and_the_deprecated_site_helper(tiny_llama):
 
     with pytest.raises(ValueError, match="skeleton ids"):
         CI.delta_mu(x[:1], [Prompt("x", emotion="anger")], emos)
+
+
+# ------------------------------------------------------------------ neuron / head scores
+
+
+def _component_prompts():
+    from emocircuits.prompts import Prompt
+
+    return [Prompt(f"Reply in {e}. {b}.", emotion=e, skeleton_id=f"s{i}", valence="neutral")
+            for i, b in enumerate(["The bus never came", "My friend called", "We found a letter"])
+            for e in ("anger", "fear", "joy")]
+
+
+def test_neuron_scores_one_definition(tiny_llama):
+    from emocircuits import sites as S
+    from emocircuits.activations import collect
+
+    m = tiny_llama
+    prompts = _component_prompts()
+    g = torch.Generator().manual_seed(7)
+    raw = torch.randn(3, m.cfg.n_layers, m.cfg.d_model, generator=g) * 2
+    dirs = EmotionDirections(["anger", "fear", "joy"], list(range(m.cfg.n_layers)),
+                             {"resid_post": raw, "resid_mid": raw.flip(0)})
+    nc = K.neuron_contributions(m, prompts, None, dirs, progress=False)
+    nc_raw = K.neuron_contributions(m, prompts, None, raw, ["anger", "fear", "joy"], progress=False)
+    assert torch.equal(nc.C_mean, nc_raw.C_mean)
+    W_out = torch.stack([S.W_out(m, L) for L in range(m.cfg.n_layers)])
+    acts = collect(m, prompts, "mlp_post", progress=False)["mlp_post"]
+    for ei, e in enumerate(dirs.emotions):
+        rows = [i for i, p in enumerate(prompts) if p.emotion == e]
+        got = K.neuron_scores_from_acts(acts[rows], W_out, raw[ei])
+        brute = torch.zeros(m.cfg.n_layers, m.cfg.d_mlp, dtype=torch.float64)
+        for L in range(m.cfg.n_layers):
+            v = raw[ei, L].double() / raw[ei, L].double().norm()
+            brute[L] = acts[rows, L].double().mean(0) * (W_out[L].detach().double() @ v)
+        torch.testing.assert_close(got.double(), brute, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, nc.C_mean[ei], rtol=1e-5, atol=1e-7)
+        old = _deprecated(CI.neuron_scores_from_acts, acts[rows], W_out, raw[ei])
+        assert torch.equal(old, got)
+
+
+def test_head_scores_one_definition(tiny):
+    from emocircuits.activations import collect
+
+    m = tiny
+    prompts = _component_prompts()[:6]
+    dirs = _random_dirs(L=m.cfg.n_layers, d=m.cfg.d_model, seed=8)
+    exact = K.head_ablation_importance(m, prompts, None, dirs, progress=False)  # batched ablation
+    acts = collect(m, prompts, ("resid_pre", "attn_o_out", "z"), progress=False)
+    v = dirs.tensor("resid_mid")
+    for ei, e in enumerate(dirs.emotions):
+        rows = [i for i, p in enumerate(prompts) if p.emotion == e]
+        if not rows:
+            continue
+        imp, base = K.head_ablation_scores_from_acts(m, acts["resid_pre"][rows], acts["attn_o_out"][rows],
+                                                     acts["z"][rows], v[ei])
+        torch.testing.assert_close(imp.mean(0).float(), exact.mean[ei], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(base.mean(0).float(), exact.baseline_mean[ei], atol=1e-5, rtol=1e-4)
+    cf = K.head_ablation_importance_closed_form(m, prompts, None, dirs, progress=False)
+    assert (cf.mean - exact.mean).abs().max() < 1e-5
+    # the resid_mid stand-in is deprecated
+    from emocircuits import sites as S
+
+    W_O = torch.stack([S.W_O(m, L) for L in range(m.cfg.n_layers)])
+    _deprecated(CI.head_scores_from_acts, acts["z"], W_O, v[0])
