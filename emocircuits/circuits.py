@@ -52,7 +52,7 @@ from . import sites as S
 from .activations import collect
 from .deprecation import warn_deprecated
 from .directions import EmotionDirections, GroupInfo, group_centered_means
-from .prompts import Prompt, tokenize
+from .prompts import Prompt, texts_of, tokenize
 from .results import Result
 
 SUBLAYERS: tuple[str, str] = ("mlp", "attn")
@@ -63,10 +63,6 @@ _RESID_SITE = {"mlp": "resid_post", "attn": "resid_mid"}
 PAPER_ALPHAS: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7)
 _PAPER_REF_BAND = (21, 25, 28)  # layers 21..25 (inclusive) of 28
 EPS = 1e-12
-
-
-def _texts(prompts: Sequence[str | Prompt]) -> list[str]:
-    return [p.text if isinstance(p, Prompt) else p for p in prompts]
 
 
 # ============================================================================ 1. Δμ
@@ -301,7 +297,7 @@ def sublayer_influence(
     # interventions: (emotion, alpha, p, layer) -> dose vector
     iv = list(itertools.product(range(n_emo), range(len(alphas)), range(2), lay))
     doses = torch.stack([alphas[a] * float(sigma[p, L]) * vhat[e, p, L] for e, a, p, L in iv])
-    texts = _texts(prompts)
+    texts = texts_of(prompts)
     n = len(texts)
     dev = model.cfg.device
     sums = torch.zeros(len(iv), dtype=torch.float64)
@@ -747,7 +743,7 @@ def emotion_scores(model, prompts: Sequence[str | Prompt], v_ref: Float[torch.Te
                    batch_size: int = 16) -> tuple[Float[torch.Tensor, "n"], Float[torch.Tensor, "n emotion"] | None]:
     """s(x) = <final_norm(x)[last], v_ref> and (with ``token_matrix``, see
     ``EmotionTokens.index_matrix``) the next-token mass per emotion, under the active hooks."""
-    texts = _texts(prompts)
+    texts = texts_of(prompts)
     s_all, m_all = [], []
     name = S.hook_name(model, "final_norm")
     for start in range(0, len(texts), batch_size):

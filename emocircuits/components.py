@@ -57,13 +57,12 @@ from .deprecation import deprecated_alias, warn_deprecated
 from .directions import EmotionDirections
 from .patching import (
     Metric,
-    _forward,
-    _texts,
     attribution_patching,
     cut_between_layers_hooks,
+    forward_metric,
     logit_readout_metric,
 )
-from .prompts import Prompt, tokenize
+from .prompts import Prompt, texts_of, tokenize
 from .results import Result
 
 EPS = 1e-12
@@ -335,7 +334,7 @@ def head_ablation_importance(model, prompts: Sequence[PromptLike], labels: Seque
     v = _layer_dirs(model, directions_mid, emotions, lay, "directions_mid")  # [E, L, D]
     rows = _emotion_rows(labels, emotions)
     keep = sorted(i for r in rows.values() for i in r)
-    texts = _texts([prompts[i] for i in keep])
+    texts = texts_of([prompts[i] for i in keep])
     emo_of = torch.tensor([list(emotions).index(labels[i]) for i in keep])
     H = model.cfg.n_heads
     n = len(texts)
@@ -358,19 +357,19 @@ def head_ablation_importance(model, prompts: Sequence[PromptLike], labels: Seque
                         for h in range(H):
                             x[(h + 1) * b:(h + 2) * b, :, h, :] = 0
                         return x
-                    m = _forward(model, tb, metric, ridx, [(zhook, zero_heads)], repeat=H + 1)
+                    m = forward_metric(model, tb, metric, ridx, [(zhook, zero_heads)], repeat=H + 1)
                     m = m.double().cpu().view(H + 1, b)
                     base[s:s + b, li] = m[0]
                     imp[s:s + b, li] = (m[0:1] - m[1:]).T
                 else:
-                    m0 = _forward(model, tb, metric, ridx, stop_early=False).double().cpu()
+                    m0 = forward_metric(model, tb, metric, ridx, stop_early=False).double().cpu()
                     base[s:s + b, li] = m0
                     for h in range(H):
                         def zero_one(x, hook, h=h):  # noqa: ARG001
                             x = x.clone()
                             x[:, :, h, :] = 0
                             return x
-                        mh = _forward(model, tb, metric, ridx, [(zhook, zero_one)],
+                        mh = forward_metric(model, tb, metric, ridx, [(zhook, zero_one)],
                                       stop_early=False).double().cpu()
                         imp[s:s + b, li, h] = m0 - mh
                 bar.update(b)
@@ -694,7 +693,7 @@ def _scores(model, texts: list[str], metric: Metric, hooks: list, batch_size: in
     out = []
     for s in range(0, len(texts), batch_size):
         tb = tokenize(model, texts[s:s + batch_size])
-        out.append(_forward(model, tb, metric, torch.arange(s, s + len(tb)), hooks).double().cpu())
+        out.append(forward_metric(model, tb, metric, torch.arange(s, s + len(tb)), hooks).double().cpu())
     return torch.cat(out)
 
 
@@ -739,7 +738,7 @@ def component_sweep(model, prompts: Sequence[PromptLike], emotion: str,
         if delta_mu is None or tuple(delta_mu.shape) != want:
             raise ValueError(f"mode='enhance' needs delta_mu of shape {want} (this emotion's Δμ "
                              f"over all layers), got {None if delta_mu is None else tuple(delta_mu.shape)}")
-    texts = _texts(prompts)
+    texts = texts_of(prompts)
     if not texts:
         raise ValueError("component_sweep: no prompts")
     if v_ref is not None:

@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from . import sites as S
 from .activations import forward_until
-from .prompts import Prompt, TokenBatch, tokenize
+from .prompts import Prompt, TokenBatch, texts_of, tokenize
 from .results import Result
 
 Ablation = Literal["zero", "mean", "resample"]
@@ -197,15 +197,11 @@ def logit_diff_metric(token_a: int, token_b: int, name: str | None = None) -> Me
 # ----------------------------------------------------------------------------- running
 
 
-def _texts(prompts: Sequence[PromptLike]) -> list[str]:
-    if isinstance(prompts, (str, Prompt)):
-        prompts = [prompts]
-    return [p.text if isinstance(p, Prompt) else p for p in prompts]
-
-
-def _forward(model, batch: TokenBatch, metric: Metric, rows: torch.Tensor,
-             extra_hooks: Sequence = (), repeat: int = 1, stop_early: bool = True) -> torch.Tensor:
-    """Run ``batch`` (repeated ``repeat`` times) with ``extra_hooks``; metric per row."""
+def forward_metric(model, batch: TokenBatch, metric: Metric, rows: torch.Tensor,
+                   extra_hooks: Sequence = (), repeat: int = 1, stop_early: bool = True) -> torch.Tensor:
+    """Run ``batch`` (repeated ``repeat`` times along the batch) with ``extra_hooks`` and return
+    ``metric`` per row; ``rows`` are the rows' indices into the metric's per-prompt data. The
+    forward stops after the metric's last hook unless ``stop_early=False``."""
     tokens, mask = batch.tokens, batch.attention_mask
     if repeat > 1:
         tokens, mask = tokens.repeat(repeat, 1), mask.repeat(repeat, 1)
@@ -230,11 +226,11 @@ def metric_values(model, prompts: Sequence[PromptLike], metric: Metric | Callabl
                   batch_size: int = 16) -> Float[torch.Tensor, "n"]:
     """The metric on each prompt, unpatched."""
     metric = as_metric(metric)
-    texts = _texts(prompts)
+    texts = texts_of(prompts)
     out = []
     for s in range(0, len(texts), batch_size):
         b = tokenize(model, texts[s:s + batch_size])
-        out.append(_forward(model, b, metric, torch.arange(s, s + len(b))).float().cpu())
+        out.append(forward_metric(model, b, metric, torch.arange(s, s + len(b))).float().cpu())
     return torch.cat(out)
 
 
@@ -330,7 +326,7 @@ class _Values:
 def reference_means(model, reference: Sequence[PromptLike], locs: Sequence[Loc], *,
                     batch_size: int = 16) -> dict[tuple[str, int | None], torch.Tensor]:
     """Mean activation over ``reference`` for each (hook, position) of ``locs``: [*width]."""
-    texts = _texts(reference)
+    texts = texts_of(reference)
     if len(texts) == 0:
         raise ValueError("mean ablation needs a non-empty reference prompt set (reference=...)")
     keys = sorted({(S.hook_name(model, loc.site, loc.layer), loc.position) for loc in locs},
@@ -368,7 +364,7 @@ def _resolve_source(target: list[str], source, ablation, reference, seed):
     if (source is None) == (ablation is None):
         raise ValueError("give exactly one of source=... (patching) or ablation='zero'|'mean'|'resample'")
     if source is not None:
-        src = _texts(source)
+        src = texts_of(source)
         if len(src) != len(target):
             raise ValueError(f"{len(src)} source prompts for {len(target)} target prompts")
         return "source", src, None
@@ -377,12 +373,12 @@ def _resolve_source(target: list[str], source, ablation, reference, seed):
     if ablation == "mean":
         if reference is None:
             raise ValueError("mean ablation needs reference=... (a prompt set to average over)")
-        ref = _texts(reference)
+        ref = texts_of(reference)
         if not ref:
             raise ValueError("mean ablation needs a non-empty reference prompt set (reference=...)")
         return "mean", None, ref
     if ablation == "resample":
-        ref = target if reference is None else _texts(reference)
+        ref = target if reference is None else texts_of(reference)
         if not ref:
             raise ValueError("resample ablation needs a non-empty reference prompt set")
         order = _resample_order(len(target), len(ref), reference is None, seed)
@@ -413,7 +409,7 @@ def patch(model, target: Sequence[PromptLike], locs: Loc | Sequence[Loc], metric
     if not locs:
         raise ValueError("patch: no locations given")
     locs = [loc.check(model) for loc in locs]
-    texts = _texts(target)
+    texts = texts_of(target)
     kind, src, ref = _resolve_source(texts, source, ablation, reference, seed)
     means = reference_means(model, ref, locs, batch_size=batch_size) if kind == "mean" else {}
     hooks = sorted({S.hook_name(model, loc.site, loc.layer) for loc in locs})
@@ -433,7 +429,7 @@ def patch(model, target: Sequence[PromptLike], locs: Loc | Sequence[Loc], metric
                 return x
             return fn
 
-        out.append(_forward(model, tb, metric, torch.arange(s, s + len(tb)),
+        out.append(forward_metric(model, tb, metric, torch.arange(s, s + len(tb)),
                             [(h, make(h)) for h in hooks]).float().cpu())
     return torch.cat(out)
 
@@ -493,7 +489,7 @@ def _sweep(model, target, metric, site: str, n_comp: int, comps: Sequence[int] |
            source, ablation, reference, layers, position, seed, batch_size, per_pass,
            progress) -> PatchingResult:
     metric = as_metric(metric)
-    texts = _texts(target)
+    texts = texts_of(target)
     if not texts:
         raise ValueError("no target prompts")
     lay = S.layers_of(model, layers)
@@ -513,10 +509,10 @@ def _sweep(model, target, metric, site: str, n_comp: int, comps: Sequence[int] |
         ridx = torch.arange(s, s + b)
         hooks = [S.hook_name(model, site, layer) for layer in lay]
         vals = _batch_values(model, kind, src, means, rows, tb, hooks, locs_all, f"patch_{site}")
-        base = _forward(model, tb, metric, ridx).double().cpu()
+        base = forward_metric(model, tb, metric, ridx).double().cpu()
         base_sum += float(base.sum())
         if kind == "source" and source is not None:
-            src_sum += float(_forward(model, vals.batch, metric, ridx).double().sum())
+            src_sum += float(forward_metric(model, vals.batch, metric, ridx).double().sum())
         for i, layer in enumerate(lay):
             hook = hooks[i]
             cols = _cols(tb, position)
@@ -530,7 +526,7 @@ def _sweep(model, target, metric, site: str, n_comp: int, comps: Sequence[int] |
                         _put(x, slice(k * b, (k + 1) * b), cols, c, vals.get(name, loc))
                     return x
 
-                m = _forward(model, tb, metric, ridx, [(hook, fn)], repeat=len(chunk)).double().cpu()
+                m = forward_metric(model, tb, metric, ridx, [(hook, fn)], repeat=len(chunk)).double().cpu()
                 effect[i, c0:c0 + len(chunk)] += (m.view(len(chunk), b) - base).sum(1)
             bar.update(b)
     bar.close()
@@ -594,7 +590,7 @@ def attribution_patching(model, prompts: Sequence[PromptLike], metric: Metric | 
     (``torch.autograd.grad``: no parameter gradients are accumulated).
     """
     metric = as_metric(metric)
-    texts = _texts(prompts)
+    texts = texts_of(prompts)
     if not texts:
         raise ValueError("attribution_patching: no prompts")
     for s in sites:
@@ -603,7 +599,7 @@ def attribution_patching(model, prompts: Sequence[PromptLike], metric: Metric | 
             raise ValueError(f"attribution over site {s!r} is not supported; use z / mlp_post / resid sites")
     lay = S.layers_of(model, layers)
     if source is not None:
-        src = _texts(source)
+        src = texts_of(source)
         if len(src) != len(texts):
             raise ValueError(f"{len(src)} source prompts for {len(texts)} prompts")
     sums = {s: torch.zeros(len(lay), _width(model, s)[0], dtype=torch.float64) for s in sites}
@@ -630,7 +626,7 @@ def attribution_patching(model, prompts: Sequence[PromptLike], metric: Metric | 
 
         hooks = [(h, adder(h)) for h in (S.hook_name(model, s, layer) for s in sites for layer in lay)]
         with torch.enable_grad():
-            m = _forward(model, tb, metric, ridx, list(extra_hooks) + hooks)
+            m = forward_metric(model, tb, metric, ridx, list(extra_hooks) + hooks)
             names = list(deltas)
             grads = torch.autograd.grad(m.sum(), [deltas[n] for n in names], allow_unused=True)
         base_sum += float(m.detach().double().sum())

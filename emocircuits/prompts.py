@@ -180,6 +180,13 @@ class TokenBatch:
         return cols
 
 
+def texts_of(prompts: Sequence[str | Prompt] | str | Prompt) -> list[str]:
+    """The text of each prompt (``Prompt.text`` or the string itself); one prompt -> a list of one."""
+    if isinstance(prompts, (str, Prompt)):
+        prompts = [prompts]
+    return [p.text if isinstance(p, Prompt) else p for p in prompts]
+
+
 def encode(model_or_tokenizer, text: str) -> list[int]:
     """Token ids with exactly one BOS: the template's, or one prepended when missing."""
     tok = _tokenizer(model_or_tokenizer)
