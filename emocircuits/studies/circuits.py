@@ -129,7 +129,9 @@ def run(ctx: StageContext) -> CircuitsResult:
     rows, ok, lam = [], None, float(s.lambdas[0])
     if len(s.lambdas) > 1:
         val = common.records(ctx, "validation")
-        base = evaluate(val, lambda e: None, "none")
+        steered = ctx.upstream("steering")  # same prompts, decoding and judge: reuse its baseline
+        base = (steered.validation_unsteered if steered is not None and steered.validation_unsteered
+                is not None else evaluate(val, lambda e: None, "none"))
         ref = base.fluency["perplexity_geomean"]
         rows.append(summary_row("none", base, strength=0.0, passes_guard=True))
         grid = {}

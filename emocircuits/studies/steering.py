@@ -50,6 +50,7 @@ class SteeringResult(Result):
     examples: list[dict] = field(default_factory=list)
     test_reference: MethodEvaluation | None = None  # the paper band at reference_strength
     reference: dict | None = None  # its setting ({"layers", "strength", "same_as_chosen"})
+    validation_unsteered: MethodEvaluation | None = None  # the guard's reference (reused by circuits)
 
     def headline(self) -> dict:
         out = {"steering_accuracy": self.test.accuracy.overall,
@@ -127,7 +128,8 @@ def run(ctx: StageContext) -> SteeringResult:
     ev0 = evaluate(test, lambda e: None, "none")
     chosen = {"layers": band_name(band), "strength": alpha, "site": s.site,
               "swept": len(settings) > 1, "passes_fluency_guard": ok, "chosen_on": "validation"}
-    res = SteeringResult(rows, chosen, ev, ev0, ref, ev.examples)
+    res = SteeringResult(rows, chosen, ev, ev0, ref, ev.examples,
+                         validation_unsteered=base if len(settings) > 1 else None)
     shown = [("steering", ev), ("no intervention", ev0)]
     if s.reference_strength is not None:
         pl, a_ref = bands(model, "paper")[0], float(s.reference_strength)
