@@ -701,9 +701,21 @@ def emotion_word_rate(texts: Sequence[str], targets: Sequence[str] | str,
     return out
 
 
+def any_emotion_word_rate(texts: Sequence[str], emotions: Sequence[str] = EKMAN6,
+                          words: Mapping[str, Sequence[str]] = EMOTION_WORDS) -> list[float]:
+    """Per text: (# words in any of ``emotions``' word lists) / (# words); 0 for empty text
+    (how much emotion vocabulary a method produces, whatever the target)."""
+    vocab = {w.lower() for e in emotions for w in words[e]}
+    out = []
+    for t in texts:
+        ws = [w.lower().strip("'") for w in _WORD.findall(t)]
+        out.append(sum(w in vocab for w in ws) / len(ws) if ws else 0.0)
+    return out
+
+
 __all__ = [
     "AXES", "AxisScores", "ControllabilityResult", "DecayingSchedule", "VAComparison", "VADirections",
-    "VocabularyBias", "axis_scores", "compare_va_directions", "controllability", "default_grid",
-    "emotion_word_rate", "emotion_word_token_ids", "pearson", "readout_va", "spearman", "va_directions",
-    "va_map", "va_of_distribution", "va_of_texts", "va_steer",
+    "VocabularyBias", "any_emotion_word_rate", "axis_scores", "compare_va_directions", "controllability",
+    "default_grid", "emotion_word_rate", "emotion_word_token_ids", "pearson", "readout_va", "spearman",
+    "va_directions", "va_map", "va_of_distribution", "va_of_texts", "va_steer",
 ]

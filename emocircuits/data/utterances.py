@@ -212,6 +212,21 @@ class UtteranceSet(Sequence[Utterance]):
         )
         return UtteranceSet(rows, name=self.name)
 
+    def per_class(self, m: int, classes: Sequence[str] | None = None) -> UtteranceSet:
+        """``m`` rows of each class (``classes`` order, default ``self.classes``) spread over topic
+        groups: the first row of every group, then the second, ... (fewer when a class has fewer)."""
+        if m < 0:
+            raise ValueError(f"per_class: m must be >= 0, got {m}")
+        out: list[Utterance] = []
+        for c in (self.classes if classes is None else classes):
+            rank: dict[str, int] = {}
+            keyed = []
+            for i, u in enumerate(x for x in self._rows if x.label == c):
+                keyed.append((rank.get(u.group, 0), i, u))
+                rank[u.group] = rank.get(u.group, 0) + 1
+            out += [u for _, _, u in sorted(keyed, key=lambda t: t[:2])[:m]]
+        return UtteranceSet(out, name=self.name)
+
     def to_records(self) -> list[dict[str, Any]]:
         """Rows as plain dicts (the JSONL schema)."""
         return [asdict(u) for u in self._rows]
