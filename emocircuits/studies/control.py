@@ -1,100 +1,281 @@
-"""Valence–arousal directions and controllability (r, MAE); the vocabulary-bias baseline."""
+"""Valence–arousal directions (lstsq, contrastive) and controllability (r, MAE) on a target grid;
+the method comparison: unsteered, vocabulary bias, steering, decaying-schedule steering and
+circuit modulation, judged with the emotion-word rate and the fluency guard."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..evaluate import MethodEvaluation
 from ..results import Result
 from ..run.engine import Plan, StageContext, Study
 from . import common
+
+METHODS = ("unsteered", "vocabulary_bias", "steering", "decaying_steering", "circuit")
+Method = Literal["unsteered", "vocabulary_bias", "steering", "decaying_steering", "circuit"]
 
 
 @dataclass(frozen=True)
 class Config:
     """``[control]``"""
 
-    va_method: Literal["lstsq", "contrastive"] = "lstsq"
-    levels: tuple[float, ...] = (-1.0, 0.0, 1.0)
-    n_scenarios: int = 2
-    strength: float = 2.0  # VA steering strength (× rms)
+    # VA directions: lstsq (from the directions stage's emotion directions and Russell–Mehrabian
+    # coordinates) and/or contrastive (from activations); every method × strength is gridded, the
+    # first method at the first strength gives the headline numbers
+    va_methods: tuple[Literal["lstsq", "contrastive"], ...] = ("lstsq",)
+    strengths: tuple[float, ...] = (2.0,)  # VA steering strengths (× rms)
+    levels: tuple[float, ...] = (-1.0, 0.0, 1.0)  # the grid is levels × levels (valence, arousal)
+    n_scenarios: int = 2  # data.test scenarios (× 3 events) per grid target
+    readout_prefix: str = "I feel"  # the readout's assistant prefix; "auto": "I feel" (chat) / "I felt" (base)
+    va_n_scenarios: int | None = None  # data.train scenarios for the contrastive directions; None: data.n_train
+    # the method comparison on data.test neutral prompts × the run's emotions
+    methods: tuple[Method, ...] = ("vocabulary_bias",)
     vocabulary_strength: float = 4.0  # logit bias on the target emotion's words
+    steering_strength: float | None = None  # α of "steering"; None: the steering stage's chosen α (needs it)
+    decay_alpha0: float = 12.0  # decaying schedule α_k = max(floor, α0·exp(−per_step·k)·γ^(emotion words))
+    decay_per_step: float = 0.05
+    decay_per_emotion_word: float = 0.5  # γ
+    decay_floor: float = 2.0
+    circuit_strength: float | None = None  # λ of "circuit"; None: the circuits stage's chosen λ
 
     def __post_init__(self) -> None:
         if len(self.levels) < 2 or self.n_scenarios < 1:
             raise ValueError("control: levels needs >= 2 values and n_scenarios >= 1")
+        if not self.va_methods or len(set(self.va_methods)) != len(self.va_methods):
+            raise ValueError(f"control.va_methods must list distinct methods, got {list(self.va_methods)}")
+        if not self.strengths:
+            raise ValueError("control.strengths is empty")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"control.methods has repeats: {list(self.methods)}")
+        if self.va_n_scenarios is not None and self.va_n_scenarios < 1:
+            raise ValueError("control.va_n_scenarios must be >= 1")
+        if not 0.0 <= self.decay_per_emotion_word <= 1.0 or self.decay_per_step < 0:
+            raise ValueError("control: decay_per_emotion_word must be in [0, 1] and decay_per_step >= 0")
+
+
+@dataclass
+class ControlMethod(Result):
+    """One method of the comparison: judged texts (accuracy, fluency) and emotion-word rates."""
+
+    evaluation: object  # MethodEvaluation
+    setting: dict
+    emotion_word_rate: float  # target emotion's words / words
+    any_emotion_word_rate: float  # any emotion's words / words
+    alpha_schedule: dict = field(default_factory=dict)  # decaying steering: emotion -> α_k, first batch
 
 
 @dataclass
 class ControlResult(Result):
-    """VA controllability on a target grid and the vocabulary-bias baseline on test."""
+    """VA controllability per (direction method, strength), the cosine between the two VA
+    direction sets, and the method comparison on test."""
 
-    controllability: object  # ControllabilityResult
-    vocabulary_bias: MethodEvaluation
-    vocabulary_strength: float
-    mean_target_word_rate: float | None = None
-    examples: list[str] = field(default_factory=list)
+    controllability: dict  # "lstsq@2" -> ControllabilityResult (the first is the headline one)
+    methods: dict = field(default_factory=dict)  # method -> ControlMethod
+    va_comparison: object | None = None  # VAComparison (lstsq vs contrastive), when both ran
+    va_band_cosine: dict = field(default_factory=dict)  # axis -> mean cos over the steered layers
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def main(self):
+        return next(iter(self.controllability.values()))
 
     def headline(self) -> dict:
-        t = self.controllability.scores("text")
-        return {"va_valence_pearson_r": t["valence"].pearson_r, "va_valence_mae": t["valence"].mae,
-                "va_arousal_pearson_r": t["arousal"].pearson_r, "va_arousal_mae": t["arousal"].mae,
-                "vocabulary_bias_accuracy": self.vocabulary_bias.accuracy.overall}
+        out = {}
+        for src in ("text", "readout"):
+            if src == "readout" and self.main.readout_va is None:
+                continue
+            tag = "" if src == "text" else "readout_"
+            for ax, sc in self.main.scores(src).items():
+                out[f"va_{tag}{ax}_pearson_r"], out[f"va_{tag}{ax}_mae"] = sc.pearson_r, sc.mae
+        out.update({f"va_cos_{ax}_lstsq_contrastive": v for ax, v in self.va_band_cosine.items()})
+        for m, r in self.methods.items():
+            out[f"control_{m}_accuracy"] = r.evaluation.accuracy.overall
+            out[f"control_{m}_perplexity"] = r.evaluation.fluency.get("perplexity_geomean")
+        if "vocabulary_bias" in self.methods:
+            out["vocabulary_bias_accuracy"] = self.methods["vocabulary_bias"].evaluation.accuracy.overall
+        return out
+
+
+def _va_directions(ctx: StageContext, dirs, layers_steered):
+    """The VA direction sets of ``control.va_methods`` and, with both, their cosine."""
+    from .. import control as CT
+    from ..activations import collect
+    from ..emotions import NEUTRAL
+    from ..prompts import emotion_prompts, neutral_prompts
+
+    model, emos, s = ctx.model, ctx.config.emotions, ctx.settings
+    out = {}
+    if "lstsq" in s.va_methods:
+        out["lstsq"] = CT.va_directions("lstsq", directions=dirs.vectors["resid_post"], emotions=emos,
+                                        layers=dirs.layers)
+    if "contrastive" in s.va_methods:
+        recs = common.records(ctx, "train", s.va_n_scenarios)
+        ep, npr = emotion_prompts(model, recs, [*emos, NEUTRAL]), neutral_prompts(model, recs)
+        kw = {"batch_size": common.batch_size(ctx), "progress": ctx.progress}
+        acts_e, acts_n = collect(model, ep, "resid_post", **kw), collect(model, npr, "resid_post", **kw)
+        out["contrastive"] = CT.va_directions(
+            "contrastive", neutral_acts=acts_n["resid_post"], neutral_prompts=npr,
+            emotion_acts=acts_e["resid_post"], emotion_prompts=ep, layers=acts_e.layers["resid_post"])
+    cmp, band = None, {}
+    if len(out) == 2:
+        cmp = CT.compare_va_directions(out["lstsq"], out["contrastive"])
+        idx = [cmp.layers.index(x) for x in layers_steered if x in cmp.layers]
+        if idx:
+            band = {ax: float(cmp.cosine[i, idx].mean()) for i, ax in enumerate(CT.AXES)}
+    return {m: out[m] for m in s.va_methods}, cmp, band
+
+
+def _compare(ctx: StageContext, dirs, notes: list[str]) -> dict:
+    """The method comparison (``control.methods``) on data.test neutral prompts."""
+    from .. import control as CT
+    from ..evaluate import evaluate_intervention
+    from ..judges.readout import emotion_tokens
+    from ..prompts import neutral_prompts
+    from ..steering import paper_layers, steer
+
+    model, emos, s = ctx.model, ctx.config.emotions, ctx.settings
+    if not s.methods:
+        return {}
+    st, circ = ctx.upstream("steering"), ctx.upstream("circuits")
+    band, site, alpha = list(paper_layers(model)), "resid_post", s.steering_strength
+    if st is not None:
+        from ..steering import band_name
+        from .steering import bands
+
+        chosen = st.chosen
+        band = next((b for b in bands(model, ctx.config.section("steering").layer_bands)
+                     if band_name(b) == chosen["layers"]), band)
+        site = chosen.get("site", site)
+        alpha = float(chosen["strength"]) if alpha is None else alpha
+    prompts = neutral_prompts(model, common.records(ctx, "test"))
+    judge, gen = common.judge(ctx), common.gen_config(ctx)
+    out = {}
+    for m in s.methods:
+        procs, schedules, setting = None, {}, {}
+        if m == "unsteered":
+            make = lambda e: None  # noqa: E731
+        elif m == "vocabulary_bias":
+            tok = dict(emotion_tokens(model, emos).token_ids)  # the readout's token set
+            make = lambda e: None  # noqa: E731
+            procs = lambda e, tok=tok: [CT.VocabularyBias(tok, e, s.vocabulary_strength)]  # noqa: E731
+            setting = {"strength": s.vocabulary_strength}
+        elif m == "steering":
+            if alpha is None:
+                notes.append("steering: not compared; control.steering_strength is unset and no steering "
+                             "stage ran")
+                continue
+            make = lambda e, a=alpha: steer(model, dirs, band, a, emotion=e, site=site)  # noqa: E731
+            setting = {"strength": alpha, "layers": band, "site": site}
+        elif m == "decaying_steering":
+            def make(e, schedules=schedules):
+                sch = CT.DecayingSchedule.for_model(model, s.decay_alpha0, s.decay_per_step,
+                                                    s.decay_per_emotion_word, s.decay_floor, emotions=[e])
+                schedules[e] = sch
+                return steer(model, dirs, band, sch, emotion=e, site=site)
+            procs = lambda e, schedules=schedules: [schedules[e].observer]  # noqa: E731
+            setting = {"alpha0": s.decay_alpha0, "decay_per_step": s.decay_per_step,
+                       "decay_per_emotion_word": s.decay_per_emotion_word, "floor": s.decay_floor,
+                       "layers": band, "site": site}
+        else:  # circuit
+            missing = [e for e in emos if circ is None or e not in circ.circuits]
+            if missing:
+                notes.append("circuit: not compared; " + ("no circuits stage ran" if circ is None
+                                                          else f"no circuits for {missing}"))
+                continue
+            from ..circuits import modulate
+
+            lam = float(circ.chosen["lambda"]) if s.circuit_strength is None else s.circuit_strength
+            make = lambda e, lam=lam: modulate(model, circ.circuits[e], lam)  # noqa: E731
+            setting = {"strength": lam}
+        ev = evaluate_intervention(model, prompts, emos, make, judge, gen, method=m, logits_processors=procs)
+        texts, targets = [r["text"] for r in ev.rows], [r["emotion"] for r in ev.rows]
+        hist: dict[str, list[float]] = {}
+        for e, sch in schedules.items():  # α_k of the first batch (k restarts at 0 with each batch)
+            hist[e] = []
+            for i, (k, a, _) in enumerate(sch.history):
+                if i > 0 and k == 0:
+                    break
+                hist[e].append(float(a))
+        out[m] = ControlMethod(ev, setting, common.mean(CT.emotion_word_rate(texts, targets)),
+                               common.mean(CT.any_emotion_word_rate(texts, emos)), hist)
+    return out
 
 
 def run(ctx: StageContext) -> ControlResult:
     from .. import control as CT
-    from ..evaluate import evaluate_texts
-    from ..generation import generate
+    from ..judges import default_judge
+    from ..models import is_chat_model
     from ..prompts import neutral_prompts
     from ..steering import paper_layers
     from ..viz import figures
 
     model, emos, s = ctx.model, ctx.config.emotions, ctx.settings
     dirs = ctx.upstream("directions").directions
-    va = CT.va_directions(s.va_method, directions=dirs.vectors["resid_post"], emotions=emos,
-                          layers=dirs.layers)
+    layers = list(paper_layers(model))
+    vas, cmp, band_cos = _va_directions(ctx, dirs, layers)
     recs = common.records(ctx, "test", s.n_scenarios)
     prompts = neutral_prompts(model, recs)
-    ro = neutral_prompts(model, recs, assistant_prefix="I feel")
+    prefix = s.readout_prefix if s.readout_prefix != "auto" else ("I feel" if is_chat_model(model) else "I felt")
+    ro = neutral_prompts(model, recs, assistant_prefix=prefix)
     levels = list(s.levels)
-    res = CT.controllability(model, prompts, va, CT.default_grid(levels), s.strength, paper_layers(model),
-                             readout_prompts=ro, config=common.gen_config(ctx), progress=ctx.progress)
-    txt = res.scores("text")
-    rows = [[f"text judge · {ax}", sc.pearson_r, sc.mae, sc.spearman] for ax, sc in txt.items()]
-    if res.readout_va is not None:
-        rows += [[f"readout · {ax}", sc.pearson_r, sc.mae, sc.spearman] for ax, sc in res.scores("readout").items()]
+    va_judge = default_judge(CT.VA_EMOTIONS, prefer=ctx.config.judge.prefer)  # + neutral: the origin
+    grid = {}
+    for name, va in vas.items():
+        for a in s.strengths:
+            grid[f"{name}@{a:g}"] = CT.controllability(
+                model, prompts, va, CT.default_grid(levels), a, layers, readout_prompts=ro,
+                judge_va=lambda texts: CT.va_of_texts(texts, va_judge), config=common.gen_config(ctx),
+                progress=ctx.progress)
+    notes: list[str] = []
+    res = ControlResult(grid, _compare(ctx, dirs, notes), cmp, band_cos, notes)
+
+    rows = []
+    for key, r in grid.items():
+        for src in ("text", "readout"):
+            if src == "readout" and r.readout_va is None:
+                continue
+            rows += [[key, f"{src} · {ax}", sc.pearson_r, sc.mae, sc.spearman, sc.monotonic_fraction]
+                     for ax, sc in r.scores(src).items()]
     ctx.table("valence–arousal controllability (target vs measured)",
-              ["measure · axis", "Pearson r", "MAE", "Spearman"], rows)
-    test = neutral_prompts(model, common.records(ctx, "test"))
-    allp = [p for _ in emos for p in test]
-    targets = [e for e in emos for _ in test]
-    proc = CT.VocabularyBias.for_prompts(model, allp, targets, s.vocabulary_strength, emotions=emos)
-    g = generate(model, allp, common.gen_config(ctx), progress=False, logits_processors=[proc])
-    ev = evaluate_texts("vocabulary bias", allp, g.texts, targets, common.judge(ctx), model=model,
-                        generated_tokens=g.tokens)
-    rate = CT.emotion_word_rate(g.texts, targets)
-    out = ControlResult(res, ev, s.vocabulary_strength, common.mean(rate),
-                        [r["text"] for r in ev.rows[:: max(1, len(ev.rows) // 6)]])
-    ctx.table("vocabulary-bias baseline (judge accuracy)", ["method", "overall", *emos, "n"],
-              [[f"vocabulary bias +{s.vocabulary_strength}", ev.accuracy.overall,
-                *[ev.accuracy.by_emotion.get(e) for e in emos], ev.accuracy.n]])
+              ["directions @ strength", "measure · axis", "Pearson r", "MAE", "Spearman", "monotonic"], rows)
+    if band_cos:
+        ctx.table("cos(lstsq, contrastive) VA directions, mean over the steered layers", ["valence", "arousal"],
+                  [[band_cos["valence"], band_cos["arousal"]]])
+    if res.methods:
+        ctx.table("method comparison on the test set", ["method", "judge", *emos, "emotion-word rate",
+                                                        "any emotion word", "perplexity", "rep3", "n"],
+                  [[m, c.evaluation.accuracy.overall, *[c.evaluation.accuracy.by_emotion.get(e) for e in emos],
+                    c.emotion_word_rate, c.any_emotion_word_rate, c.evaluation.fluency.get("perplexity_geomean"),
+                    c.evaluation.fluency.get("repeated_3gram_rate_mean"), c.evaluation.accuracy.n]
+                   for m, c in res.methods.items()])
+        ctx.figure("method comparison (judge accuracy)", "methods.png", figures.method_comparison,
+                   {m: c.evaluation.accuracy.overall for m, c in res.methods.items()},
+                   per_emotion={m: c.evaluation.accuracy.by_emotion for m, c in res.methods.items()})
+    main = res.main
     ctx.figure("valence–arousal: target vs measured (text judge)", "va.png", figures.sweep_curves,
-               levels, {f"valence (arousal={a:+.1f})": [float(res.text_va.mean(1)[k, 0])
-                                                       for k, tg in enumerate(res.targets) if tg[1] == a]
+               levels, {f"valence (arousal={a:+.1f})": [float(main.text_va.mean(1)[k, 0])
+                                                       for k, tg in enumerate(main.targets) if tg[1] == a]
                         for a in levels},
-               xlabel="target valence", title="measured valence vs target")
-    return out
+               xlabel="target valence", title=f"measured valence vs target ({next(iter(grid))})")
+    return res
 
 
 def plan(cfg) -> Plan:
     s = cfg.section("control")
     n = 3 * s.n_scenarios
-    g = len(s.levels) ** 2 * n
-    v = common.n_prompts(cfg, "test")
-    return Plan(generate=g + v, forward=2 * g + v, what="VA grid controllability; vocabulary-bias baseline")
+    g = len(s.levels) ** 2 * n * len(s.va_methods) * len(s.strengths)
+    fwd = 2 * g
+    if "contrastive" in s.va_methods:
+        n_va = s.va_n_scenarios or common.n_scenarios(cfg, "train")
+        fwd += 3 * n_va * (len(cfg.emotions) + 2)
+    nt = common.n_prompts(cfg, "test")
+    cmp = sum(nt // len(cfg.emotions) if m == "unsteered" else nt for m in s.methods)
+    what = f"VA grid controllability ({', '.join(s.va_methods)})"
+    if s.methods:
+        what += "; " + ", ".join(s.methods)
+    return Plan(generate=g + cmp, forward=fwd + cmp, what=what)
 
 
-STUDY = Study("control", "Valence–arousal control and vocabulary bias", Config, run, plan,
-              requires=("directions",), modules=("emocircuits.control",), inputs=common.sev_inputs("test"))
+STUDY = Study("control", "Valence–arousal control and the method comparison", Config, run, plan,
+              requires=("directions",), optional=("circuits", "steering"), modules=("emocircuits.control",),
+              inputs=common.sev_inputs("train", "test"))
