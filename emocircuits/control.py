@@ -34,7 +34,8 @@ against targets in [−1, 1] is scale-bound; r and ρ are scale-free.
 Emotion-vocabulary baseline (after ECM, Zhou et al. 2018):
 
 * ``VocabularyBias``: a ``generate`` logits processor adding ``strength`` to the logits of
-  the target emotion's word tokens (and nothing else);
+  the target emotion's word tokens (and nothing else) — the token set the logit readout
+  measures, ``judges.readout.emotion_tokens``;
 * ``DecayingSchedule``: a steering strength α_k = max(floor, α₀·exp(−λ·k)·γ^{m_k}), k the
   decode call (0 = prefill) and m_k the number of emotion-word tokens generated so far —
   strong at the start of the reply, fading as emotion words appear (ECM's internal
@@ -54,6 +55,7 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
+from .deprecation import warn_deprecated
 from .directions import group_centered_means
 from .emotions import EKMAN6, EMOTION_WORDS, NEUTRAL, VA_COORDINATES
 from .prompts import Prompt, encode
@@ -500,6 +502,21 @@ def controllability(
 # ============================================================================ vocabulary
 
 
+def _word_token_ids(model_or_tokenizer, emotions: Sequence[str],
+                    words: Mapping[str, Sequence[str]] | None = None, **kw) -> dict[str, tuple[int, ...]]:
+    """``{emotion: ids}`` of the one emotion token set (``judges.readout.emotion_tokens``) for
+    ``emotions`` with ``words`` (default: the builtin lists)."""
+    from .emotions import EmotionSet
+    from .judges.readout import emotion_tokens
+
+    words = EMOTION_WORDS if words is None else words
+    missing = [e for e in emotions if e not in words]
+    if missing:
+        raise KeyError(f"no word list for emotion {missing[0]!r}")
+    es = EmotionSet(tuple(emotions), {e: tuple(words[e]) for e in emotions})
+    return dict(emotion_tokens(model_or_tokenizer, es, **kw).token_ids)
+
+
 def emotion_word_token_ids(
     model_or_tokenizer,
     emotions: Sequence[str] = EKMAN6,
@@ -508,37 +525,12 @@ def emotion_word_token_ids(
     forms: Sequence[str] = (" {w}", "{w}"),
     min_prefix: int = 4,
 ) -> dict[str, tuple[int, ...]]:
-    """First token ids of each emotion word in each form, checked against the tokenizer.
-
-    A first token is kept when it decodes to the whole word or to a prefix of at least
-    ``min_prefix`` letters (so "sad" -> "s" + "ad" contributes nothing), and when no other
-    emotion in ``emotions`` claims it.
-    """
-    tok = getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
-    cand: dict[str, set[int]] = {}
-    for e in emotions:
-        if e not in words:
-            raise KeyError(f"emotion_word_token_ids: no word list for emotion {e!r}")
-        cand[e] = set()
-        for w in words[e]:
-            for f in forms:
-                s = f.format(w=w, W=w.capitalize())
-                ids = tok(s, add_special_tokens=False)["input_ids"]
-                if not ids:
-                    continue
-                piece = tok.decode([ids[0]]).strip().lower()
-                target = s.strip().lower()
-                if piece == target or (len(piece) >= min_prefix and target.startswith(piece)):
-                    cand[e].add(int(ids[0]))
-    owners: dict[int, int] = {}
-    for ids in cand.values():
-        for t in ids:
-            owners[t] = owners.get(t, 0) + 1
-    out = {e: tuple(sorted(t for t in ids if owners[t] == 1)) for e, ids in cand.items()}
-    empty = [e for e, ids in out.items() if not ids]
-    if empty:
-        raise ValueError(f"emotion_word_token_ids: no usable word token for {empty}")
-    return out
+    """Deprecated: ``judges.readout.emotion_tokens(model, emotions).token_ids`` (the one emotion
+    token set, which this function's rule became: first tokens of " w" and "w" that decode to
+    the word or a prefix of >= ``min_prefix`` letters, unshared between emotions)."""
+    warn_deprecated("control.emotion_word_token_ids",
+                    "emocircuits.judges.readout.emotion_tokens(model, emotions).token_ids")
+    return _word_token_ids(model_or_tokenizer, emotions, words, forms=forms, min_prefix=min_prefix)
 
 
 class VocabularyBias:
@@ -552,8 +544,9 @@ class VocabularyBias:
     taken positionally per batch.
     """
 
-    def __init__(self, token_ids: Mapping[str, Sequence[int]], targets: str | Sequence[str],
+    def __init__(self, token_ids: Mapping[str, Sequence[int]] | Any, targets: str | Sequence[str],
                  strength: float = 4.0, *, prompt_ids: Sequence[Sequence[int]] | None = None) -> None:
+        token_ids = getattr(token_ids, "token_ids", token_ids)  # an EmotionTokens, or a mapping
         self.token_ids = {e: tuple(int(t) for t in ids) for e, ids in token_ids.items()}
         self.strength = float(strength)
         self.targets: str | tuple[str, ...] = targets if isinstance(targets, str) else tuple(targets)
@@ -578,7 +571,7 @@ class VocabularyBias:
         if len(prompts) != len(targets):
             raise ValueError(f"VocabularyBias.for_prompts: {len(prompts)} prompts, {len(targets)} targets")
         ids = [encode(model, p.text if isinstance(p, Prompt) else p) for p in prompts]
-        return cls(emotion_word_token_ids(model, emotions, **token_kw), targets, strength, prompt_ids=ids)
+        return cls(_word_token_ids(model, emotions, **token_kw), targets, strength, prompt_ids=ids)
 
     def row_targets(self, step: int, rows: Sequence[Sequence[int]]) -> list[str]:
         if isinstance(self.targets, str):
@@ -641,7 +634,7 @@ class DecayingSchedule:
     def for_model(cls, model, alpha0: float, decay_per_step: float = 0.0,
                   decay_per_emotion_word: float = 0.5, floor: float = 0.0, *,
                   emotions: Sequence[str] = EKMAN6, **token_kw) -> DecayingSchedule:
-        ids = emotion_word_token_ids(model, emotions, **token_kw)
+        ids = _word_token_ids(model, emotions, **token_kw)
         return cls(alpha0, decay_per_step, decay_per_emotion_word, floor,
                    {t for v in ids.values() for t in v})
 

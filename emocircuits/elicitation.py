@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from .emotions import EKMAN6, EmotionSet, emotion_set
 from .evaluate import AccuracyTable, accuracy_table
 from .generation import GenerationConfig, generate
-from .judges.readout import emotion_tokens, last_token_logits, readout_from_logits
+from .judges.readout import TOKEN_FORMS, emotion_tokens, last_token_logits, readout_from_logits
 from .models import is_chat_model, model_id
 from .prompts import (
     EMOTION_TEMPLATE,
@@ -399,12 +399,17 @@ class ReadoutAccuracy(Result):
 
 
 def _drop_keyword(es: EmotionSet, tokenizer) -> EmotionSet:
-    """Each emotion's words without those whose first token is the emotion name's own."""
+    """Each emotion's words without those whose first token, in any of the readout's word forms
+    (``TOKEN_FORMS``), is the emotion name's own in that form."""
+    def firsts(word: str) -> list[list[int]]:
+        return [tokenizer(f.format(w=word, W=word.capitalize()), add_special_tokens=False)["input_ids"][:1]
+                for f in TOKEN_FORMS]
+
     words = {}
     for e in es.names:
-        name_tok = tokenizer(" " + e, add_special_tokens=False)["input_ids"][:1]
+        name_toks = firsts(e)
         keep = tuple(w for w in es.words[e]
-                     if tokenizer(" " + w, add_special_tokens=False)["input_ids"][:1] != name_tok)
+                     if not any(a == b for a, b in zip(firsts(w), name_toks, strict=True)))
         if not keep:
             raise ValueError(f"readout_accuracy: no word of {e!r} left once its name is removed")
         words[e] = keep

@@ -170,3 +170,41 @@ def test_head_scores_one_definition(tiny):
 
     W_O = torch.stack([S.W_O(m, L) for L in range(m.cfg.n_layers)])
     _deprecated(CI.head_scores_from_acts, acts["z"], W_O, v[0])
+
+
+# ------------------------------------------------------------------ the emotion token set
+
+
+def test_one_emotion_token_set_for_readout_and_vocabulary_bias(tiny_llama):
+    from emocircuits import control as CT
+    from emocircuits.emotions import EKMAN6, EMOTION_WORDS
+    from emocircuits.judges.readout import emotion_readout, emotion_token_ids, emotion_tokens
+
+    tok = tiny_llama.tokenizer
+    toks = emotion_tokens(tiny_llama, EKMAN6)
+    # brute force: first tokens of " w" and "w" that decode to the word or a >= 4-letter prefix
+    cand = {}
+    for e in EKMAN6:
+        cand[e] = set()
+        for w in EMOTION_WORDS[e]:
+            for s in (" " + w, w):
+                t = tok(s, add_special_tokens=False)["input_ids"][0]
+                piece = tok.decode([t]).strip().lower()
+                if piece == w or (len(piece) >= 4 and w.startswith(piece)):
+                    cand[e].add(t)
+    for e in EKMAN6:
+        others = set().union(*(cand[f] for f in EKMAN6 if f != e))
+        assert set(toks.token_ids[e]) == cand[e] - others, e
+        assert emotion_token_ids(tiny_llama, e) == toks.token_ids[e]
+    s_tok = tok("sad", add_special_tokens=False)["input_ids"][0]  # "s": a fragment, in neither
+    assert tok.decode([s_tok]).strip() != "sad" and s_tok not in toks.token_ids["sadness"]
+    # the readout measures, and the vocabulary bias pushes, exactly these tokens
+    r = emotion_readout(tiny_llama, ["I feel"], EKMAN6)
+    assert r.tokens.token_ids == toks.token_ids
+    proc = CT.VocabularyBias.for_prompts(tiny_llama, ["Hi"], ["fear"], emotions=EKMAN6)
+    assert proc.token_ids == dict(toks.token_ids)
+    sch = CT.DecayingSchedule.for_model(tiny_llama, 1.0, emotions=EKMAN6)
+    assert sch.token_ids == {t for v in toks.token_ids.values() for t in v}
+    assert CT.VocabularyBias(toks, "anger").token_ids == dict(toks.token_ids)  # EmotionTokens in
+    old = _deprecated(CT.emotion_word_token_ids, tiny_llama)
+    assert old == dict(toks.token_ids)

@@ -191,10 +191,19 @@ def test_judge_and_prompting_table_on_crafted_rows():
 
 
 def _brute_readout(model, texts, es):
-    """argmax_e Σ_{first tokens of e's words} p, one unpadded HF forward per prompt (float64)."""
+    """argmax_e Σ_{T_e} p, one unpadded HF forward per prompt (float64); T_e = first tokens of
+    " w" and "w" that decode to the word or a >= 4-letter prefix, minus tokens of two emotions."""
     tok = model.tokenizer
-    sets = {e: {tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in es.words[e]}
-            for e in es.names}
+    cand = {}
+    for e in es.names:
+        cand[e] = set()
+        for w in es.words[e]:
+            for s in (" " + w, w):
+                t = tok(s, add_special_tokens=False)["input_ids"][0]
+                piece = tok.decode([t]).strip().lower()
+                if piece == w or (len(piece) >= 4 and w.startswith(piece)):
+                    cand[e].add(t)
+    sets = {e: cand[e] - set().union(*(cand[f] for f in es.names if f != e)) for e in es.names}
     labels, shares = [], []
     for t in texts:
         with torch.no_grad():

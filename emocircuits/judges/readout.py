@@ -3,10 +3,14 @@
 For a prompt that ends where the reply starts (optionally after an assistant prefix such
 as ``"I feel"``), with p = softmax(logits at the last position):
 
-    P(e) = Σ_{t ∈ T_e} p[t],   T_e = {first token of " " + w : w ∈ words(e)}
+    P(e) = Σ_{t ∈ T_e} p[t],   T_e = {first token of f(w) : w ∈ words(e), f ∈ (" w", "w")}
 
-Token sets are checked against the tokenizer: a first token shared by two emotions is
-dropped from both and reported in ``EmotionTokens.shared``. The readout's label is
+``emotion_tokens`` is the one emotion token set of the library (this readout, the logit
+metrics of patching/components/circuits, and control's ``VocabularyBias`` and
+``DecayingSchedule``). Token sets are checked against the tokenizer: a first token counts
+only when it decodes to the whole word or to a prefix of at least ``MIN_PREFIX`` (4) letters
+("s" of "sad" is not an emotion word), and a token claimed by two emotions is dropped from
+both and reported in ``EmotionTokens.shared``. The readout's label is
 argmax_e P(e); ``valence_score`` = P(positive emotions) − P(negative emotions).
 
 Only the last position is unembedded (``logits_to_keep=1``), which matters for large
@@ -46,28 +50,67 @@ class EmotionTokens(Result):
         return m
 
 
-def emotion_tokens(model_or_tokenizer, emotions: EmotionSet | Sequence[str] | None = None) -> EmotionTokens:
-    """The first token of ``" " + word`` for each emotion's words, shared ones removed."""
+TOKEN_FORMS: tuple[str, ...] = (" {w}", "{w}")
+"""The word forms whose first tokens make an emotion's token set (``{w}``: the word,
+``{W}``: capitalised)."""
+MIN_PREFIX = 4
+"""A first token that is not the whole word must be a prefix of at least this many letters."""
+
+
+def word_first_token(tok, form: str, word: str, min_prefix: int = MIN_PREFIX) -> int | None:
+    """The first token of ``form`` applied to ``word`` when it decodes to the whole word or to a
+    prefix of at least ``min_prefix`` letters (case and surrounding space ignored), else None."""
+    s = form.format(w=word, W=word.capitalize())
+    ids = tok(s, add_special_tokens=False)["input_ids"]
+    if not ids:
+        return None
+    piece = tok.decode([ids[0]]).strip().lower()
+    target = s.strip().lower()
+    if piece == target or (len(piece) >= min_prefix and target.startswith(piece)):
+        return int(ids[0])
+    return None
+
+
+def emotion_tokens(model_or_tokenizer, emotions: EmotionSet | Sequence[str] | None = None, *,
+                   forms: Sequence[str] = TOKEN_FORMS, min_prefix: int = MIN_PREFIX) -> EmotionTokens:
+    """The one emotion token set (module docstring): per emotion, the first tokens of its words
+    in each of ``forms`` that pass ``word_first_token``, minus the tokens two emotions share.
+    ``emotions``: an ``EmotionSet`` or names (builtin word lists; default EKMAN6)."""
     tok = getattr(model_or_tokenizer, "tokenizer", model_or_tokenizer)
     es = emotions if isinstance(emotions, EmotionSet) else emotion_set(emotions)
     first: dict[str, dict[int, str]] = {}
     for e in es.names:
         first[e] = {}
         for w in es.words[e]:
-            ids = tok(" " + w, add_special_tokens=False)["input_ids"]
-            if ids:
-                first[e].setdefault(int(ids[0]), w)
+            for f in forms:
+                t = word_first_token(tok, f, w, min_prefix)
+                if t is not None:
+                    first[e].setdefault(t, w)
     owners: dict[int, list[str]] = {}
     for e, d in first.items():
         for t in d:
             owners.setdefault(t, []).append(e)
     shared = {t: tuple(es_) for t, es_ in owners.items() if len(es_) > 1}
-    token_ids = {e: tuple(t for t in d if t not in shared) for e, d in first.items()}
+    token_ids = {e: tuple(sorted(t for t in d if t not in shared)) for e, d in first.items()}
     words = {e: tuple(first[e][t] for t in token_ids[e]) for e in es.names}
     empty = [e for e in es.names if not token_ids[e]]
     if empty:
-        raise ValueError(f"emotion_tokens: no unshared first token left for {empty}")
+        raise ValueError(f"emotion_tokens: no usable unshared word token left for {empty} "
+                         f"(forms {list(forms)}, min_prefix {min_prefix})")
     return EmotionTokens(tuple(es.names), token_ids, words, shared)
+
+
+def emotion_token_ids(model_or_tokenizer, emotion: str,
+                      emotions: EmotionSet | Sequence[str] | None = None, **kw) -> tuple[int, ...]:
+    """The token ids of one ``emotion`` for a model: ``emotion_tokens(model, emotions)`` (the
+    set its tokens must not be shared with; default EKMAN6, plus ``emotion`` when missing)."""
+    if emotions is None or (not isinstance(emotions, EmotionSet) and emotion not in emotions):
+        names = tuple(emotions) if emotions is not None else tuple(emotion_set().names)
+        emotions = names if emotion in names else names + (emotion,)
+    toks = emotion_tokens(model_or_tokenizer, emotions, **kw)
+    if emotion not in toks.emotions:
+        raise KeyError(f"emotion_token_ids: {emotion!r} is not in the emotion set {list(toks.emotions)}")
+    return toks.token_ids[emotion]
 
 
 @dataclass
