@@ -256,18 +256,136 @@ def passes_fluency_guard(ev: MethodEvaluation, reference_perplexity: float, *,
     return bool(np.isfinite(ppl) and ppl <= max_ratio * reference_perplexity and rep < max_repeat)
 
 
-def choose_setting(grid: dict, reference_perplexity: float, *, max_ratio: float = 3.0,
+def reference_perplexity(ev: MethodEvaluation) -> float:
+    """The fluency reference: the median per-text perplexity of the unmodified model's texts."""
+    vals = [r["perplexity"] for r in ev.rows if r.get("perplexity") is not None
+            and math.isfinite(r["perplexity"])]
+    if not vals:
+        raise ValueError(f"{ev.method}: no per-text perplexity (evaluate with the model)")
+    return float(np.median(vals))
+
+
+def fluent_accuracy(ev: MethodEvaluation, reference: float, *, max_ratio: float = 3.0,
+                    max_repeat: float = 0.3) -> float:
+    """Share of texts judged the target AND fluent (see :func:`emocircuits.stats.fluent`)."""
+    from .stats import fluent
+
+    return float(np.mean(fluent(ev.rows, reference, max_ratio=max_ratio, max_repeat=max_repeat)))
+
+
+def choose_setting(grid: dict, base: MethodEvaluation, *, max_ratio: float = 3.0,
                    max_repeat: float = 0.3) -> tuple[object, bool]:
     """The key of the best setting of ``grid`` (key -> MethodEvaluation) on validation.
 
-    Among the settings within the fluency guard: highest judge accuracy, then readout accuracy.
-    When none passes, the least disfluent (lowest perplexity), flagged (second value False)."""
+    Score: fluent accuracy (judged the target, non-empty, perplexity ≤ ``max_ratio`` × the
+    median of the unmodified model's texts ``base``, repeated-3-gram rate < ``max_repeat``),
+    then raw judge accuracy, then readout accuracy. The second value says whether the chosen
+    setting also passes the setting-level guard (:func:`passes_fluency_guard`)."""
     if not grid:
         raise ValueError("choose_setting: empty grid")
-    ok = {k: v for k, v in grid.items()
-          if passes_fluency_guard(v, reference_perplexity, max_ratio=max_ratio, max_repeat=max_repeat)}
-    if ok:
-        key = max(ok, key=lambda k: (ok[k].accuracy.overall, (ok[k].readout or {}).get("overall", 0.0)))
-        return key, True
-    key = min(grid, key=lambda k: grid[k].fluency.get("perplexity_geomean", float("inf")))
-    return key, False
+    ref = reference_perplexity(base)
+    key = max(grid, key=lambda k: (fluent_accuracy(grid[k], ref, max_ratio=max_ratio, max_repeat=max_repeat),
+                                   grid[k].accuracy.overall, (grid[k].readout or {}).get("overall", 0.0)))
+    ok = passes_fluency_guard(grid[key], base.fluency["perplexity_geomean"], max_ratio=max_ratio,
+                              max_repeat=max_repeat)
+    return key, ok
+
+
+# ============================================================================ the comparison
+
+
+@dataclass
+class MethodComparison(Result):
+    """Every method's raw and fluent accuracy with 95 % intervals over scenarios, perplexity,
+    repetition and n; paired differences of fluent accuracy with permutation p-values; one
+    verdict line per comparison. ``reference_perplexity``: median of the unmodified texts."""
+
+    table: list[dict]
+    differences: dict  # "circuit − random circuit" -> Estimate
+    verdicts: list[str]
+    reference_perplexity: float
+    max_ratio: float = 3.0
+    max_repeat: float = 0.3
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.table)
+
+
+def _paired_rows(a: MethodEvaluation, b: MethodEvaluation, fa: list[bool], fb: list[bool]):
+    """Rows of a and b matched by (scenario, valence, target emotion)."""
+    from .stats import scenario_of
+
+    def key(r):
+        return (scenario_of(r), r.get("valence"), r["emotion"])
+    bi = {}
+    for r, f in zip(b.rows, fb, strict=True):
+        bi.setdefault(key(r), []).append(float(f))
+    xa, xb, units = [], [], []
+    for r, f in zip(a.rows, fa, strict=True):
+        k = key(r)
+        if k in bi:
+            xa.append(float(f))
+            xb.append(float(np.mean(bi[k])))
+            units.append(k[0])
+    return xa, xb, units
+
+
+def compare_methods(evaluations: dict[str, MethodEvaluation], *, baseline: str = "none",
+                    focus: str = "circuit", against: Sequence[str] = ("random circuit", "prompting", "steering"),
+                    max_ratio: float = 3.0, max_repeat: float = 0.3, n_boot: int = 2000,
+                    n_perm: int = 10000, seed: int = 0) -> MethodComparison:
+    """The method table and verdicts. Methods whose name starts with ``"random circuit"`` are
+    pooled into one control (each text's fluent match averaged over the random circuits)."""
+    from .stats import bootstrap_mean, fluent, paired_difference, scenario_of
+
+    if baseline not in evaluations:
+        raise KeyError(f"compare_methods: no {baseline!r} evaluation (the fluency reference)")
+    ref = reference_perplexity(evaluations[baseline])
+    flu = {m: fluent(ev.rows, ref, max_ratio=max_ratio, max_repeat=max_repeat) for m, ev in evaluations.items()}
+    table = []
+    for m, ev in evaluations.items():
+        units = [scenario_of(r) for r in ev.rows]
+        raw = bootstrap_mean([float(r["match"]) for r in ev.rows], units, n_boot=n_boot, seed=seed)
+        fl = bootstrap_mean([float(x) for x in flu[m]], units, n_boot=n_boot, seed=seed)
+        ppl = [r.get("perplexity") for r in ev.rows if r.get("perplexity") is not None]
+        table.append({"method": m, "fluent_accuracy": fl.value, "fluent_low": fl.low, "fluent_high": fl.high,
+                      "accuracy": raw.value, "accuracy_low": raw.low, "accuracy_high": raw.high,
+                      "readout_accuracy": (ev.readout or {}).get("overall"),
+                      "perplexity_median": float(np.nanmedian(ppl)) if ppl else None,
+                      "perplexity_geomean": ev.fluency.get("perplexity_geomean"),
+                      "repeated_3gram": ev.fluency.get("repeated_3gram_rate_mean"),
+                      "n": raw.n, "n_scenarios": raw.n_units})
+    # the pooled random control
+    rnd = [m for m in evaluations if m.startswith("random circuit")]
+    pooled: tuple[MethodEvaluation, list[bool]] | None = None
+    if rnd:
+        first = evaluations[rnd[0]]
+        avg = np.mean([np.asarray(flu[m], dtype=float) for m in rnd], axis=0)
+        pooled = (first, list(avg))
+    diffs, verdicts = {}, []
+    if focus in evaluations:
+        for other in against:
+            if other == "random circuit":
+                if pooled is None:
+                    continue
+                ob, fo = pooled
+                label = f"{focus} − random circuit (mean of {len(rnd)})"
+            elif other in evaluations:
+                ob, fo = evaluations[other], flu[other]
+                label = f"{focus} − {other}"
+            else:
+                continue
+            xa, xb, units = _paired_rows(evaluations[focus], ob, flu[focus], fo)
+            if not xa:
+                continue
+            d = paired_difference(xa, xb, units, n_boot=n_boot, n_perm=n_perm, seed=seed)
+            diffs[label] = d
+            word = ("better than" if d.low > 0 else "worse than" if d.high < 0 else "not distinguishable from")
+            p = "p < 0.001" if d.p_value < 0.001 else f"p = {d.p_value:.3f}"
+            other_name = label.split(" − ", 1)[1]
+            verdicts.append(f"{focus} {word} {other_name}: {100 * d.value:+.1f} points of fluent accuracy "
+                            f"[{100 * d.low:+.1f}, {100 * d.high:+.1f}], {p}, n = {d.n} "
+                            f"({d.n_units} scenarios)")
+    return MethodComparison(table, diffs, verdicts, ref, max_ratio, max_repeat)

@@ -56,15 +56,23 @@ class CircuitsResult(Result):
     evaluations: dict  # method -> MethodEvaluation (test)
     score_source: str = ""
     faithfulness: dict = field(default_factory=dict)
+    comparison: object | None = None  # MethodComparison: fluent accuracy, intervals, verdicts
 
     def random_mean(self) -> float | None:
         return common.mean(v.accuracy.overall for k, v in self.evaluations.items()
                            if k.startswith("random circuit"))
 
     def headline(self) -> dict:
-        return {"circuit_modulation_accuracy": self.evaluations["circuit"].accuracy.overall,
-                "random_circuit_accuracy": self.random_mean(),
-                "circuit_perplexity": self.evaluations["circuit"].fluency.get("perplexity_geomean")}
+        out = {"circuit_modulation_accuracy": self.evaluations["circuit"].accuracy.overall,
+               "random_circuit_accuracy": self.random_mean(),
+               "circuit_perplexity": self.evaluations["circuit"].fluency.get("perplexity_geomean")}
+        if self.comparison is not None:
+            for row in self.comparison.table:
+                name = row["method"].replace(" ", "_")
+                out[f"fluent_accuracy_{name}"] = row["fluent_accuracy"]
+            for i, v in enumerate(self.comparison.verdicts):
+                out[f"verdict_{i + 1}"] = v
+        return out
 
 
 def run(ctx: StageContext) -> CircuitsResult:
@@ -133,14 +141,15 @@ def run(ctx: StageContext) -> CircuitsResult:
         base = (steered.validation_unsteered if steered is not None and steered.validation_unsteered
                 is not None else evaluate(val, lambda e: None, "none"))
         ref = base.fluency["perplexity_geomean"]
-        rows.append(summary_row("none", base, strength=0.0, passes_guard=True))
+        rows.append(summary_row("none", base, base, s.ppl_guard, s.max_repeat, strength=0.0, passes_guard=True))
         grid = {}
         for x in s.lambdas:
             ev = evaluate(val, modulated(circuits, float(x)), f"circuit λ={x}")
             grid[float(x)] = ev
-            rows.append(summary_row(f"λ={x}", ev, strength=float(x), passes_guard=passes_fluency_guard(
+            rows.append(summary_row(f"λ={x}", ev, base, s.ppl_guard, s.max_repeat, strength=float(x),
+                                    passes_guard=passes_fluency_guard(
                 ev, ref, max_ratio=s.ppl_guard, max_repeat=s.max_repeat)))
-        lam, ok = choose_setting(grid, ref, max_ratio=s.ppl_guard, max_repeat=s.max_repeat)
+        lam, ok = choose_setting(grid, base, max_ratio=s.ppl_guard, max_repeat=s.max_repeat)
     chosen = {"lambda": lam, "passes_fluency_guard": ok, "swept": len(s.lambdas) > 1,
               "chosen_on": "validation", "budget_per_sublayer": s.budget_per_sublayer}
     # test: the circuit, random circuits of the same sizes, and the other methods
@@ -165,8 +174,20 @@ def run(ctx: StageContext) -> CircuitsResult:
             faith[e] = C.faithfulness(model, circuits[e], fneu, finst, e, v_ref=infl.v_ref[i],
                                       mlp_delta=dv.mlp[i], z_delta=dv.z[i], emotions=emos,
                                       n_random=s.faithfulness_random, batch_size=bs).to_dict()
+    from ..evaluate import compare_methods
+
+    comparison = compare_methods(evals, max_ratio=s.ppl_guard, max_repeat=s.max_repeat)
     res = CircuitsResult(circuits, dv, infl, sigma, C.circuits_summary(circuits), rows, chosen, evals,
-                         source, faith)
+                         source, faith, comparison)
+    pct = lambda v: None if v is None else round(100 * v, 1)  # noqa: E731
+    ctx.table("the answer: fluent accuracy on the test set, 95 % intervals over scenarios",
+              ["method", "fluent accuracy %", "95 % interval", "raw accuracy %", "readout %",
+               "perplexity (median)", "rep3", "n", "scenarios"],
+              [[r["method"], pct(r["fluent_accuracy"]), f"[{pct(r['fluent_low'])}, {pct(r['fluent_high'])}]",
+                pct(r["accuracy"]), pct(r["readout_accuracy"]), r["perplexity_median"], r["repeated_3gram"],
+                r["n"], r["n_scenarios"]] for r in comparison.table])
+    ctx.table("verdicts (paired by scenario, event and target; sign-flip permutation p)", ["verdict"],
+              [[v] for v in comparison.verdicts])
     ctx.table("method comparison on the test set", ["method", "judge", "readout", "perplexity", "rep3",
                                                     *emos, "n"],
               [[m, v.accuracy.overall, (v.readout or {}).get("overall"), v.fluency.get("perplexity_geomean"),
@@ -212,6 +233,6 @@ def plan(cfg) -> Plan:
                 what="Δμ, σ, influence, allocation; λ on validation; circuit vs random circuits on test")
 
 
-STUDY = Study("circuits", "Circuits and modulation (stages 05–07)", Config, run, plan,
+STUDY = Study("circuits", "Circuits and modulation (stages 05–07)", Config, run, plan, version=2,
               requires=("directions",), optional=("components", "prompting", "steering"),
               modules=("emocircuits.circuits",), inputs=common.sev_inputs("train", "validation", "test"))

@@ -76,8 +76,14 @@ def bands(model, spec) -> list[list[int]]:
     return [common.check_layers(b, model.cfg.n_layers, "steering.layer_bands") for b in spec]
 
 
-def summary_row(name: str, ev: MethodEvaluation, **extra) -> dict:
-    return {"setting": name, **extra, "judge_accuracy": ev.accuracy.overall,
+def summary_row(name: str, ev: MethodEvaluation, base: MethodEvaluation | None = None,
+                max_ratio: float = 3.0, max_repeat: float = 0.3, **extra) -> dict:
+    """One validation-grid row; ``fluent_accuracy`` when the unmodified model's ``base`` is given."""
+    from ..evaluate import fluent_accuracy, reference_perplexity
+
+    fl = (fluent_accuracy(ev, reference_perplexity(base), max_ratio=max_ratio, max_repeat=max_repeat)
+          if base is not None else None)
+    return {"setting": name, **extra, "fluent_accuracy": fl, "judge_accuracy": ev.accuracy.overall,
             "readout_accuracy": (ev.readout or {}).get("overall"),
             "readout_share": (ev.readout or {}).get("mean_target_share"),
             "perplexity": ev.fluency.get("perplexity_geomean"),
@@ -112,14 +118,16 @@ def run(ctx: StageContext) -> SteeringResult:
         val = common.records(ctx, "validation")
         base = evaluate(val, lambda e: None, "none")
         ref = base.fluency["perplexity_geomean"]
-        rows.append(summary_row("none", base, layers="none", strength=0.0, passes_guard=True))
+        rows.append(summary_row("none", base, base, s.ppl_guard, s.max_repeat, layers="none", strength=0.0,
+                                passes_guard=True))
         for b, a in settings:
             ev = evaluate(val, ctx_for(b, a), f"steering {band_name(b)} α={a}")
             grid[(band_name(b), a)] = ev
-            rows.append(summary_row(f"{band_name(b)} α={a}", ev, layers=band_name(b), strength=a,
+            rows.append(summary_row(f"{band_name(b)} α={a}", ev, base, s.ppl_guard, s.max_repeat,
+                                    layers=band_name(b), strength=a,
                                     passes_guard=passes_fluency_guard(ev, ref, max_ratio=s.ppl_guard,
                                                                       max_repeat=s.max_repeat)))
-        (bname, alpha), ok = choose_setting(grid, ref, max_ratio=s.ppl_guard, max_repeat=s.max_repeat)
+        (bname, alpha), ok = choose_setting(grid, base, max_ratio=s.ppl_guard, max_repeat=s.max_repeat)
         band = next(b for b in bs if band_name(b) == bname)
     else:
         (band, alpha), ok = settings[0], None
@@ -174,5 +182,5 @@ def plan(cfg) -> Plan:
                       else "one setting (no sweep); steered vs unsteered on test"))
 
 
-STUDY = Study("steering", "Steering (stage 03)", Config, run, plan, requires=("directions",),
+STUDY = Study("steering", "Steering (stage 03)", Config, run, plan, version=2, requires=("directions",),
               modules=("emocircuits.steering",), inputs=common.sev_inputs("validation", "test"))
