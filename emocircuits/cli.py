@@ -81,10 +81,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "report":
         from .viz.report import build_report
 
+        import json
+
         try:
             print(build_report(args.run_dir))
-        except (FileNotFoundError, ValueError) as e:
-            print(f"emocircuits report: {e}", file=sys.stderr)
+        except json.JSONDecodeError as e:
+            print(f"emocircuits report: {args.run_dir}/results.json is not valid JSON "
+                  f"(line {e.lineno}, column {e.colno}: {e.msg})", file=sys.stderr)
+            return 2
+        except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
+            print(f"emocircuits report: {args.run_dir}: {e}", file=sys.stderr)
             return 2
         return 0
     try:
