@@ -7,10 +7,10 @@
 Variants, timed round-robin (A B A B ...) so that load drifts hit them alike:
 
 * ``none``: no hooks;
-* ``steer0``: ``emocircuits.steering.steer`` on every layer's resid_post with ``alpha=0``
+* ``steer0``: ``emocircuits.steering.steer`` on every layer's resid_post with ``strength=0``
   (the hook runs, finds α = 0 and returns its input) — what a steering sweep's α = 0 point
   costs;
-* ``steer_add0``: the same ``steer`` with a zero direction vector and ``alpha=1``: the hook
+* ``steer_add0``: the same ``steer`` with a zero direction vector and ``strength=1``: the hook
   runs its whole path (RMS of the last position, clone, write of x + 0) on every layer — the
   project's hook really adding zero.
 
@@ -38,7 +38,7 @@ def steer_zero_vector(model):
     from emocircuits.steering import steer
 
     v = torch.zeros(model.cfg.n_layers, model.cfg.d_model)
-    with steer(model, v, layers=list(range(model.cfg.n_layers)), alpha=1.0):
+    with steer(model, v, layers=list(range(model.cfg.n_layers)), strength=1.0, scale="rms"):
         yield
 
 
@@ -47,7 +47,7 @@ def steer_zero(model):
     from emocircuits.steering import steer
 
     v = torch.randn(model.cfg.n_layers, model.cfg.d_model)
-    with steer(model, v, layers=list(range(model.cfg.n_layers)), alpha=0.0):
+    with steer(model, v, layers=list(range(model.cfg.n_layers)), strength=0.0, scale="rms"):
         yield
 
 

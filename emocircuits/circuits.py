@@ -52,6 +52,7 @@ from . import sites as S
 from .activations import collect
 from .deprecation import warn_deprecated
 from .directions import EmotionDirections, GroupInfo, group_centered_means
+from .interventions import Intervention, intervene, intervention_hooks
 from .prompts import Prompt, texts_of, tokenize
 from .results import Result
 
@@ -250,9 +251,9 @@ def _repeat_cache(cache, k: int):
 def sublayer_influence(
     model,
     prompts: Sequence[str | Prompt],
-    v_mid: Float[torch.Tensor, "*emotion layer d_model"],
-    v_post: Float[torch.Tensor, "*emotion layer d_model"],
-    sigma: Float[torch.Tensor, "2 layer"],
+    v_mid: Float[torch.Tensor, "*emotion layer d_model"] | EmotionDirections,
+    v_post: Float[torch.Tensor, "*emotion layer d_model"] | None = None,
+    sigma: Float[torch.Tensor, "2 layer"] | None = None,
     *,
     v_ref: Float[torch.Tensor, "*emotion d_model"] | None = None,
     band: Sequence[int] | None = None,
@@ -270,7 +271,20 @@ def sublayer_influence(
     ``[emotion, layer, d_model]`` (all emotions share the neutral inputs, A17). Every
     (emotion, α, p, L) is one intervention; up to ``max_rows`` (prompt × intervention) rows go
     in one forward. ``v_ref`` defaults to ``reference_direction`` over ``band``.
+
+    Or ``sublayer_influence(model, prompts, dirs, sigma=sigma)`` with ``EmotionDirections``
+    (sites resid_mid and resid_post at every model layer; ``emotions`` default to its own).
     """
+    if isinstance(v_mid, EmotionDirections):
+        if v_post is not None:
+            raise TypeError("sublayer_influence(model, prompts, dirs, sigma=...): EmotionDirections carry "
+                            "both sites; pass no v_post")
+        dirs = v_mid
+        emotions = list(emotions) if emotions is not None else list(dirs.emotions)
+        v_mid = dirs.tensor("resid_mid", emotions, n_layers=model.cfg.n_layers)
+        v_post = dirs.tensor("resid_post", emotions, n_layers=model.cfg.n_layers)
+    if v_post is None or sigma is None:
+        raise TypeError("sublayer_influence: needs v_mid and v_post (or EmotionDirections) and sigma")
     single = v_mid.dim() == 2
     if single:
         v_mid, v_post = v_mid[None], v_post[None]
@@ -648,42 +662,36 @@ def _check_circuit(model, circuit: EmotionCircuit) -> None:
                              f">= n_heads {model.cfg.n_heads}")
 
 
-def circuit_hooks(model, circuit: EmotionCircuit, strength: float = 1.0, *, neuron_positions: str = "last",
-                  head_positions: str = "all", ablate: bool = False) -> list[tuple[str, object]]:
-    """The (hook name, fn) pairs of ``modulate`` (or of ``ablate`` when ``ablate=True``:
-    the units are set to 0 instead of shifted)."""
+def circuit_interventions(model, circuit: EmotionCircuit, strength: float = 1.0, *,
+                          neuron_positions: str = "last", head_positions: str = "all",
+                          ablate: bool = False) -> list[Intervention]:
+    """The ``Intervention``s of ``modulate``: per layer, shift the circuit's neurons (``mlp_post``)
+    by λ·Δμ and its heads (``z``) by λ·Δμ_z, λ = ``strength``; with ``ablate=True`` (``ablate``)
+    the units are zeroed instead."""
     _check_pos("neuron_positions", neuron_positions)
     _check_pos("head_positions", head_positions)
     _check_circuit(model, circuit)
-    lam = float(strength)
-    hooks = []
-
-    def make(ids_list, vals, pos, kind):
-        ids_cpu = torch.tensor(ids_list, dtype=torch.long)
-
-        def hook(x, hook):  # noqa: ARG001
-            ids = ids_cpu.to(x.device)
-            out = x.clone()
-            sl = slice(None) if pos == "all" else slice(-1, None)
-            if kind == "mlp":  # x [b, pos, d_mlp]
-                part = out[:, sl]
-                new = torch.zeros_like(part[..., ids]) if ablate else part[..., ids] + lam * vals.to(x.device, x.dtype)
-                part[..., ids] = new
-            else:  # x [b, pos, head, d_head]
-                part = out[:, sl]
-                new = torch.zeros_like(part[:, :, ids]) if ablate else part[:, :, ids] + lam * vals.to(x.device, x.dtype)
-                part[:, :, ids] = new
-            return out
-        return hook
-
+    op = "zero" if ablate else "shift"
+    ivs = []
     for L in range(circuit.n_layers):
         if circuit.neurons[L]:
-            hooks.append((S.hook_name(model, "mlp_post", L),
-                          make(circuit.neurons[L], circuit.neuron_values[L], neuron_positions, "mlp")))
+            ivs.append(Intervention("mlp_post", L, op, units=list(circuit.neurons[L]),
+                                    value=circuit.neuron_values[L], strength=float(strength),
+                                    positions=neuron_positions))
         if circuit.heads[L]:
-            hooks.append((S.hook_name(model, "z", L),
-                          make(circuit.heads[L], circuit.head_values[L], head_positions, "z")))
-    return hooks
+            ivs.append(Intervention("z", L, op, units=list(circuit.heads[L]), value=circuit.head_values[L],
+                                    strength=float(strength), positions=head_positions))
+    return ivs
+
+
+def circuit_hooks(model, circuit: EmotionCircuit, strength: float = 1.0, *, neuron_positions: str = "last",
+                  head_positions: str = "all", ablate: bool = False) -> list[tuple[str, object]]:
+    """The (hook name, fn) pairs of ``modulate`` (or of ``ablate`` when ``ablate=True``:
+    the units are set to 0 instead of shifted): ``interventions.intervention_hooks`` of
+    ``circuit_interventions``."""
+    return intervention_hooks(model, circuit_interventions(
+        model, circuit, strength, neuron_positions=neuron_positions, head_positions=head_positions,
+        ablate=ablate))
 
 
 @contextmanager
@@ -694,9 +702,9 @@ def modulate(model, circuit: EmotionCircuit, strength: float = 1.0, *, neuron_po
     (prefill and each decode step of ``generate``). Composes with ``steer`` and other hooks."""
     if not math.isfinite(float(strength)):
         raise ValueError(f"modulate: strength must be finite, got {strength}")
-    hooks = circuit_hooks(model, circuit, strength, neuron_positions=neuron_positions,
-                          head_positions=head_positions)
-    with model.hooks(fwd_hooks=hooks):
+    ivs = circuit_interventions(model, circuit, strength, neuron_positions=neuron_positions,
+                                head_positions=head_positions)
+    with intervene(model, ivs):
         yield circuit
 
 
@@ -704,9 +712,9 @@ def modulate(model, circuit: EmotionCircuit, strength: float = 1.0, *, neuron_po
 def ablate(model, circuit: EmotionCircuit, *, neuron_positions: str = "all",
            head_positions: str = "all") -> Iterator[EmotionCircuit]:
     """While active: the circuit's neurons (g_n) and heads (z_h) are zeroed at ``positions``."""
-    hooks = circuit_hooks(model, circuit, neuron_positions=neuron_positions,
-                          head_positions=head_positions, ablate=True)
-    with model.hooks(fwd_hooks=hooks):
+    ivs = circuit_interventions(model, circuit, neuron_positions=neuron_positions,
+                                head_positions=head_positions, ablate=True)
+    with intervene(model, ivs):
         yield circuit
 
 
@@ -830,6 +838,6 @@ __all__ = [
     "sigma_from_acts", "sublayer_sigma", "reference_band", "reference_direction", "aligned_directions",
     "InfluenceResult", "sublayer_influence", "Allocation", "allocate_kind", "allocate_circuit",
     "select_components", "EmotionCircuit", "build_circuit", "assemble_circuit", "random_circuit",
-    "jaccard", "overlap", "circuits_summary", "circuit_hooks", "modulate", "ablate", "neuron_scores_from_acts",
+    "jaccard", "overlap", "circuits_summary", "circuit_hooks", "circuit_interventions", "modulate", "ablate", "neuron_scores_from_acts",
     "head_scores_from_acts", "emotion_scores", "FaithfulnessResult", "faithfulness",
 ]

@@ -53,8 +53,9 @@ from . import sites as S
 from .activations import collect
 from .circuits import delta_mu, jaccard  # jaccard: the one definition, re-exported
 from .circuits import reference_direction as circuits_reference_direction
-from .deprecation import deprecated_alias, warn_deprecated
+from .deprecation import deprecated_alias, renamed_keyword, warn_deprecated
 from .directions import EmotionDirections
+from .interventions import Intervention, intervention_hooks
 from .patching import (
     Metric,
     attribution_patching,
@@ -664,28 +665,30 @@ def _emotion_score_metric(model, emotion: str, emotions, v_ref: torch.Tensor | N
     return Metric(fn, (hook,), True, "emotion_score")
 
 
-def _intervention_hooks(model, comps: Sequence[tuple[int, int]], kind: str, mode: str,
-                        delta_mu: torch.Tensor | None, lam: float, position: int | None) -> list:
+def sweep_interventions(comps: Sequence[tuple[int, int]], kind: str, mode: str,
+                        delta_mu: torch.Tensor | None, strength: float,
+                        positions: str) -> list[Intervention]:
+    """The ``Intervention``s of one sweep step: per layer, zero (``ablate``) or shift by
+    strength·Δμ (``enhance``) the components ``comps`` = [(layer, index), ...] — neurons of
+    ``mlp_post`` or heads of ``z`` — at ``positions``."""
     by_layer: dict[int, list[int]] = {}
     for layer, idx in comps:
         by_layer.setdefault(int(layer), []).append(int(idx))
-    hooks = []
+    site = "mlp_post" if kind == "neuron" else "z"
+    ivs = []
     for layer, idxs in by_layer.items():
-        site = "mlp_post" if kind == "neuron" else "z"
         ix = torch.tensor(idxs)
+        if mode == "ablate":
+            ivs.append(Intervention(site, layer, "zero", units=ix, positions=positions))
+        else:
+            ivs.append(Intervention(site, layer, "shift", units=ix, value=delta_mu[layer][ix],  # type: ignore[index]
+                                    strength=float(strength), positions=positions))
+    return ivs
 
-        def fn(x, hook, layer=layer, ix=ix):  # noqa: ARG001
-            x = x.clone()
-            view = x if position is None else x[:, -1:]  # a view: writes land in x
-            i = ix.to(x.device)
-            if mode == "ablate":
-                view[:, :, i] = 0
-            else:
-                view[:, :, i] += lam * delta_mu[layer][ix].to(x.device, x.dtype)  # type: ignore[index]
-            return x
 
-        hooks.append((S.hook_name(model, site, layer), fn))
-    return hooks
+def _intervention_hooks(model, comps: Sequence[tuple[int, int]], kind: str, mode: str,
+                        delta_mu: torch.Tensor | None, strength: float, positions: str) -> list:
+    return intervention_hooks(model, sweep_interventions(comps, kind, mode, delta_mu, strength, positions))
 
 
 @torch.no_grad()
@@ -700,11 +703,12 @@ def _scores(model, texts: list[str], metric: Metric, hooks: list, batch_size: in
 def component_sweep(model, prompts: Sequence[PromptLike], emotion: str,
                     ranking: Sequence[Sequence], kind: Literal["neuron", "head"] = "neuron",
                     ks: Sequence[int] = (1, 2, 4, 8, 16, 32),
-                    mode: Literal["ablate", "enhance"] = "ablate",
-                    delta_mu: torch.Tensor | None = None, lam: float = 1.0, n_random: int = 3,
-                    seed: int = 0, *, v_ref: torch.Tensor | None = None,
+                    mode: Literal["ablate", "enhance"] = "ablate", *,
+                    delta_mu: torch.Tensor | None = None, strength: float = 1.0, n_random: int = 3,
+                    seed: int = 0, v_ref: torch.Tensor | None = None,
                     emotions: Sequence[str] | None = None, layers: Sequence[int] | None = None,
-                    batch_size: int = 16, progress: bool = True) -> ComponentSweep:
+                    batch_size: int = 16, progress: bool = True,
+                    lam: float | None = None) -> ComponentSweep:
     """Top-k vs random-k ablation/enhancement curves (paper Sec. 6; no released code, §10 A18).
 
     Emotion score, per prompt, at the last prompt token: s_final = ⟨final_norm[last], v_ref,e⟩
@@ -713,11 +717,13 @@ def component_sweep(model, prompts: Sequence[PromptLike], emotion: str,
 
     ``ranking``: rows (layer, index, ...) best first (e.g. ``.top(emotion, k=max(ks))``).
     Neurons are intervened at the last token, heads at every position; ``ablate`` zeroes them,
-    ``enhance`` adds λ·Δμ (``delta_mu``: this emotion's [layer, d_mlp] for neurons,
-    [layer, head, d_head] for heads, from ``difference_vectors``). Random controls draw k
-    components uniformly from all components of ``layers`` (default: every layer) except the
-    top max(ks), with seeds seed, seed+1, ...
+    ``enhance`` adds λ·Δμ, λ = ``strength`` (``lam=``: deprecated name; ``delta_mu``: this
+    emotion's [layer, d_mlp] for neurons, [layer, head, d_head] for heads, from
+    ``circuits.difference_vectors``). The interventions are ``sweep_interventions``. Random
+    controls draw k components uniformly from all components of ``layers`` (default: every
+    layer) except the top max(ks), with seeds seed, seed+1, ...
     """
+    strength = renamed_keyword("component_sweep", "lam", "strength", lam, strength, 1.0)
     if kind not in ("neuron", "head"):
         raise ValueError(f"kind must be 'neuron' or 'head', got {kind!r}")
     if mode not in ("ablate", "enhance"):
@@ -744,7 +750,7 @@ def component_sweep(model, prompts: Sequence[PromptLike], emotion: str,
     if v_ref is not None:
         v_ref = v_ref.float() / (v_ref.float().norm() + EPS)
     metric = _emotion_score_metric(model, emotion, emotions, v_ref)
-    position = -1 if kind == "neuron" else None
+    position = "last" if kind == "neuron" else "all"
     base = _scores(model, texts, metric, [], batch_size).mean(0)
     top_set = set(comps[:ks[-1]])
     pool = [(layer, i) for layer in S.layers_of(model, layers) for i in range(width)
@@ -754,7 +760,7 @@ def component_sweep(model, prompts: Sequence[PromptLike], emotion: str,
     bar = tqdm(total=steps, desc=f"sweep {kind} {mode}", disable=not progress, leave=False)
     top = []
     for k in ks:
-        hooks = _intervention_hooks(model, comps[:k], kind, mode, delta_mu, lam, position)
+        hooks = _intervention_hooks(model, comps[:k], kind, mode, delta_mu, strength, position)
         top.append(_scores(model, texts, metric, hooks, batch_size).mean(0) - base)
         bar.update(1)
     rand = torch.zeros(n_random, len(ks), 2, dtype=torch.float64)
@@ -762,13 +768,13 @@ def component_sweep(model, prompts: Sequence[PromptLike], emotion: str,
         rng = random.Random(seed + r)
         for i, k in enumerate(ks):
             pick = rng.sample(pool, min(k, len(pool)))
-            hooks = _intervention_hooks(model, pick, kind, mode, delta_mu, lam, position)
+            hooks = _intervention_hooks(model, pick, kind, mode, delta_mu, strength, position)
             rand[r, i] = _scores(model, texts, metric, hooks, batch_size).mean(0) - base
             bar.update(1)
     bar.close()
     std = rand.std(0, unbiased=False) if n_random > 1 else torch.zeros(len(ks), 2)
     return ComponentSweep(emotion, kind, mode, ks, ["s_final", "s_logit"], base.float(),
                        torch.stack(top).float(), rand.mean(0).float(), std.float(), rand.float(),
-                       {"lam": lam, "n_prompts": len(texts), "n_random": n_random, "seed": seed,
+                       {"strength": strength, "lam": strength, "n_prompts": len(texts), "n_random": n_random, "seed": seed,
                         "seconds": time.perf_counter() - t0,
                         "position": "last" if kind == "neuron" else "all"})

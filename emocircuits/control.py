@@ -55,8 +55,8 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
-from .deprecation import warn_deprecated
-from .directions import group_centered_means
+from .deprecation import renamed_keyword, warn_deprecated
+from .directions import EmotionDirections, group_centered_means
 from .emotions import EKMAN6, EMOTION_WORDS, NEUTRAL, VA_COORDINATES
 from .prompts import Prompt, encode
 from .results import Result
@@ -157,7 +157,7 @@ def va_map(
 def va_directions(
     method: Literal["lstsq", "contrastive"] = "lstsq",
     *,
-    directions: Float[torch.Tensor, "emotion layer d_model"] | None = None,
+    directions: Float[torch.Tensor, "emotion layer d_model"] | EmotionDirections | None = None,
     emotions: Sequence[str] | None = None,
     va: Mapping[str, tuple[float, float]] = VA_COORDINATES,
     neutral_acts: Float[torch.Tensor, "n layer d_model"] | None = None,
@@ -171,8 +171,9 @@ def va_directions(
 ) -> VADirections:
     """Valence and arousal directions (module docstring).
 
-    ``lstsq``: ``directions`` [emotion, layer, d_model] (e.g. ``EmotionDirections.vectors[site]``
-    or ``group_centered_means(..., normalize=True)``) for ``emotions`` (default EKMAN6).
+    ``lstsq``: ``directions`` = ``EmotionDirections`` (its ``site``; ``emotions`` and ``layers``
+    default to its own) or a tensor [emotion, layer, d_model] (e.g. ``group_centered_means(...,
+    normalize=True)``) for ``emotions`` (default EKMAN6).
     ``contrastive``: ``neutral_acts`` of neutral-instruction prompts (``neutral_prompts`` give
     skeleton_id and valence "positive"/"negative") and ``emotion_acts`` of emotion-instructed
     prompts (``emotion_prompts`` give group and emotion; "neutral" counts as an emotion label).
@@ -181,8 +182,10 @@ def va_directions(
     if method == "lstsq":
         if directions is None:
             raise ValueError("va_directions(method='lstsq') needs directions=[emotion, layer, d_model]")
-        if hasattr(directions, "vectors"):  # an EmotionDirections-like object
-            raise TypeError("pass the tensor, e.g. dirs.vectors['resid_post'], not the container")
+        if isinstance(directions, EmotionDirections):
+            emotions = tuple(emotions) if emotions is not None else tuple(directions.emotions)
+            layers = directions.layers if layers is None else layers
+            directions = directions.tensor(site, emotions)
         emotions = tuple(emotions) if emotions is not None else EKMAN6
         if directions.dim() != 3 or directions.shape[0] != len(emotions):
             raise ValueError(f"directions must be [{len(emotions)} emotions, layer, d_model], "
@@ -334,11 +337,12 @@ def va_steer(
     strength: float | Callable[[int], Any] = 8.0,
     layers: Sequence[int] | None = None,
     *,
-    scale: Literal["rms", "unit"] = "rms",
+    scale: Literal["rms", "none", "unit"] = "rms",
     positions: str = "last",
 ) -> Iterator[None]:
     """Steer along t_v·v̂ + t_a·â at ``layers`` (default all of ``va_dirs``) with ``steer``:
-    h ← h + α·s(h)·(t_v·v̂_l + t_a·â_l), s = rms(h) or 1. ``strength`` may be a schedule."""
+    h ← h + α·s(h)·(t_v·v̂_l + t_a·â_l), s = rms(h) (``scale="rms"``) or 1 (``"none"``;
+    ``"unit"`` is its old name). α = ``strength``, which may be a schedule."""
     from .steering import steer
 
     lay = list(va_dirs.layers) if layers is None else [int(lyr) for lyr in layers]
@@ -351,7 +355,7 @@ def va_steer(
     full = torch.zeros(model.cfg.n_layers, combo.shape[-1])
     for i, lyr in enumerate(lay):
         full[lyr] = combo[i]
-    with steer(model, full, layers=lay, alpha=strength, scale=scale, positions=positions,
+    with steer(model, full, layers=lay, strength=strength, scale=scale, positions=positions,
                site=va_dirs.site):
         yield
 
@@ -462,17 +466,20 @@ def controllability(
     *,
     judge_va: Callable[[Sequence[str]], np.ndarray] | None = None,
     readout_prompts: Sequence[str | Prompt] | None = None,
-    config=None,
-    scale: Literal["rms", "unit"] = "rms",
+    gen_config=None,
+    scale: Literal["rms", "none", "unit"] = "rms",
     positions: str = "last",
     progress: bool = True,
+    config=None,
     **gen_overrides,
 ) -> ControllabilityResult:
     """Generate under ``va_steer`` at every grid target and measure the replies' VA.
 
     ``judge_va(texts) -> [n, 2]`` (default ``va_of_texts``); ``readout_prompts`` (e.g. the
     same prompts ending in an assistant prefix "I feel") adds the readout VA under steering.
+    ``gen_config``: the ``GenerationConfig`` (``config=``: deprecated name).
     """
+    gen_config = renamed_keyword("controllability", "config", "gen_config", config, gen_config, None)
     from tqdm.auto import tqdm
 
     from .generation import GenerationConfig, generate
@@ -484,7 +491,7 @@ def controllability(
     if readout_prompts is not None and len(readout_prompts) != len(prompts):
         raise ValueError(f"controllability: {len(readout_prompts)} readout_prompts for {len(prompts)} prompts")
     judge_va = judge_va or va_of_texts
-    cfg = config or GenerationConfig(max_new_tokens=30)
+    cfg = gen_config or GenerationConfig(max_new_tokens=30)
     text_va, ro_va, texts = [], [], []
     for tgt in tqdm(grid, desc="va grid", disable=not progress, leave=False):
         with va_steer(model, va_dirs, tgt, strength, layers, scale=scale, positions=positions):

@@ -39,7 +39,7 @@ def deprecated_alias(func: F, old: str, new: str | None = None) -> F:
 
 
 def renamed_keyword(where: str, old: str, new: str, old_value: Any, new_value: Any,
-                    new_default: Any, *, stacklevel: int = 4) -> Any:
+                    new_default: Any, *, stacklevel: int = 3) -> Any:
     """The value of keyword ``new`` when the caller may have used the deprecated ``old``.
 
     ``old_value`` is None when ``old`` was not passed. Passing both (``new`` different from its

@@ -501,8 +501,8 @@ def direction_agreement(ref: EmotionDirections, other: EmotionDirections,
     if not emos:
         raise ValueError("direction_agreement: no emotion in common")
     lay = [ref.layers.index(layer) for layer in other.layers]
-    a = ref._site(site)[[ref._emo(e) for e in emos]][:, lay].double()
-    b = other._site(site)[[other._emo(e) for e in emos]].double()
+    a = ref.tensor(site, emos)[:, lay].double()
+    b = other.tensor(site, emos).double()
     return torch.nn.functional.cosine_similarity(a, b, dim=-1).mean(0).tolist()
 
 
@@ -743,21 +743,25 @@ def reply_directions(
     *,
     sites: Sequence[str] | str = ("resid_post",),
     layers: Sequence[int] | None = None,
-    config=None,
+    gen_config=None,
     chat: bool | None = None,
     batch_size: int = 16,
     progress: bool = True,
+    config=None,
 ) -> EmotionDirections:
     """Directions read from what the model *wrote*: generate under "Always reply in {e}", take
     the mean activation over the reply tokens, then group-centre as in ``context_agnostic``.
 
     Groups whose reply is empty for some emotion are dropped (``meta["dropped"]``).
+    ``gen_config``: the ``GenerationConfig`` (``config=``: deprecated name).
     """
+    from .deprecation import renamed_keyword
     from .generation import GenerationConfig, generate
     from .prompts import emotion_prompts
 
+    gen_config = renamed_keyword("reply_directions", "config", "gen_config", config, gen_config, None)
     ep = emotion_prompts(model, records, emotions, chat=chat)
-    gen = generate(model, ep, config or GenerationConfig(max_new_tokens=30), progress=progress)
+    gen = generate(model, ep, gen_config or GenerationConfig(max_new_tokens=30), progress=progress)
     acts, kept = reply_mean_activations(model, ep, gen.tokens, sites, layers=layers,
                                         batch_size=batch_size, progress=progress)
     kp = [ep[i] for i in kept]

@@ -191,21 +191,26 @@ def _eos_ids(model) -> set[int]:
 def generate(
     model,
     prompts: Sequence[str | Prompt] | str,
-    config: GenerationConfig | None = None,
+    gen_config: GenerationConfig | None = None,
     *,
     progress: bool = True,
     logits_processors: Sequence[LogitsProcessor] = (),
+    config: GenerationConfig | None = None,
     **overrides,
 ) -> GenerationResult:
     """Greedy-generate a continuation for every prompt, with whatever hooks are active.
 
-    ``overrides`` replace fields of ``config`` (e.g. ``max_new_tokens=20``). Prompts are
-    sorted by length into batches of ``config.batch_size`` to limit padding; results come
+    ``gen_config``: the ``GenerationConfig`` (``config=`` is its deprecated name);
+    ``overrides`` replace its fields (e.g. ``max_new_tokens=20``). Prompts are
+    sorted by length into batches of ``gen_config.batch_size`` to limit padding; results come
     back in input order. Texts are decoded without special tokens and stripped.
     ``logits_processors`` (see ``LogitsProcessor``) adjust each step's logits, e.g. the
     emotion-vocabulary bias of ``emocircuits.control``.
     """
-    cfg = config or GenerationConfig()
+    from .deprecation import renamed_keyword
+
+    gen_config = renamed_keyword("generate", "config", "gen_config", config, gen_config, None)
+    cfg = gen_config or GenerationConfig()
     if overrides:
         cfg = GenerationConfig(**{**cfg.__dict__, **overrides})
     if isinstance(prompts, (str, Prompt)):

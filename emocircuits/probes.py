@@ -963,7 +963,7 @@ def persistence(
     buckets: Sequence[int] = DEFAULT_BUCKETS,
     system: str | None = None,
     chat: bool | None = None,
-    config=None,
+    gen_config=None,
     kind: str = "logreg",
     cv: int = 5,
     classes: Sequence[str] | None = None,
@@ -971,21 +971,26 @@ def persistence(
     keep_hidden: bool = True,
     seed: int = 0,
     progress: bool = True,
+    config=None,
 ) -> PersistenceResult:
     """Generate from each opening (chat: the user message; base: the start of the text),
     then ONE batched forward over prompt + continuation collects ``resid_post[layer]`` at
     positions prompt_len − 1 + k, k = 0..K. Scores: ``probe`` (trained elsewhere, e.g. on
     utterances) applied at every k, and per-position probes (``kind``, group CV) at the
-    ``buckets``. The default ``config`` bans EOS for K tokens (min_new_tokens = K) with
-    repetition penalty 1.1 and no-repeat 3-grams, so every row reaches k = K."""
+    ``buckets``. The default ``gen_config`` (``config=``: its deprecated name) bans EOS for K
+    tokens (min_new_tokens = K) with repetition penalty 1.1 and no-repeat 3-grams, so every
+    row reaches k = K."""
+    from .deprecation import renamed_keyword
     from .generation import GenerationConfig, generate
+
+    gen_config = renamed_keyword("persistence", "config", "gen_config", config, gen_config, None)
 
     if len(openings) != len(labels):
         raise ValueError(f"persistence: {len(labels)} labels for {len(openings)} openings")
     y, order = _encode_labels(labels, classes if classes is not None else (probe.classes if probe else None))
     if probe is not None and probe.layer != layer:
         raise ValueError(f"persistence: probe is for layer {probe.layer}, asked layer {layer}")
-    cfg = config or GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+    cfg = gen_config or GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                                      repetition_penalty=1.1, no_repeat_ngram_size=3,
                                      batch_size=batch_size)
     K = cfg.max_new_tokens

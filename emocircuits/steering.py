@@ -3,10 +3,13 @@
 At each steered layer l (hook ``site`` of block l) and each chosen position t:
 
     scale="rms":   h_t <- h_t + α · rms(h_t) · v_l,   rms(h) = sqrt(mean_d h_d² + 1e-12)
-    scale="unit":  h_t <- h_t + α · v_l
+    scale="none":  h_t <- h_t + α · v_l                 ("unit": the old name of "none")
 
-with rms computed per position *before* the addition (the paper: α = 8, resid_post,
-layers 11–20 of 28, "last"). Positions, per forward call:
+with α = ``strength`` (``alpha=`` is its deprecated name) and rms computed per position
+*before* the addition (the paper: α = 8, resid_post, layers 11–20 of 28, "last"). The
+default is ``scale="rms"``, ``strength=8``: meant for unit directions (``EmotionDirections``).
+A raw tensor is added as given (not normalised), so ``steer`` warns (``ImplicitScaleWarning``)
+when a raw tensor comes without an explicit ``scale=``. Positions, per forward call:
 
 * ``"last"``: the last position of every call — the last prompt token in prefill and then
   every generated token (each decode call has length 1);
@@ -15,14 +18,16 @@ layers 11–20 of 28, "last"). Positions, per forward call:
 * an int tensor ``[k]`` or ``[batch, k]``: those prefill positions only (negative = from the
   end, which is the same in left-padded and unpadded prompts; non-negative = batch column).
 
-``alpha`` may be a callable ``alpha(step)``: step is 0 for a prefill (any non-decode call)
-and k for the k-th decode call after it.
+``strength`` may be a callable ``strength(step)``: step is 0 for a prefill (any non-decode call)
+and k for the k-th decode call after it. The hooks come from ``interventions`` (one
+``Intervention`` per layer: a whole-vector shift).
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -34,8 +39,10 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from . import sites as S
+from .deprecation import renamed_keyword
 from .directions import EmotionDirections
-from .generation import GenerationConfig, generate, is_decoding
+from .generation import GenerationConfig, generate
+from .interventions import Intervention, check_positions, intervene
 from .prompts import Prompt
 from .results import Result
 
@@ -53,11 +60,17 @@ def paper_layers(model_or_n_layers) -> list[int]:
 
 
 PAPER_STEERING: Mapping = MappingProxyType(
-    dict(site="resid_post", scale="rms", alpha=8.0, positions="last", layers=paper_layers))
+    dict(site="resid_post", scale="rms", strength=8.0, positions="last", layers=paper_layers))
 """``steer(model, dirs, emotion=e, **PAPER_STEERING)`` reproduces stage 03 (layers are resolved
 by ``paper_layers(model)``)."""
 
 Alpha = float | Callable[[int], float]
+Strength = Alpha
+SCALES: tuple[str, ...] = ("rms", "none", "unit")
+
+
+class ImplicitScaleWarning(UserWarning):
+    """``steer`` got a raw direction tensor and no explicit ``scale=``."""
 Positions = str | torch.Tensor
 EmotionSpec = str | Sequence[tuple[str, float]] | Mapping[str, float]
 
@@ -133,12 +146,40 @@ def steering_vectors(
 
 
 def _check_positions(positions: Positions) -> None:
-    if isinstance(positions, torch.Tensor):
-        if positions.dtype.is_floating_point or positions.dim() not in (1, 2):
-            raise ValueError("steer: an index tensor of positions must be integer [k] or [batch, k]")
-    elif positions not in ("last", "all", "generated"):
-        raise ValueError(f"steer: positions must be 'last', 'all', 'generated' or an index tensor, "
-                         f"got {positions!r}")
+    check_positions(positions, "steer")
+
+
+def steering_interventions(
+    model,
+    directions: torch.Tensor | EmotionDirections,
+    layers: Sequence[int] | Callable | int | None = None,
+    strength: Strength = 8.0,
+    *,
+    emotion: EmotionSpec | None = None,
+    scale: str | None = None,
+    positions: Positions = "last",
+    site: str = "resid_post",
+) -> tuple[list[Intervention], dict[int, torch.Tensor]]:
+    """The ``Intervention`` per layer that ``steer`` applies, and the ``{layer: v}`` vectors.
+    Arguments as in ``steer`` (``scale=None``: "rms", warning for a raw tensor)."""
+    if scale is None:
+        if not isinstance(directions, EmotionDirections):
+            warnings.warn(
+                "steer: a raw direction tensor without scale=: adding strength·rms(h)·v with v as "
+                "given (not normalised; strength 8 by default). Pass scale='rms' (the paper's, for unit "
+                "directions) or scale='none' (h += strength·v) explicitly.", ImplicitScaleWarning,
+                stacklevel=4)
+        scale = "rms"
+    if scale not in SCALES:
+        raise ValueError(f"steer: scale must be 'rms' or 'none' ('unit' = 'none'), got {scale!r}")
+    _check_positions(positions)
+    if not callable(strength) and not math.isfinite(float(strength)):
+        raise ValueError(f"steer: strength must be finite, got {strength}")
+    lay = _resolve_layers(model, layers)
+    vecs = steering_vectors(model, directions, lay, emotion=emotion, site=site)
+    ivs = [Intervention(site, layer, "shift", value=vecs[layer], strength=strength, positions=positions,
+                        rms_scale=scale == "rms") for layer in lay]
+    return ivs, vecs
 
 
 @contextmanager
@@ -146,80 +187,27 @@ def steer(
     model,
     directions: torch.Tensor | EmotionDirections,
     layers: Sequence[int] | Callable | int | None = None,
-    alpha: Alpha = 8.0,
+    strength: Strength = 8.0,
     *,
     emotion: EmotionSpec | None = None,
-    scale: str = "rms",
+    scale: str | None = None,
     positions: Positions = "last",
     site: str = "resid_post",
+    alpha: Alpha | None = None,
 ) -> Iterator[dict[int, torch.Tensor]]:
     """Context manager: while active, every forward (and ``generate``) is steered (module doc).
 
-    Yields the ``{layer: v}`` vectors in use. Built on ``model.hooks``: hooks are removed on
-    every exit, exceptions included.
+    ``directions``: ``EmotionDirections`` with ``emotion=`` (a name or weighted mixture), or a
+    raw tensor ``[n_layers, d]`` / ``[d]`` (then pass ``scale=``). ``strength`` = α
+    (``alpha=``: deprecated name). ``scale``: "rms" (default) or "none".
+
+    Yields the ``{layer: v}`` vectors in use. Built on ``interventions.intervene``: hooks are
+    removed on every exit, exceptions included.
     """
-    if scale not in ("rms", "unit"):
-        raise ValueError(f"steer: scale must be 'rms' or 'unit', got {scale!r}")
-    _check_positions(positions)
-    if not callable(alpha) and not math.isfinite(float(alpha)):
-        raise ValueError(f"steer: alpha must be finite, got {alpha}")
-    lay = _resolve_layers(model, layers)
-    vecs = steering_vectors(model, directions, lay, emotion=emotion, site=site)
-    state = {"step": 0}
-    idx = positions.long() if isinstance(positions, torch.Tensor) else None
-    mode = "index" if idx is not None else positions
-
-    def counter(x, hook):  # noqa: ARG001 - runs first in every forward call
-        state["step"] = state["step"] + 1 if is_decoding(model) else 0
-        return x
-
-    def make(layer: int):
-        v_cpu = vecs[layer]
-
-        def hook(x, hook):  # noqa: ARG001
-            decoding = is_decoding(model)
-            if mode == "generated" and not decoding:
-                return x
-            if idx is not None and decoding:
-                return x
-            a = float(alpha(state["step"])) if callable(alpha) else float(alpha)
-            if a == 0.0:
-                return x
-            v = v_cpu.to(x.device)
-            if mode == "all":
-                part = x
-            elif idx is None:  # "last", "generated"
-                part = x[:, -1:]
-            else:
-                cols = idx.to(x.device)
-                if cols.dim() == 1:
-                    cols = cols.unsqueeze(0).expand(x.shape[0], -1)
-                if cols.shape[0] != x.shape[0]:
-                    raise ValueError(f"steer: index tensor has {cols.shape[0]} rows, batch has {x.shape[0]}")
-                if (cols >= x.shape[1]).any() or (cols < -x.shape[1]).any():
-                    raise IndexError(f"steer: position index outside the sequence (length {x.shape[1]})")
-                cols = cols % x.shape[1]
-                g = cols.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-                part = torch.gather(x, 1, g)
-            pf = part.float()
-            if scale == "rms":
-                add = a * torch.sqrt(pf.pow(2).mean(-1, keepdim=True) + RMS_EPS) * v
-            else:
-                add = (a * v).expand_as(pf)
-            new = (pf + add).to(x.dtype)
-            if mode == "all":
-                return new
-            out = x.clone()
-            if idx is None:
-                out[:, -1:] = new
-            else:
-                out.scatter_(1, g, new)
-            return out
-        return hook
-
-    fwd = [(S.hook_name(model, "resid_pre", 0), counter)] if callable(alpha) else []
-    fwd += [(S.hook_name(model, site, layer), make(layer)) for layer in lay]
-    with model.hooks(fwd_hooks=fwd):
+    strength = renamed_keyword("steer", "alpha", "strength", alpha, strength, 8.0, stacklevel=4)
+    ivs, vecs = steering_interventions(model, directions, layers, strength, emotion=emotion,
+                                       scale=scale, positions=positions, site=site)
+    with intervene(model, ivs):
         yield vecs
 
 
@@ -249,14 +237,14 @@ class SteeringSweep(Result):
         return {"rows": self.rows, "summary": self.summary(), "meta": self.meta}
 
     def summary(self) -> list[dict]:
-        """Mean over emotions per (layers, α) setting."""
+        """Mean over emotions per (layers, strength) setting (``"alpha"``: the same, old key)."""
         out: dict[tuple, list[dict]] = {}
         for r in self.rows:
-            out.setdefault((r["layers"], r["alpha"]), []).append(r)
+            out.setdefault((r["layers"], r.get("strength", r.get("alpha"))), []).append(r)
         keys = ("readout_share", "readout_top1", "judge_accuracy", "perplexity", "repeated_3gram")
         res = []
         for (lay, a), rs in out.items():
-            d = {"layers": lay, "alpha": a}
+            d = {"layers": lay, "strength": a, "alpha": a}
             for k in keys:
                 vals = [r[k] for r in rs if r.get(k) is not None and np.isfinite(r[k])]
                 d[k] = float(np.mean(vals)) if vals else float("nan")
@@ -267,7 +255,7 @@ class SteeringSweep(Result):
              max_repeat: float | None = None, steered_only: bool = True) -> dict:
         """The setting with the highest mean ``metric`` among those within the fluency guard."""
         cand = [s for s in self.summary()
-                if (not steered_only or s["alpha"] != 0)
+                if (not steered_only or s["strength"] != 0)
                 and (max_perplexity is None or s["perplexity"] <= max_perplexity)
                 and (max_repeat is None or s["repeated_3gram"] <= max_repeat)
                 and np.isfinite(s.get(metric, float("nan")))]
@@ -295,17 +283,18 @@ def steering_sweep(
     directions: torch.Tensor | EmotionDirections,
     emotions: Sequence[str],
     layer_bands: Sequence[Sequence[int]],
-    alphas: Sequence[float],
+    strengths: Sequence[float] | None = None,
     judge=None,
     gen_config: GenerationConfig | None = None,
     *,
     site: str = "resid_post",
-    scale: str = "rms",
+    scale: str | None = None,
     positions: Positions = "last",
     readout_prefix: str | None = "I feel",
     include_baseline: bool = True,
     n_examples: int = 2,
     progress: bool = True,
+    alphas: Sequence[float] | None = None,
 ) -> SteeringSweep:
     """Steer toward each emotion for every (layer band × α) and measure, per setting:
 
@@ -316,18 +305,23 @@ def steering_sweep(
     * ``perplexity`` (geometric mean) and ``repeated_3gram`` rate: ``fluency`` computed outside
       the steering context, i.e. under the unsteered model.
 
-    ``include_baseline`` adds an α = 0 row per emotion (unsteered).
+    ``strengths``: the α grid (``alphas=``: deprecated name); rows carry it as ``"strength"``
+    (and, for one release, ``"alpha"``). ``scale`` as in ``steer``. ``include_baseline`` adds an
+    α = 0 row per emotion (unsteered).
     """
     from .evaluate import fluency
     from .judges.readout import emotion_readout
 
+    strengths = renamed_keyword("steering_sweep", "alphas", "strengths", alphas, strengths, None)
+    if strengths is None:
+        raise TypeError("steering_sweep: pass strengths= (the α grid)")
     cfg = gen_config or GenerationConfig(max_new_tokens=30)
     texts = [p.text if isinstance(p, Prompt) else p for p in prompts]
     ro_prompts = [_with_prefix(t, readout_prefix) for t in texts]
     settings: list[tuple[list[int] | None, float]] = []
     if include_baseline:
         settings.append((None, 0.0))
-    settings += [(list(b), float(a)) for b in layer_bands for a in alphas]
+    settings += [(list(b), float(a)) for b in layer_bands for a in strengths]
     rows: list[dict] = []
     base_gen = base_ro = base_flu = None
     bar = tqdm(total=len(settings) * len(emotions), desc="sweep", disable=not progress)
@@ -356,7 +350,8 @@ def steering_sweep(
                 if judge is not None:
                     acc = float(np.mean(judge.judge(gen.texts, [e] * len(texts)).match))
                 rows.append({
-                    "layers": "none" if band is None else band_name(band), "alpha": a, "emotion": e,
+                    "layers": "none" if band is None else band_name(band), "strength": a, "alpha": a,
+                    "emotion": e,
                     "readout_share": float(ro.share[:, k].mean()),
                     "readout_top1": float(np.mean([lab == e for lab in ro.labels])),
                     "judge_accuracy": acc, "perplexity": flu.mean_perplexity,
@@ -366,7 +361,7 @@ def steering_sweep(
                 bar.update(1)
     finally:
         bar.close()
-    return SteeringSweep(rows, {"site": site, "scale": scale,
+    return SteeringSweep(rows, {"site": site, "scale": scale or "rms",
                               "positions": positions if isinstance(positions, str) else "index",
                               "gen_config": asdict(cfg), "readout_prefix": readout_prefix,
                               "judge": getattr(judge, "name", None), "seconds": time.perf_counter() - t0})

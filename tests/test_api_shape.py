@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -208,3 +209,352 @@ def test_one_emotion_token_set_for_readout_and_vocabulary_bias(tiny_llama):
     assert CT.VocabularyBias(toks, "anger").token_ids == dict(toks.token_ids)  # EmotionTokens in
     old = _deprecated(CT.emotion_word_token_ids, tiny_llama)
     assert old == dict(toks.token_ids)
+
+
+# ------------------------------------------------------------------ interventions: one factory
+
+
+def _old_steer_hooks(model, vecs, alpha, scale, positions, site="resid_post"):
+    """The steering hooks as they were before ``interventions`` (the reference)."""
+    from emocircuits import sites as S
+    from emocircuits.generation import is_decoding
+
+    state = {"step": 0}
+    idx = positions.long() if isinstance(positions, torch.Tensor) else None
+    mode = "index" if idx is not None else positions
+
+    def counter(x, hook):  # noqa: ARG001
+        state["step"] = state["step"] + 1 if is_decoding(model) else 0
+        return x
+
+    def make(layer):
+        v_cpu = vecs[layer]
+
+        def hook(x, hook):  # noqa: ARG001
+            decoding = is_decoding(model)
+            if mode == "generated" and not decoding:
+                return x
+            if idx is not None and decoding:
+                return x
+            a = float(alpha(state["step"])) if callable(alpha) else float(alpha)
+            if a == 0.0:
+                return x
+            v = v_cpu.to(x.device)
+            if mode == "all":
+                part = x
+            elif idx is None:
+                part = x[:, -1:]
+            else:
+                cols = idx.to(x.device)
+                if cols.dim() == 1:
+                    cols = cols.unsqueeze(0).expand(x.shape[0], -1)
+                cols = cols % x.shape[1]
+                g = cols.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+                part = torch.gather(x, 1, g)
+            pf = part.float()
+            if scale == "rms":
+                add = a * torch.sqrt(pf.pow(2).mean(-1, keepdim=True) + 1e-12) * v
+            else:
+                add = (a * v).expand_as(pf)
+            new = (pf + add).to(x.dtype)
+            if mode == "all":
+                return new
+            out = x.clone()
+            if idx is None:
+                out[:, -1:] = new
+            else:
+                out.scatter_(1, g, new)
+            return out
+        return hook
+
+    fwd = [(S.hook_name(model, "resid_pre", 0), counter)] if callable(alpha) else []
+    return fwd + [(S.hook_name(model, site, layer), make(layer)) for layer in vecs]
+
+
+def _old_unit_hooks(model, by_layer, lam, positions, ablate):
+    """circuits.circuit_hooks / components._intervention_hooks as they were (the reference):
+    ``by_layer[(site, layer)] = (ids, values)``."""
+    from emocircuits import sites as S
+
+    hooks = []
+    for (site, layer), (ids_list, vals) in by_layer.items():
+        ids_cpu = torch.tensor(ids_list, dtype=torch.long)
+
+        def hook(x, hook, ids_cpu=ids_cpu, vals=vals, site=site):  # noqa: ARG001
+            ids = ids_cpu.to(x.device)
+            out = x.clone()
+            sl = slice(None) if positions == "all" else slice(-1, None)
+            part = out[:, sl]
+            if site == "mlp_post":
+                part[..., ids] = (torch.zeros_like(part[..., ids]) if ablate
+                                  else part[..., ids] + lam * vals.to(x.device, x.dtype))
+            else:
+                part[:, :, ids] = (torch.zeros_like(part[:, :, ids]) if ablate
+                                   else part[:, :, ids] + lam * vals.to(x.device, x.dtype))
+            return out
+        hooks.append((S.hook_name(model, site, layer), hook))
+    return hooks
+
+
+def _logits(model, hooks=()):
+    from emocircuits.prompts import tokenize
+
+    b = tokenize(model, ["The cat sat on the mat and", "Hello there", "One two three four five"])
+    with torch.no_grad(), model.hooks(fwd_hooks=list(hooks)):
+        return model(b.tokens, attention_mask=b.attention_mask)
+
+
+@pytest.mark.parametrize("scale", ["rms", "none"])
+@pytest.mark.parametrize("positions", ["last", "all", "generated", "index"])
+def test_steer_on_interventions_is_bitwise_the_old_hooks(tiny, scale, positions):
+    from emocircuits.generation import GenerationConfig, generate
+    from emocircuits.steering import steer, steering_vectors
+
+    m = tiny
+    g = torch.Generator().manual_seed(11)
+    v = torch.randn(m.cfg.n_layers, m.cfg.d_model, generator=g)
+    pos = torch.tensor([-3, -1]) if positions == "index" else positions
+    lay = [0, 2]
+    vecs = steering_vectors(m, v, lay)
+    want = _logits(m, _old_steer_hooks(m, vecs, 3.0, "rms" if scale == "rms" else "unit", pos))
+    with steer(m, v, lay, 3.0, scale=scale, positions=pos):
+        got = _logits(m)
+    assert torch.equal(got, want)
+    if positions in ("last", "generated"):
+        def sched(k):
+            return 2.0 / (1 + k)
+        cfg = GenerationConfig(max_new_tokens=4)
+        with m.hooks(fwd_hooks=_old_steer_hooks(m, vecs, sched, scale if scale == "rms" else "unit", pos)):
+            ref = generate(m, ["Hello there", "The cat sat"], cfg, progress=False)
+        with steer(m, v, lay, sched, scale=scale, positions=pos):
+            new = generate(m, ["Hello there", "The cat sat"], cfg, progress=False)
+        assert new.tokens == ref.tokens
+
+
+@pytest.mark.parametrize("ablate", [False, True])
+@pytest.mark.parametrize("positions", ["last", "all"])
+def test_unit_interventions_are_bitwise_the_old_hooks(tiny, ablate, positions):
+    from emocircuits.interventions import Intervention, intervene
+
+    m = tiny
+    g = torch.Generator().manual_seed(12)
+    by_layer = {("mlp_post", 1): ([3, 0, 7], torch.randn(3, generator=g)),
+                ("z", 0): ([1], torch.randn(1, m.cfg.d_head, generator=g)),
+                ("z", 2): ([0, 2], torch.randn(2, m.cfg.d_head, generator=g))}
+    want = _logits(m, _old_unit_hooks(m, by_layer, 1.7, positions, ablate))
+    ivs = [Intervention(site, layer, "zero" if ablate else "shift", units=ids, value=vals, strength=1.7,
+                        positions=positions) for (site, layer), (ids, vals) in by_layer.items()]
+    with intervene(m, ivs):
+        got = _logits(m)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, _logits(m))  # it did something
+
+
+def test_modulate_ablate_and_component_sweep_ride_the_factory(tiny_llama):
+    m = tiny_llama
+    g = torch.Generator().manual_seed(13)
+    mlp_delta = torch.randn(m.cfg.n_layers, m.cfg.d_mlp, generator=g)
+    z_delta = torch.randn(m.cfg.n_layers, m.cfg.n_heads, m.cfg.d_head, generator=g)
+    neurons = [[1, 4], [], [0, 2, 5]][: m.cfg.n_layers] + [[] for _ in range(max(0, m.cfg.n_layers - 3))]
+    heads = [[0], [1, 2], []][: m.cfg.n_layers] + [[] for _ in range(max(0, m.cfg.n_layers - 3))]
+    c = CI.build_circuit("anger", neurons, heads, mlp_delta, z_delta)
+    for ablate, npos in ((False, "last"), (True, "all")):
+        by = {}
+        for L in range(m.cfg.n_layers):
+            if neurons[L]:
+                by[("mlp_post", L)] = (neurons[L], c.neuron_values[L])
+        want_n = _old_unit_hooks(m, by, 0.5, npos, ablate)
+        by = {("z", L): (heads[L], c.head_values[L]) for L in range(m.cfg.n_layers) if heads[L]}
+        want = _logits(m, want_n + _old_unit_hooks(m, by, 0.5, "all", ablate))
+        ctx = CI.ablate(m, c) if ablate else CI.modulate(m, c, 0.5)
+        with ctx:
+            got = _logits(m)
+        assert torch.equal(got, want), ablate
+    # component_sweep's interventions: zero / shift Δμ of the given components
+    ivs = K.sweep_interventions([(1, 3), (0, 5), (1, 7)], "neuron", "enhance", mlp_delta, 2.0, "last")
+    assert [(iv.layer, list(map(int, iv.units))) for iv in ivs] == [(1, [3, 7]), (0, [5])]
+    torch.testing.assert_close(ivs[0].value, mlp_delta[1, [3, 7]], rtol=0, atol=0)
+
+
+def test_intervene_removes_hooks_on_exceptions(tiny_llama):
+    from emocircuits.interventions import Intervention, intervene
+    from emocircuits.steering import steer
+
+    m = tiny_llama
+    base = _logits(m)
+    v = torch.randn(m.cfg.d_model)
+    ivs = [Intervention("resid_post", 1, "shift", value=v, strength=4.0, positions="all"),
+           Intervention("mlp_post", 0, "scale", units=[0, 1, 2], strength=3.0, positions="all"),
+           Intervention("z", 1, "set", units=[0], value=torch.ones(m.cfg.d_head), positions="last")]
+    with pytest.raises(RuntimeError, match="boom"):
+        with intervene(m, ivs):
+            assert not torch.equal(_logits(m), base)
+            raise RuntimeError("boom")
+    assert torch.equal(_logits(m), base)
+    with pytest.raises(KeyError):
+        with steer(m, v, [0], 2.0, scale="none"):
+            raise KeyError("inside")
+    assert torch.equal(_logits(m), base)
+    c = CI.build_circuit("a", [[0]] + [[] for _ in range(m.cfg.n_layers - 1)],
+                         [[0]] + [[] for _ in range(m.cfg.n_layers - 1)],
+                         torch.ones(m.cfg.n_layers, m.cfg.d_mlp), torch.ones(m.cfg.n_layers, m.cfg.n_heads, m.cfg.d_head))
+    for ctx in (CI.modulate(m, c, 5.0), CI.ablate(m, c)):
+        with pytest.raises(ValueError, match="x"):
+            with ctx:
+                raise ValueError("x")
+        assert torch.equal(_logits(m), base)
+    with pytest.raises(ValueError, match="op"):
+        with intervene(m, [Intervention("mlp_post", 0, "double", units=[0])]):  # type: ignore[arg-type]
+            pass
+    assert torch.equal(_logits(m), base)
+
+
+def test_interventions_scale_set_and_index_positions(tiny_llama):
+    """scale / set / index positions against a direct edit of the captured activation."""
+    from emocircuits import sites as S
+    from emocircuits.interventions import Intervention, intervene
+
+    m = tiny_llama
+    name = S.hook_name(m, "mlp_post", 1)
+    seen = {}
+
+    def grab(key):
+        def hook(x, hook):  # noqa: ARG001
+            seen[key] = x.detach().clone()
+            return x
+        return hook
+
+    _logits(m, [(name, grab("clean"))])
+    pos = torch.tensor([-2, 0])
+    with intervene(m, [Intervention("mlp_post", 1, "scale", units=[2, 5], strength=-2.0, positions=pos)]):
+        _logits(m, [(name, grab("scaled"))])
+    want = seen["clean"].clone()
+    cols = pos % want.shape[1]
+    for c in cols.tolist():
+        want[:, c, [2, 5]] *= -2.0
+    assert torch.equal(seen["scaled"], want)
+    val = torch.tensor([0.5, -1.5])
+    with intervene(m, [Intervention("mlp_post", 1, "set", units=[4, 6], value=val, positions="last")]):
+        _logits(m, [(name, grab("set"))])
+    want = seen["clean"].clone()
+    want[:, -1, [4, 6]] = val
+    assert torch.equal(seen["set"], want)
+
+
+# ------------------------------------------------------------------ strength / gen_config / scale
+
+
+def test_strength_alias_and_explicit_scale(tiny_llama):
+    from emocircuits.steering import ImplicitScaleWarning, steer
+
+    m = tiny_llama
+    v = torch.randn(m.cfg.n_layers, m.cfg.d_model, generator=torch.Generator().manual_seed(21))
+    with steer(m, v, [1], strength=2.0, scale="rms"):
+        want = _logits(m)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        with steer(m, v, [1], alpha=2.0, scale="rms"):
+            got = _logits(m)
+    assert torch.equal(got, want)
+    assert any(issubclass(x.category, DeprecationWarning) and "alpha" in str(x.message) for x in w)
+    assert all(x.filename == __file__ for x in w if issubclass(x.category, DeprecationWarning))
+    with pytest.raises(TypeError, match="strength"):
+        with steer(m, v, [1], strength=3.0, alpha=2.0, scale="rms"):
+            pass
+    # a raw tensor without scale= keeps the documented default (rms) but says so
+    with pytest.warns(ImplicitScaleWarning, match="scale="):
+        with steer(m, v, [1], 2.0):
+            implicit = _logits(m)
+    assert torch.equal(implicit, want)
+    # "none" adds strength·v, "unit" is its old name; EmotionDirections: no warning
+    with steer(m, v, [1], 2.0, scale="none"):
+        none = _logits(m)
+    with steer(m, v, [1], 2.0, scale="unit"):
+        assert torch.equal(_logits(m), none)
+    dirs = EmotionDirections(["anger"], list(range(m.cfg.n_layers)), {"resid_post": v[None]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ImplicitScaleWarning)
+        with steer(m, dirs, [1], 2.0, emotion="anger"):
+            assert torch.equal(_logits(m), want)
+
+
+def test_gen_config_and_strength_keyword_aliases(tiny_llama):
+    from emocircuits import control as CT
+    from emocircuits.generation import GenerationConfig, generate
+
+    m = tiny_llama
+    cfg = GenerationConfig(max_new_tokens=3)
+    want = generate(m, ["Hello there"], gen_config=cfg, progress=False).tokens
+    assert _deprecated(generate, m, ["Hello there"], config=cfg, progress=False).tokens == want
+    assert generate(m, ["Hello there"], cfg, progress=False).tokens == want  # positional still works
+    with pytest.raises(TypeError, match="gen_config"):
+        generate(m, ["Hello there"], cfg, config=cfg, progress=False)
+    # controllability: config= -> gen_config=
+    L, d = m.cfg.n_layers, m.cfg.d_model
+    va = CT.VADirections(torch.randn(2, L, d, generator=torch.Generator().manual_seed(2)), list(range(L)), "t")
+
+    def judge_va(texts):
+        return np.zeros((len(texts), 2))
+
+    kw = dict(strength=1.0, judge_va=judge_va, progress=False)
+    a = CT.controllability(m, ["Hi"], va, [(1.0, 0.0)], gen_config=cfg, **kw)
+    b = _deprecated(CT.controllability, m, ["Hi"], va, [(1.0, 0.0)], config=cfg, **kw)
+    assert a.texts == b.texts
+    # component_sweep: lam= -> strength=
+    from emocircuits.prompts import Prompt
+
+    ps = [Prompt("Reply in anger. The bus never came.", emotion="anger", skeleton_id="s0", valence="neutral")]
+    dmu = torch.randn(L, m.cfg.d_mlp, generator=torch.Generator().manual_seed(3))
+    kw = dict(kind="neuron", ks=(1,), mode="enhance", delta_mu=dmu, n_random=1, progress=False)
+    s1 = K.component_sweep(m, ps, "anger", [(1, 2)], strength=2.0, **kw)
+    s2 = _deprecated(K.component_sweep, m, ps, "anger", [(1, 2)], lam=2.0, **kw)
+    torch.testing.assert_close(s1.top, s2.top, rtol=0, atol=0, equal_nan=True)
+    assert s1.meta["strength"] == 2.0
+
+
+def test_steering_sweep_strengths_alias(tiny_llama):
+    from emocircuits.generation import GenerationConfig
+    from emocircuits.steering import SteeringSweep, SweepResult, steering_sweep
+
+    m = tiny_llama
+    dirs = _random_dirs(E=2, L=m.cfg.n_layers, d=m.cfg.d_model, sites=("resid_post",))
+    kw = dict(gen_config=GenerationConfig(max_new_tokens=2), progress=False, include_baseline=False)
+    a = steering_sweep(m, ["Hi"], dirs, ["anger", "fear"], [[1]], [2.0], **kw)
+    b = _deprecated(steering_sweep, m, ["Hi"], dirs, ["anger", "fear"], [[1]], alphas=[2.0], **kw)
+    assert [r["readout_share"] for r in a.rows] == [r["readout_share"] for r in b.rows]
+    assert a.rows[0]["strength"] == a.rows[0]["alpha"] == 2.0
+    assert a.summary()[0]["strength"] == 2.0 and SweepResult is SteeringSweep
+
+
+def test_emotion_directions_accepted_everywhere(tiny_llama):
+    from emocircuits import control as CT
+
+    m = tiny_llama
+    L = m.cfg.n_layers
+    dirs = _random_dirs(E=3, L=L, d=m.cfg.d_model, seed=31)
+    dirs = EmotionDirections(["anger", "fear", "happiness"], dirs.layers, dirs.vectors)
+    # va_directions
+    a = CT.va_directions("lstsq", directions=dirs)
+    b = CT.va_directions("lstsq", directions=dirs.tensor("resid_post"), emotions=dirs.emotions,
+                         layers=dirs.layers)
+    assert torch.equal(a.vectors, b.vectors) and a.layers == b.layers
+    # sublayer_influence
+    sigma = torch.rand(2, L) + 0.5
+    kw = dict(alphas=(0.5,), batch_size=2, progress=False)
+    r1 = CI.sublayer_influence(m, ["Hello there", "One two"], dirs, sigma=sigma, **kw)
+    r2 = CI.sublayer_influence(m, ["Hello there", "One two"], dirs.tensor("resid_mid"),
+                               dirs.tensor("resid_post"), sigma, emotions=dirs.emotions, **kw)
+    assert torch.equal(r1.influence, r2.influence) and r1.emotions == dirs.emotions
+    # head attribution, final readout: v_ref defaults to circuits.reference_direction(dirs)
+    from emocircuits.prompts import Prompt
+
+    ps = [p for p in _component_prompts() if p.emotion in ("anger", "fear")]
+    ps += [Prompt("Reply in happiness. We met.", emotion="happiness", skeleton_id="s0", valence="neutral")]
+    f1 = K.head_attribution(m, ps, None, readout="final", directions_mid=dirs, progress=False)
+    f2 = K.head_attribution(m, ps, None, dirs.emotions, readout="final",
+                            v_ref=CI.reference_direction(dirs), progress=False)
+    assert torch.equal(f1.mean, f2.mean)
+    h1 = K.head_importance(m, ps, None, dirs, method="closed_form", layers=[1], progress=False)
+    h2 = K.head_importance(m, ps, None, dirs.tensor("resid_mid"), dirs.emotions, method="closed_form",
+                           layers=[1], progress=False)
+    assert torch.equal(h1.mean, h2.mean)

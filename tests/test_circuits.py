@@ -386,7 +386,7 @@ def test_modulate_composes_with_steer_and_cleans_up_on_error(tiny_llama):
     fwd = lambda: model(b.tokens, attention_mask=b.attention_mask)  # noqa: E731
     with torch.no_grad():
         base = fwd()
-        with steer(model, v, layers=[1], alpha=2.0):
+        with steer(model, v, layers=[1], strength=2.0, scale="rms"):
             s_only = fwd()
             with C.modulate(model, circuit, 1.0):
                 both = fwd()

@@ -258,7 +258,7 @@ def test_decaying_schedule_counts_live_tokens_in_generate(tiny_llama):
     sch = C.DecayingSchedule(0.0, token_ids=ids)         # α ≡ 0: outputs unchanged
     from emocircuits.steering import steer
     v = torch.randn(tiny_llama.cfg.d_model)
-    with steer(tiny_llama, v, layers=[1], alpha=sch):
+    with steer(tiny_llama, v, layers=[1], strength=sch, scale="rms"):
         gen = generate(tiny_llama, prompts, cfg, progress=False, logits_processors=[sch.observer])
     assert gen.tokens == plain.tokens
     ks = [k for k, _, _ in sch.history]

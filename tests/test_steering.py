@@ -56,10 +56,10 @@ def _expected_add(pre, v, alpha, scale):
     h = pre.double()
     if scale == "rms":
         return alpha * torch.sqrt(h.pow(2).mean(-1, keepdim=True) + 1e-12) * v.double()
-    return (alpha * v.double()).expand_as(h)
+    return (alpha * v.double()).expand_as(h)  # "none" (old name "unit")
 
 
-@pytest.mark.parametrize("scale", ["rms", "unit"])
+@pytest.mark.parametrize("scale", ["rms", "none", "unit"])
 @pytest.mark.parametrize("positions", ["last", "all", "index"])
 def test_prefill_adds_exactly_at_positions(tiny, scale, positions):
     v = _dirs(tiny)
@@ -91,7 +91,7 @@ def test_generate_steers_the_right_calls(tiny_llama, positions):
     v = _dirs(m, 1)
     layer = 2
     pos = torch.tensor([-2]) if positions == "index" else positions
-    pre, post, phase = _run_capture(m, layer, lambda: steer(m, v, [layer], 2.0, positions=pos), gen=True)
+    pre, post, phase = _run_capture(m, layer, lambda: steer(m, v, [layer], 2.0, scale="rms", positions=pos), gen=True)
     assert len(pre) >= 2 and phase[0] is False and all(phase[1:])
     for a, b, dec in zip(pre, post, phase, strict=True):
         diff = b.double() - a.double()
@@ -118,7 +118,7 @@ def test_alpha_schedule_sees_steps(tiny_llama):
         seen.append(step)
         return 1.0 / (1 + step)
 
-    pre, post, phase = _run_capture(m, 0, lambda: steer(m, v, [0], alpha), gen=True)
+    pre, post, phase = _run_capture(m, 0, lambda: steer(m, v, [0], alpha, scale="rms"), gen=True)
     n_calls = len(pre)
     assert seen == list(range(n_calls))
     for k, (a, b) in enumerate(zip(pre, post, strict=True)):
@@ -126,7 +126,7 @@ def test_alpha_schedule_sees_steps(tiny_llama):
         assert torch.allclose((b - a)[:, -1:].double(), exp, atol=1e-5)
     # a second forward restarts at step 0
     seen.clear()
-    with steer(m, v, [0], alpha):
+    with steer(m, v, [0], alpha, scale="rms"):
         b = tokenize(m, PROMPTS)
         m(b.tokens, attention_mask=b.attention_mask)
     assert seen == [0]
@@ -137,7 +137,7 @@ def test_hooks_removed_on_exception_and_output_restored(tiny_llama):
     b = tokenize(m, PROMPTS)
     clean = m(b.tokens, attention_mask=b.attention_mask)
     with pytest.raises(RuntimeError, match="boom"):
-        with steer(m, _dirs(m), [0, 1], 8.0):
+        with steer(m, _dirs(m), [0, 1], 8.0, scale="rms"):
             steered = m(b.tokens, attention_mask=b.attention_mask)
             assert not torch.allclose(steered, clean)
             raise RuntimeError("boom")
@@ -197,7 +197,7 @@ def test_paper_layers_and_defaults(tiny_llama):
     with steer(tiny_llama, v, **PAPER_STEERING) as vecs:
         assert list(vecs) == paper_layers(tiny_llama)
     with pytest.raises(TypeError):
-        PAPER_STEERING["alpha"] = 1.0  # read-only
+        PAPER_STEERING["strength"] = 1.0  # read-only
 
 
 def test_sweep_rows_and_best(tiny_llama):

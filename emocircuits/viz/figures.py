@@ -47,7 +47,7 @@ def _np(x: Array) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def _save(fig, out: str | os.PathLike) -> Path:
+def save_figure(fig, out: str | os.PathLike) -> Path:
     """Write ``fig`` to ``out`` atomically (``results.atomic_write_bytes``) and close it."""
     out = Path(out)
     if out.suffix.lower() != ".png":
@@ -60,8 +60,12 @@ def _save(fig, out: str | os.PathLike) -> Path:
     return atomic_write_bytes(out, buf.getvalue())
 
 
-def _color(i: int) -> str:
+def palette_color(i: int) -> str:
+    """The i-th colour of the figures' palette (cycling)."""
     return _PALETTE[i % len(_PALETTE)]
+
+
+_save, _color = save_figure, palette_color  # the names used throughout this module
 
 
 def cosine(a: Array, b: Array | None = None) -> np.ndarray:

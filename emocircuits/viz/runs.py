@@ -38,15 +38,15 @@ def figures_from_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathL
         for i, (name, pr) in enumerate(probes.items()):
             sw = pr.sweep
             x = np.array([max(layer + 1, 0) / sw.n_layers for layer in sw.layers])
-            ax.plot(x, sw.accuracy_mean, marker="o", ms=3, color=F._color(i), label=f"{name} probe (CV)")
+            ax.plot(x, sw.accuracy_mean, marker="o", ms=3, color=F.palette_color(i), label=f"{name} probe (CV)")
             if pr.zero_shot is not None:
-                ax.axhline(pr.zero_shot.accuracy, color=F._color(i), ls="-.", lw=1, label=f"{name} zero-shot")
+                ax.axhline(pr.zero_shot.accuracy, color=F.palette_color(i), ls="-.", lw=1, label=f"{name} zero-shot")
             chance = sw.chance_uniform
         ax.axhline(chance, color="gray", ls=":", label=f"chance ({chance:.2f})")
         ax.set(xlabel="depth (0 = embedding, 1 = last layer)", ylabel="probe accuracy", ylim=(0, 1.02),
                title="emotion probe accuracy per layer (group CV)")
         ax.legend(fontsize=7)
-        paths.append(F._save(fig, out / "probes_depth.png"))
+        paths.append(F.save_figure(fig, out / "probes_depth.png"))
         pers = {n: p.persistence for n, p in probes.items() if p.persistence is not None
                 and p.persistence.transfer_accuracy is not None}
         if pers:
@@ -54,15 +54,15 @@ def figures_from_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathL
             for i, (name, p) in enumerate(pers.items()):
                 y = np.asarray(p.transfer_accuracy, dtype=float)
                 ys = np.convolve(np.nan_to_num(y, nan=np.nanmean(y)), np.ones(5) / 5, mode="same")
-                ax.plot(p.k, ys, color=F._color(i), label=f"{name} (layer {p.layer})")
+                ax.plot(p.k, ys, color=F.palette_color(i), label=f"{name} (layer {p.layer})")
                 if p.reference_accuracy is not None:
-                    ax.axhline(p.reference_accuracy, color=F._color(i), ls="--", lw=1,
+                    ax.axhline(p.reference_accuracy, color=F.palette_color(i), ls="--", lw=1,
                                label=f"{name} on the openings")
             ax.axhline(chance, color="gray", ls=":", label="chance")
             ax.set(xlabel="generated token position k", ylabel="probe accuracy (5-token mean)",
                    ylim=(0, 1.02), title="persistence: the opening's emotion read at position k")
             ax.legend(fontsize=7)
-            paths.append(F._save(fig, out / "persistence.png"))
+            paths.append(F.save_figure(fig, out / "persistence.png"))
     for name, r in runs.items():
         if "circuits" not in r:
             continue
