@@ -277,6 +277,13 @@ def _pattern_regex(pattern: str) -> str:
     return left + body + right
 
 
+
+# Bumped whenever a change to the offline judges can change a verdict; part of every run
+# stage's cache key (studies.config.RunConfig.common), so judged stages rerun after it changes.
+# 2: abstains on degenerate, emotion-free and flat-scored text.
+JUDGE_VERSION = 2
+
+
 @dataclass(frozen=True)
 class _Cue:
     pattern: str

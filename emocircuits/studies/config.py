@@ -131,8 +131,11 @@ class RunConfig:
     # -- what the engine needs
     def common(self) -> dict[str, Any]:
         run = {k: v for k, v in section_dict(self.run).items() if k not in UNHASHED_RUN_KEYS}
+        from ..judges.offline import JUDGE_VERSION
+
         return {"run": run, "data": section_dict(self.data),
-                "generation": section_dict(self.generation), "judge": section_dict(self.judge)}
+                "generation": section_dict(self.generation),
+                "judge": {**section_dict(self.judge), "judge_version": JUDGE_VERSION}}
 
     def section(self, name: str) -> Any:
         if name not in self.stages:
