@@ -39,7 +39,7 @@ Emotion-vocabulary baseline (after ECM, Zhou et al. 2018):
 * ``DecayingSchedule``: a steering strength α_k = max(floor, α₀·exp(−λ·k)·γ^{m_k}), k the
   decode call (0 = prefill) and m_k the number of emotion-word tokens generated so far —
   strong at the start of the reply, fading as emotion words appear (ECM's internal
-  memory). Pass it as ``alpha`` to ``steer`` and its ``observer`` to ``generate``.
+  memory). Pass it as ``strength`` to ``steer`` and its ``observer`` to ``generate``.
 """
 
 from __future__ import annotations
@@ -615,7 +615,7 @@ class DecayingSchedule:
     """α_k = max(floor, α₀·exp(−decay_per_step·k)·γ^{m_k}), γ = ``decay_per_emotion_word``.
 
     k is ``steer``'s step (0 = prefill, k = k-th decode call); m_k counts tokens in
-    ``token_ids`` among the first k generated tokens of a row. Use ``schedule`` as ``alpha``
+    ``token_ids`` among the first k generated tokens of a row. Use ``schedule`` as ``strength``
     and ``schedule.observer`` in ``generate(..., logits_processors=[...])``: the observer
     keeps the row lists ``generate`` passes (they grow in place as tokens are chosen), so at
     decode call k all k tokens are counted. ``__call__`` returns the batch mean over rows

@@ -703,7 +703,13 @@ def hidden_at(
 ) -> Float[torch.Tensor, "n layer k d"]:
     """Hidden state at given positions of given token-id sequences (exact ids, no
     re-tokenisation). ``positions[i]``: indices into ``ids[i]`` (all rows the same count;
-    negative = from the end). Layer −1 = embedding (``resid_pre`` of layer 0)."""
+    negative = from the end). Layer −1 = embedding (``resid_pre`` of layer 0).
+
+    The same machinery as ``activations.collect(position=index tensor)`` —
+    ``prompts.pad_ids``, ``TokenBatch.positions`` and one ``activations.forward_until`` per
+    batch — for token ids instead of texts (``collect`` re-encodes texts, which could change
+    prompt + generated ids) and in input order (``collect`` batches by length, which changes the
+    padding and so the float rounding)."""
     if len(ids) != len(positions):
         raise ValueError(f"hidden_at: {len(ids)} sequences but {len(positions)} position rows")
     if len(ids) == 0:
@@ -719,14 +725,13 @@ def hidden_at(
     for s in tqdm(range(0, len(ids), batch_size), desc="hidden_at", disable=not progress, leave=False):
         rows = [list(r) for r in ids[s:s + batch_size]]
         batch = pad_ids(model, rows)
-        width = batch.tokens.shape[1]
-        cols = torch.zeros((len(rows), next(iter(n_k))), dtype=torch.long)
+        idx = torch.tensor([list(positions[s + i]) for i in range(len(rows))], dtype=torch.long)
         for i, r in enumerate(rows):
-            p = torch.tensor(list(positions[s + i]), dtype=torch.long)
+            p = idx[i]
             if ((p >= len(r)) | (p < -len(r))).any():
                 bad = p[(p >= len(r)) | (p < -len(r))][0].item()
                 raise IndexError(f"hidden_at: row {s + i}: position {bad} outside its {len(r)} tokens")
-            cols[i] = torch.where(p < 0, width + p, width - len(r) + p)
+        cols = batch.positions(idx.to(batch.tokens.device)).cpu()
         store: dict[int, torch.Tensor] = {}
 
         def make(j: int, cols=cols, store=store):

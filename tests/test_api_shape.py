@@ -558,3 +558,20 @@ def test_emotion_directions_accepted_everywhere(tiny_llama):
     h2 = K.head_importance(m, ps, None, dirs.tensor("resid_mid"), dirs.emotions, method="closed_form",
                            layers=[1], progress=False)
     assert torch.equal(h1.mean, h2.mean)
+
+
+def test_hidden_at_gives_collect_numbers(tiny):
+    """hidden_at (token ids) == collect(position=index tensor) (texts) batched alike."""
+    from emocircuits.activations import collect
+    from emocircuits.probes import hidden_at
+    from emocircuits.prompts import encode
+
+    texts = ["The cat sat on the mat and", "Hello there", "One two three four five six", "Why?"]
+    ids = [encode(tiny, t) for t in texts]
+    pos = [[-1, 0], [-2, 1], [-1, 2], [-1, 1]]
+    h = hidden_at(tiny, ids, pos, [0, 2], batch_size=3)
+    a = collect(tiny, texts, "resid_post", torch.tensor(pos), layers=[0, 2], batch_size=3,
+                sort_by_length=False, progress=False)
+    assert torch.equal(h, a["resid_post"])
+    with pytest.raises(IndexError, match="row 3: position 9"):
+        hidden_at(tiny, ids, pos[:3] + [[9, 0]], [0])
