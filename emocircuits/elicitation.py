@@ -322,7 +322,8 @@ def elicit(
 
 
 def judge_generations(rows: Sequence[dict], judge, *, batch_size: int = 256) -> list[dict]:
-    """Copies of ``rows`` with ``judge`` = {match, label, scores {emotion: score}, name}.
+    """Copies of ``rows`` with ``judge`` = {match, label, abstained, scores {emotion: score},
+    name}; ``abstained`` is why the judge gave no label (``JudgeResult.abstained``) or None.
 
     The judge sees only ``gen_text`` and the target ``emotion`` (as in the paper). An empty
     (whitespace-only) generation is not sent to the judge: it counts as a miss, label None,
@@ -333,15 +334,17 @@ def judge_generations(rows: Sequence[dict], judge, *, batch_size: int = 256) -> 
             if k not in r:
                 raise KeyError(f"judge_generations: row {i} ({r.get('key')}) has no {k!r}")
     name = getattr(judge, "name", type(judge).__name__)
-    verdicts: list[dict] = [{"match": False, "label": None, "scores": {}, "name": name}
-                            for _ in rows]
+    verdicts: list[dict] = [{"match": False, "label": None, "abstained": "empty", "scores": {},
+                             "name": name} for _ in rows]
     todo = [i for i, r in enumerate(rows) if str(r["gen_text"]).strip()]
     for s in range(0, len(todo), batch_size):
         idx = todo[s:s + batch_size]
         res = judge.judge([rows[i]["gen_text"] for i in idx], [rows[i]["emotion"] for i in idx])
         scores = np.asarray(res.scores, dtype=np.float64)
+        why = list(getattr(res, "abstained", None) or [None] * len(idx))
         for j, i in enumerate(idx):
             verdicts[i] = {"match": bool(res.match[j]), "label": res.labels[j],
+                           "abstained": why[j],
                            "scores": {e: float(scores[j, k]) for k, e in enumerate(res.emotions)},
                            "name": name}
     return [{**r, "judge": v} for r, v in zip(rows, verdicts, strict=True)]
@@ -355,7 +358,8 @@ def prompting_table(rows: Sequence[dict]) -> AccuracyTable:
             raise KeyError(f"prompting_table: row {i} ({r.get('key')}) is not judged; "
                            "run judge_generations first")
         flat.append({"emotion": r["emotion"], "valence": r.get("valence"),
-                     "match": bool(r["judge"]["match"])})
+                     "match": bool(r["judge"]["match"]),
+                     "abstained": r["judge"].get("abstained")})
     return accuracy_table(flat)
 
 

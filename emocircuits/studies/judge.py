@@ -19,7 +19,8 @@ class Config:
 
 @dataclass
 class JudgeAgreement(Result):
-    """Top-1 agreement of the offline judge with the utterance labels (n utterances)."""
+    """Top-1 agreement of the offline judge with the utterance labels (n utterances; the
+    judge abstained on ``n_abstained`` of them, counted as misses)."""
 
     judge: str
     accuracy: float | None
@@ -27,6 +28,7 @@ class JudgeAgreement(Result):
     without_keyword: float | None
     n: int
     chance: float
+    n_abstained: int = 0
 
     def headline(self) -> dict:
         return {"judge_accuracy_on_builtin_utterance_labels": self.accuracy}
@@ -47,10 +49,12 @@ def run(ctx: StageContext) -> JudgeAgreement:
         m = [ok for u, ok in zip(utt, res.match, strict=True) if u.label == e]
         per[e] = sum(m) / len(m) if m else None
     kw = [ok for u, ok in zip(utt, res.match, strict=True) if not u.has_keyword]
+    n_abst = sum(r is not None for r in (getattr(res, "abstained", None) or []))
     out = JudgeAgreement(name, float(res.accuracy), per, (sum(kw) / len(kw)) if kw else None,
-                         len(utt), 1.0 / len(emos))
-    ctx.table("offline judge vs builtin utterance labels", ["judge", "overall", *emos, "n"],
-              [[name, out.accuracy, *[per[e] for e in emos], len(utt)]])
+                         len(utt), 1.0 / len(emos), n_abst)
+    ctx.table("offline judge vs builtin utterance labels",
+              ["judge", "overall", *emos, "n", "abstained"],
+              [[name, out.accuracy, *[per[e] for e in emos], len(utt), n_abst]])
     return out
 
 
