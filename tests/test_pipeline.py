@@ -384,7 +384,7 @@ def _untimed(x):
 def test_an_experiment_preset_and_the_cli_give_bit_identical_results(tiny_llama, tmp_path):
     """experiments/06_circuits.toml through the CLI == the same preset through run_pipeline."""
     preset = ROOT / "experiments" / "06_circuits.toml"
-    over = [*TINY, "circuits.lambdas=[1.0]", "steering.strengths=[1.0]", "circuits.random_controls=1",
+    over = [*TINY, "circuits.lambdas=[1.0]", "circuits.budgets=[3]", "steering.strengths=[1.0]", "circuits.random_controls=1",
             "circuits.faithfulness=false", "data.n_validation=1"]
     assert cli.main(["run", "--preset", str(preset), "--model", "tiny-llama", "--out", str(tmp_path / "cli"),
                      "--no-progress", "--no-report", *[a for o in over for a in ("--set", o)]]) == 0

@@ -14,7 +14,7 @@ TINY = ["data.n_train=3", "data.n_validation=1", "data.n_test=2", "generation.ma
         "generation.min_new_tokens=0", "directions.keyword_control=false", "directions.n_folds=2",
         'run.emotions=["anger", "sadness", "happiness"]', "steering.strengths=[0.5, 4.0]",
         "circuits.lambdas=[1.0, 4.0]", "circuits.random_controls=2", "circuits.influence_alphas=[0.5]",
-        "circuits.n_influence_scenarios=1", "circuits.budget_per_sublayer=2",
+        "circuits.n_influence_scenarios=1", "circuits.budgets=[1, 2]",
         'run.stages=["steering", "circuits"]']
 
 
@@ -34,6 +34,8 @@ def test_poisoned_test_split_changes_nothing_chosen(tiny_llama, tmp_path):
         ra, rb = a.result(st), b.result(st)
         assert ra.chosen == rb.chosen, st
         assert ra.grid == rb.grid, st  # the validation grid is the same, number for number
+    assert len(a.result("circuits").grid) == 1 + 4  # none + budgets × lambdas
+    assert a.result("circuits").chosen["budget_per_sublayer"] in (1, 2)
     ta, tb = a.result("circuits").evaluations["circuit"], b.result("circuits").evaluations["circuit"]
     assert [r["text"] for r in ta.rows] != [r["text"] for r in tb.rows]  # test really changed
     # the comparison: intervals bracket the estimates, verdicts name the pooled random control

@@ -22,11 +22,13 @@ class Config:
     n_influence_scenarios: int = 2  # neutral train scenarios (× 3 valences) for the influence
     influence_alphas: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7)  # doses of the influence probe
     budget_per_sublayer: int = 10  # the paper's B (units per sublayer on average)
+    # budgets tried on validation together with the lambdas (None: budget_per_sublayer only)
+    budgets: tuple[int, ...] | None = None
     score_source: Literal["activations", "components"] = "activations"
     lambdas: tuple[float, ...] = (1.0, 2.0, 4.0)  # modulation strengths tried on validation
     ppl_guard: float = 3.0
     max_repeat: float = 0.3
-    random_controls: int = 1  # random circuits generated on test
+    random_controls: int = 5  # random circuits of the same per-layer sizes generated on test
     readout: bool = True
     faithfulness: bool = False
     faithfulness_scenarios: int = 2  # test scenarios for faithfulness
@@ -40,6 +42,8 @@ class Config:
             raise ValueError("circuits: lambdas and influence_alphas must not be empty")
         if self.random_controls < 0:
             raise ValueError("circuits.random_controls must be >= 0")
+        if self.budgets is not None and (not self.budgets or min(self.budgets) < 1):
+            raise ValueError("circuits.budgets must list positive integers")
 
 
 @dataclass
@@ -119,9 +123,10 @@ def run(ctx: StageContext) -> CircuitsResult:
             hs.append(C.head_scores_from_acts(acts["z"][rows], W_O, v_mid[i]))
         nscores, hscores = torch.stack(ns), torch.stack(hs)
         source = "from activations (C_mean; exact resid_mid drop of each head)"
-    circuits = {e: C.assemble_circuit(e, infl.influence[i], nscores[i], hscores[i], dv.mlp[i], dv.z[i],
-                                      budget_per_sublayer=s.budget_per_sublayer)
-                for i, e in enumerate(emos)}
+    budgets = list(s.budgets) if s.budgets is not None else [s.budget_per_sublayer]
+    by_budget = {b: {e: C.assemble_circuit(e, infl.influence[i], nscores[i], hscores[i], dv.mlp[i],
+                                           dv.z[i], budget_per_sublayer=b) for i, e in enumerate(emos)}
+                 for b in budgets}
     judge, gen = common.judge(ctx), common.gen_config(ctx)
 
     def evaluate(recs, make, name):
@@ -133,9 +138,10 @@ def run(ctx: StageContext) -> CircuitsResult:
     def modulated(cs, lam):
         return lambda e: C.modulate(model, cs[e], lam)
 
-    # λ on validation, under the fluency guard
-    rows, ok, lam = [], None, float(s.lambdas[0])
-    if len(s.lambdas) > 1:
+    # (budget, λ) on validation by fluent accuracy
+    settings = [(b, float(x)) for b in budgets for x in s.lambdas]
+    rows, ok, (budget, lam) = [], None, settings[0]
+    if len(settings) > 1:
         val = common.records(ctx, "validation")
         steered = ctx.upstream("steering")  # same prompts, decoding and judge: reuse its baseline
         base = (steered.validation_unsteered if steered is not None and steered.validation_unsteered
@@ -143,15 +149,19 @@ def run(ctx: StageContext) -> CircuitsResult:
         ref = base.fluency["perplexity_geomean"]
         rows.append(summary_row("none", base, base, s.ppl_guard, s.max_repeat, strength=0.0, passes_guard=True))
         grid = {}
-        for x in s.lambdas:
-            ev = evaluate(val, modulated(circuits, float(x)), f"circuit λ={x}")
-            grid[float(x)] = ev
-            rows.append(summary_row(f"λ={x}", ev, base, s.ppl_guard, s.max_repeat, strength=float(x),
+        for b, x in settings:
+            name = f"B={b} λ={x}" if len(budgets) > 1 else f"λ={x}"
+            ev = evaluate(val, modulated(by_budget[b], x), f"circuit {name}")
+            grid[(b, x)] = ev
+            rows.append(summary_row(name, ev, base, s.ppl_guard, s.max_repeat, strength=x, budget=b,
                                     passes_guard=passes_fluency_guard(
                 ev, ref, max_ratio=s.ppl_guard, max_repeat=s.max_repeat)))
-        lam, ok = choose_setting(grid, base, max_ratio=s.ppl_guard, max_repeat=s.max_repeat)
-    chosen = {"lambda": lam, "passes_fluency_guard": ok, "swept": len(s.lambdas) > 1,
-              "chosen_on": "validation", "budget_per_sublayer": s.budget_per_sublayer}
+        (budget, lam), ok = choose_setting(grid, base, max_ratio=s.ppl_guard, max_repeat=s.max_repeat)
+    circuits = by_budget[budget]
+    chosen = {"lambda": lam, "passes_fluency_guard": ok, "swept": len(settings) > 1,
+              "chosen_on": "validation", "budget_per_sublayer": budget,
+              "heads_per_circuit": {e: c.n_heads for e, c in circuits.items()},
+              "neurons_per_circuit": {e: c.n_neurons for e, c in circuits.items()}}
     # test: the circuit, random circuits of the same sizes, and the other methods
     test = common.records(ctx, "test")
     evals: dict[str, MethodEvaluation] = {}
@@ -223,8 +233,9 @@ def plan(cfg) -> Plan:
     s = cfg.section("circuits")
     nt = common.n_prompts(cfg, "test")
     n_gen = nt * (1 + s.random_controls)
-    if len(s.lambdas) > 1:
-        n_gen += common.n_prompts(cfg, "validation") * (len(s.lambdas) + 1)
+    n_set = len(s.lambdas) * (len(s.budgets) if s.budgets is not None else 1)
+    if n_set > 1:
+        n_gen += common.n_prompts(cfg, "validation") * (n_set + 1)
     n_infl = 3 * s.n_influence_scenarios
     n_layers = {"smollm2-135m-instruct": 30, "gemma-3-270m": 18}.get(cfg.model, 24)
     # influence: one last-token rerun per (prompt, emotion, α, sublayer) ≈ 1/10 of a forward
