@@ -23,6 +23,7 @@ from emocircuits import evaluate as EV
 from emocircuits import generation as G
 from emocircuits import patching as PA
 from emocircuits import probes as PR
+from emocircuits import stats as ES
 from emocircuits import steering as ST
 from emocircuits.judges import base as JB
 from emocircuits.judges import readout as JR
@@ -216,6 +217,11 @@ BUILDERS = {
                                             {"judge": "lexicon", "mass": _a(2, 2, seed=2)}),
     "EmotionTokens": lambda _: _tokens(),
     "ReadoutResult": lambda _: JR.ReadoutResult(("anger", "joy"), _a(3, 2, seed=1, dtype=np.float32), _tokens()),
+    "Estimate": lambda _: ES.Estimate(_f(1), _f(2) - 0.5, _f(3) + 0.5, 18, 3, _f(4)),
+    "MethodComparison": lambda _: EV.MethodComparison(
+        [{"method": "circuit", "fluent_accuracy": _f(1), "n": 18, "perplexity_median": None}],
+        {"circuit − steering": ES.Estimate(_f(2), -0.1, 0.4, 18, 3, 0.03)},
+        ["circuit better than steering: +12.0 points"], _f(5) * 10, 3.0, 0.3),
 }
 
 # result types defined outside the library modules this file covers (studies/ has its own tests)
