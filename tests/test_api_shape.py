@@ -575,3 +575,24 @@ def test_hidden_at_gives_collect_numbers(tiny):
     assert torch.equal(h, a["resid_post"])
     with pytest.raises(IndexError, match="row 3: position 9"):
         hidden_at(tiny, ids, pos[:3] + [[9, 0]], [0])
+
+
+def test_result_names_are_distinct_with_old_aliases():
+    from emocircuits import steering
+
+    assert K.SweepResult is K.ComponentSweep and steering.SweepResult is steering.SteeringSweep
+    assert K.ComponentSweep is not steering.SteeringSweep
+
+
+def test_valence_score_one_helper():
+    from emocircuits.emotions import valence_score
+    from emocircuits.probes import valence_of
+
+    rng = np.random.default_rng(5)
+    classes = ("anger", "happiness", "surprise", "sadness", "neutral")
+    p = rng.dirichlet(np.ones(5), size=7)
+    brute = p[:, 1] - (p[:, 0] + p[:, 3])  # positive: happiness; negative: anger, sadness
+    np.testing.assert_allclose(valence_score(p, classes), brute, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(_deprecated(valence_of, p, classes), brute, rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="probs must be"):
+        valence_score(p[:, :3], classes)
