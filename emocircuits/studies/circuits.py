@@ -24,7 +24,8 @@ class Config:
     budget_per_sublayer: int = 10  # the paper's B (units per sublayer on average)
     # budgets tried on validation together with the lambdas (None: budget_per_sublayer only)
     budgets: tuple[int, ...] | None = None
-    score_source: Literal["activations", "components"] = "activations"
+    # head scores: the exact closed-form ablation score, attribution patching, or the components stage's
+    score_source: Literal["closed_form", "attribution", "components"] = "closed_form"
     lambdas: tuple[float, ...] = (1.0, 2.0, 4.0)  # modulation strengths tried on validation
     ppl_guard: float = 3.0
     max_repeat: float = 0.3
@@ -110,19 +111,24 @@ def run(ctx: StageContext) -> CircuitsResult:
         if comp is None:
             raise ValueError("circuits.score_source = 'components' needs the components stage")
         nscores, hscores = comp.neurons.C_mean, comp.heads_attribution.mean
-        source = "components stage (C_mean; head attribution, same-layer readout)"
+        source = "components stage (C_mean; head attribution patching, same-layer readout)"
     else:
+        from .. import components as K
+
         n = model.cfg.n_layers
         W_out = torch.stack([S.W_out(model, L).detach().float().cpu() for L in range(n)])
-        W_O = torch.stack([S.W_O(model, L).detach().float().cpu() for L in range(n)])
         labels = [p.emotion for p in prompts]
-        ns, hs = [], []
-        for i, e in enumerate(emos):
-            rows = [j for j, lab in enumerate(labels) if lab == e]
-            ns.append(C.neuron_scores_from_acts(acts["mlp_post"][rows], W_out, v_post[i]))
-            hs.append(C.head_scores_from_acts(acts["z"][rows], W_O, v_mid[i]))
-        nscores, hscores = torch.stack(ns), torch.stack(hs)
-        source = "from activations (C_mean; exact resid_mid drop of each head)"
+        nscores = torch.stack([K.neuron_scores_from_acts(
+            acts["mlp_post"][[j for j, lab in enumerate(labels) if lab == e]], W_out, v_post[i])
+            for i, e in enumerate(emos)])
+        if s.score_source == "closed_form":  # the paper's exact zero-ablation score, one forward
+            hscores = K.head_ablation_importance_closed_form(model, prompts, None, v_mid, emos,
+                                                             batch_size=bs, progress=ctx.progress).mean
+            source = "C_mean from activations; heads: exact zero-ablation score (closed form, ln2 readout)"
+        else:  # "attribution": first-order estimate, one forward + backward
+            hscores = K.head_attribution(model, prompts, None, emos, readout="same_layer",
+                                         directions_mid=v_mid, batch_size=bs, progress=ctx.progress).mean
+            source = "C_mean from activations; heads: attribution patching (same-layer readout)"
     budgets = list(s.budgets) if s.budgets is not None else [s.budget_per_sublayer]
     by_budget = {b: {e: C.assemble_circuit(e, infl.influence[i], nscores[i], hscores[i], dv.mlp[i],
                                            dv.z[i], budget_per_sublayer=b) for i, e in enumerate(emos)}
@@ -244,6 +250,6 @@ def plan(cfg) -> Plan:
                 what="Δμ, σ, influence, allocation; λ on validation; circuit vs random circuits on test")
 
 
-STUDY = Study("circuits", "Circuits and modulation (stages 05–07)", Config, run, plan, version=2,
+STUDY = Study("circuits", "Circuits and modulation (stages 05–07)", Config, run, plan, version=3,
               requires=("directions",), optional=("components", "prompting", "steering"),
               modules=("emocircuits.circuits",), inputs=common.sev_inputs("train", "validation", "test"))

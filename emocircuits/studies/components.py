@@ -261,7 +261,7 @@ def _sweeps(ctx, model, every, prompts, emos, nc, attr, v_ref, rank_layers, timi
             with timing(f"sweep_{e}_{kind}_{mode}"):
                 out[e][spec] = K.component_sweep(
                     model, ps, e, rankings[kind], kind=kind, ks=ks, mode=mode,
-                    delta_mu=dmu[kind][ei] if mode == "enhance" else None, lam=s.sweep_lambda,
+                    delta_mu=dmu[kind][ei] if mode == "enhance" else None, strength=s.sweep_lambda,
                     n_random=s.n_random, seed=0, v_ref=v_ref[ei], emotions=emos, batch_size=bs,
                     progress=ctx.progress)
     return out

@@ -224,7 +224,7 @@ def run(ctx: StageContext) -> ControlResult:
         for a in s.strengths:
             grid[f"{name}@{a:g}"] = CT.controllability(
                 model, prompts, va, CT.default_grid(levels), a, layers, readout_prompts=ro,
-                judge_va=lambda texts: CT.va_of_texts(texts, va_judge), config=common.gen_config(ctx),
+                judge_va=lambda texts: CT.va_of_texts(texts, va_judge), gen_config=common.gen_config(ctx),
                 progress=ctx.progress)
     notes: list[str] = []
     res = ControlResult(grid, _compare(ctx, dirs, notes), cmp, band_cos, notes)

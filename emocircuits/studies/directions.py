@@ -148,7 +148,7 @@ def run(ctx: StageContext) -> DirectionsResult:
         gen = common.gen_config(ctx, max_new_tokens=s.reply_max_new_tokens,
                                 min_new_tokens=min(ctx.config.generation.min_new_tokens,
                                                    s.reply_max_new_tokens))
-        reply = D.reply_directions(model, recs[:n_rep], emos, sites=tuple(s.reply_sites), config=gen,
+        reply = D.reply_directions(model, recs[:n_rep], emos, sites=tuple(s.reply_sites), gen_config=gen,
                                    batch_size=common.batch_size(ctx), progress=ctx.progress)
         reply_cos = {site: D.direction_agreement(dirs, reply, site) for site in s.reply_sites}
     res = DirectionsResult(
