@@ -286,16 +286,17 @@ def choose_setting(grid: dict, base: MethodEvaluation, *, max_ratio: float = 3.0
 
     Score: fluent accuracy (judged the target, non-empty, perplexity ≤ ``max_ratio`` × the
     median of the unmodified model's texts ``base``, repeated-3-gram rate < ``max_repeat``),
-    then raw judge accuracy, then readout accuracy. The second value says whether the chosen
+    then passing the setting-level guard, then raw judge accuracy, then readout accuracy. The second value says whether the chosen
     setting also passes the setting-level guard (:func:`passes_fluency_guard`)."""
     if not grid:
         raise ValueError("choose_setting: empty grid")
     ref = reference_perplexity(base)
+    guard = {k: passes_fluency_guard(v, base.fluency["perplexity_geomean"], max_ratio=max_ratio,
+                                     max_repeat=max_repeat) for k, v in grid.items()}
     key = max(grid, key=lambda k: (fluent_accuracy(grid[k], ref, max_ratio=max_ratio, max_repeat=max_repeat),
-                                   grid[k].accuracy.overall, (grid[k].readout or {}).get("overall", 0.0)))
-    ok = passes_fluency_guard(grid[key], base.fluency["perplexity_geomean"], max_ratio=max_ratio,
-                              max_repeat=max_repeat)
-    return key, ok
+                                   guard[k], grid[k].accuracy.overall,
+                                   (grid[k].readout or {}).get("overall", 0.0)))
+    return key, guard[key]
 
 
 # ============================================================================ the comparison
@@ -390,7 +391,9 @@ def compare_methods(evaluations: dict[str, MethodEvaluation], *, baseline: str =
                 continue
             d = paired_difference(xa, xb, units, n_boot=n_boot, n_perm=n_perm, seed=seed)
             diffs[label] = d
-            word = ("better than" if d.low > 0 else "worse than" if d.high < 0 else "not distinguishable from")
+            sig = d.p_value is not None and d.p_value < 0.05  # the interval AND the test agree
+            word = ("better than" if d.low > 0 and sig else "worse than" if d.high < 0 and sig
+                    else "not distinguishable from")
             p = "p < 0.001" if d.p_value < 0.001 else f"p = {d.p_value:.3f}"
             other_name = label.split(" − ", 1)[1]
             verdicts.append(f"{focus} {word} {other_name}: {100 * d.value:+.1f} points of fluent accuracy "
