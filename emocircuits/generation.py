@@ -58,12 +58,16 @@ class GenerationConfig:
     batch_size: int = 16
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1 or self.min_new_tokens < 0:
-            raise ValueError("max_new_tokens must be >= 1 and min_new_tokens >= 0")
-        if self.min_new_tokens > self.max_new_tokens:
-            raise ValueError("min_new_tokens > max_new_tokens")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
         if self.repetition_penalty <= 0:
-            raise ValueError("repetition_penalty must be > 0")
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
     @classmethod
     def paper_prompting(cls) -> GenerationConfig:

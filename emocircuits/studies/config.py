@@ -89,17 +89,11 @@ class GenerationSection:
     no_repeat_ngram_size: int = 0
     batch_size: int = 16
 
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError("generation.min_new_tokens must be in [0, max_new_tokens]")
-        if self.repetition_penalty <= 0:
-            raise ValueError("generation.repetition_penalty must be > 0")
-        if self.no_repeat_ngram_size < 0:
-            raise ValueError("generation.no_repeat_ngram_size must be >= 0")
-        if self.batch_size < 1:
-            raise ValueError(f"generation.batch_size must be >= 1, got {self.batch_size}")
+    def __post_init__(self) -> None:  # the checks live once, in GenerationConfig
+        try:
+            self.gen_config()
+        except ValueError as e:
+            raise ValueError(f"generation.{e}") from None
 
     def gen_config(self, **over: Any):
         from ..generation import GenerationConfig
