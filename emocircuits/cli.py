@@ -79,9 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return 0
     if args.command == "report":
-        from .viz.report import build_report
-
         import json
+
+        from .viz.report import build_report
 
         try:
             print(build_report(args.run_dir))

@@ -19,7 +19,7 @@ from emocircuits import cli
 from emocircuits.results import Result
 from emocircuits.run import ConfigError, RunError, RunLockedError, Study, stage_hashes
 from emocircuits.run.engine import run_lock
-from emocircuits.studies import STUDIES, dry_run, get_study, load_config, run_pipeline
+from emocircuits.studies import STUDIES, get_study, load_config, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.n_train=3", "data.n_validation=1", "data.n_test=1", "generation.max_new_tokens=3",

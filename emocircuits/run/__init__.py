@@ -4,7 +4,14 @@ Nothing here knows about emotions: the stages are :class:`Study` entries registe
 :mod:`emocircuits.studies`.
 """
 
-from .config import ConfigError, apply_overrides, check_value, load_toml, parse_section, section_dict
+from .config import (
+    ConfigError,
+    apply_overrides,
+    check_value,
+    load_toml,
+    parse_section,
+    section_dict,
+)
 from .engine import (
     ModelHandle,
     Plan,

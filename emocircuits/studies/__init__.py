@@ -44,7 +44,7 @@ def describe(cfg: RunConfig):
         from .. import __version__
 
         summary: dict[str, Any] = {}
-        for name, rec in records.items():
+        for rec in records.values():
             summary.update({k: v for k, v in (rec.output.get("headline") or {}).items() if v is not None})
         return {"meta": {"model": cfg.model, "preset": cfg.run.preset, "emotions": cfg.emotions,
                          "data_sizes": {k: getattr(cfg.data, k) for k in ("n_train", "n_validation", "n_test")},
@@ -84,7 +84,8 @@ def run_pipeline(config: RunConfig | Mapping[str, Any], run_dir: str | os.PathLi
 def dry_run(config: RunConfig | Mapping[str, Any], run_dir: str | os.PathLike, *,
             studies: Sequence[Study] | None = None, only: Sequence[str] | None = None) -> str:
     """The plan as text (nothing is loaded or run)."""
-    from ..run.plan import MODEL_COST, dry_run as _dry, estimate_seconds
+    from ..run.plan import MODEL_COST, estimate_seconds
+    from ..run.plan import dry_run as _dry
 
     studies = list(studies) if studies is not None else list(STUDIES)
     cfg = parse_config(config, studies)

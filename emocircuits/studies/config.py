@@ -172,7 +172,7 @@ def parse_config(data: Mapping[str, Any], studies: Sequence[Any] | None = None) 
         return replace(data, stages={**data.stages, **missing}) if missing else data
     by = {s.name: s for s in studies}
     accepted = [*COMMON, *by]
-    for k, v in data.items():
+    for k in data:
         if k not in accepted:
             import difflib
 
