@@ -94,6 +94,15 @@ def _index_columns(idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return cols % x.shape[1]
 
 
+def _strength_now(model, mode, indexed: bool, strength, state: dict) -> float | None:
+    """The strength this call applies, or None when the hook passes the activation through
+    ("generated" positions during the prompt; explicit position indices during decoding)."""
+    decoding = is_decoding(model)
+    if (mode == "generated" and not decoding) or (indexed and decoding):
+        return None
+    return float(strength(state["step"])) if callable(strength) else float(strength)
+
+
 def _direction_hook(model, iv: Intervention, state: dict):
     """Shift the whole vector by a · (rms(x) ·) v at the positions (the steering arithmetic:
     computed in float32, cast back to the activation dtype)."""
@@ -103,12 +112,9 @@ def _direction_hook(model, iv: Intervention, state: dict):
     mode = "index" if idx is not None else iv.positions
 
     def hook(x, hook):  # noqa: ARG001 - TL hook signature
-        decoding = is_decoding(model)
-        if mode == "generated" and not decoding:
+        a = _strength_now(model, mode, idx is not None, strength, state)
+        if a is None:
             return x
-        if idx is not None and decoding:
-            return x
-        a = float(strength(state["step"])) if callable(strength) else float(strength)
         if a == 0.0:
             return x
         v = v_cpu.to(x.device)
@@ -162,12 +168,9 @@ def _unit_hook(model, iv: Intervention, state: dict):
             part[key] = value.to(dev, part.dtype).expand_as(part[key])  # type: ignore[union-attr]
 
     def hook(x, hook):  # noqa: ARG001 - TL hook signature
-        decoding = is_decoding(model)
-        if mode == "generated" and not decoding:
+        a = _strength_now(model, mode, idx is not None, strength, state)
+        if a is None:
             return x
-        if idx is not None and decoding:
-            return x
-        a = float(strength(state["step"])) if callable(strength) else float(strength)
         if iv.op == "shift" and a == 0.0:
             return x
         out = x.clone()
