@@ -6,6 +6,7 @@
     emocircuits directions --preset quick --out runs/quick          # one stage (+ what it needs)
     emocircuits report runs/quick                                   # rebuild report.html
     emocircuits figures runs/quick runs/circuits --out runs/figures  # compare run folders
+    emocircuits tables runs/circuits --stage circuits --match answer  # a run's tables as Markdown
     emocircuits stages                                              # list the stages
 
 Settings: --preset (quick, full or a TOML path), --set section.key=value (TOML values,
@@ -52,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     fig = sub.add_parser("figures", help="figures comparing finished run folders")
     fig.add_argument("run_dirs", nargs="+")
     fig.add_argument("--out", default="runs/figures")
+    tab = sub.add_parser("tables", help="print the tables of a finished run folder (Markdown or CSV)")
+    tab.add_argument("run_dir")
+    tab.add_argument("--stage", action="append", default=[], help="only this stage (repeatable)")
+    tab.add_argument("--match", action="append", default=[],
+                     help="only tables whose title contains this text (repeatable)")
+    tab.add_argument("--format", choices=("md", "csv"), default="md")
+    tab.add_argument("--digits", type=int, default=3, help="significant digits (default 3)")
     sub.add_parser("stages", help="list the stages and whether their modules are available")
     return ap
 
@@ -76,6 +84,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("wrote", p)
         except RunError as e:
             print(f"emocircuits figures: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if args.command == "tables":
+        from .viz.tables import render_tables
+
+        try:
+            print(render_tables(args.run_dir, args.stage, args.match, args.format, args.digits), end="")
+        except RunError as e:
+            print(f"emocircuits tables: {e}", file=sys.stderr)
             return 2
         return 0
     if args.command == "report":

@@ -383,7 +383,7 @@ def _import_result_modules() -> None:
 
     for m in ("activations", "directions", "components", "circuits", "patching", "probes",
               "control", "steering", "evaluate", "elicitation", "generation", "judges",
-              "judges.readout", "interventions", "studies"):
+              "judges.readout", "interventions", "stats", "studies"):
         try:
             importlib.import_module(f"emocircuits.{m}")
         except ImportError:

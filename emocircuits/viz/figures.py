@@ -65,6 +65,20 @@ def palette_color(i: int) -> str:
     return _PALETTE[i % len(_PALETTE)]
 
 
+METHOD_COLORS = {"none": "#7f7f7f", "prompting": "#1f77b4", "steering": "#ff7f0e", "circuit": "#d62728",
+                 "random circuit": "#bbbbbb", "vocabulary_bias": "#2ca02c", "vocabulary bias": "#2ca02c"}
+
+
+def method_color(method: str) -> str:
+    """One colour per method in every figure and in the report (``"random circuit 3"`` and
+    ``"circuit B=3 λ=2"`` take their family's colour; other names a stable palette colour)."""
+    m = str(method)
+    for key in sorted(METHOD_COLORS, key=len, reverse=True):
+        if m == key or m.startswith(key + " "):
+            return METHOD_COLORS[key]
+    return _PALETTE[sum(map(ord, m)) % len(_PALETTE)]
+
+
 _save, _color = save_figure, palette_color  # the names used throughout this module
 
 
@@ -249,7 +263,7 @@ def method_comparison(accuracy: Mapping[str, float], out: str | os.PathLike, *,
     n_panels = 2 if per_emotion else 1
     fig, axes = plt.subplots(1, n_panels, figsize=(6 * n_panels, 4), squeeze=False)
     ax = axes[0, 0]
-    colors = [_color(i) for i in range(len(accuracy))] + ["#bbbbbb"] * len(controls or {})
+    colors = [method_color(m) for m in accuracy] + ["#bbbbbb"] * len(controls or {})
     bars = ax.bar(range(len(names)), vals, color=colors)
     for b in bars[len(accuracy):]:
         b.set_hatch("//")
@@ -266,11 +280,38 @@ def method_comparison(accuracy: Mapping[str, float], out: str | os.PathLike, *,
         w = 0.8 / max(len(methods), 1)
         for i, m in enumerate(methods):
             ys = [float(per_emotion[m].get(e, np.nan)) for e in emos]
-            ax2.bar(np.arange(len(emos)) + i * w, ys, width=w, color=_color(i), label=m)
+            ax2.bar(np.arange(len(emos)) + i * w, ys, width=w, color=method_color(m), label=m)
         ax2.set_xticks(np.arange(len(emos)) + 0.4 - w / 2, emos, rotation=30, ha="right")
         ax2.set_ylim(0, 1.1)
         ax2.set_title("per emotion")
         ax2.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def fluent_comparison(table: Sequence[Mapping[str, Any]], out: str | os.PathLike, *,
+                      title: str = "fluent accuracy by method (test split)") -> Path:
+    """Fluent accuracy per method with its 95 % interval over scenarios (bars + error bars)
+    and raw judge accuracy (open diamonds), from ``MethodComparison.table`` rows
+    (``method, fluent_accuracy, fluent_low, fluent_high, accuracy, n``); one colour per method."""
+    rows = [r for r in table if r.get("fluent_accuracy") is not None]
+    if not rows:
+        raise ValueError("fluent_comparison: no rows with a fluent accuracy")
+    names = [str(r["method"]) for r in rows]
+    y = np.arange(len(rows))[::-1]
+    val = np.array([100 * float(r["fluent_accuracy"]) for r in rows])
+    lo = np.array([100 * float(r.get("fluent_low", r["fluent_accuracy"])) for r in rows])
+    hi = np.array([100 * float(r.get("fluent_high", r["fluent_accuracy"])) for r in rows])
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.4))
+    ax.barh(y, val, color=[method_color(m) for m in names], alpha=0.9)
+    ax.errorbar(val, y, xerr=[val - lo, hi - val], fmt="none", ecolor="black", capsize=3, lw=1)
+    raw = [100 * float(r["accuracy"]) if r.get("accuracy") is not None else np.nan for r in rows]
+    ax.scatter(raw, y, marker="D", facecolors="none", edgecolors="black", s=28, zorder=3,
+               label="raw judge accuracy (fluent or not)")
+    ax.set_yticks(y, [f"{m} (n={r.get('n', '?')})" for m, r in zip(names, rows, strict=True)])
+    ax.set_xlim(0, max(100.0, float(np.nanmax([*hi, *raw])) + 5))
+    ax.set_xlabel("texts expressing the target emotion, fluent (%) — bars: 95 % interval over scenarios")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="lower right")
     return _save(fig, out)
 
 

@@ -48,6 +48,10 @@ table.heat { border-collapse: collapse; font-size: 10px; margin: 4px 0 12px; }
 table.heat td { width: 12px; height: 12px; border: 1px solid #eee; padding: 0; }
 table.heat th { text-align: right; font-weight: normal; padding-right: 4px; white-space: pre; }
 .static-tokens span { white-space: pre; }
+.swatch { display: inline-block; width: 10px; height: 10px; margin-right: 6px; border-radius: 2px; }
+table.answer { font-size: 15px; }
+table.examples td.text { text-align: left; max-width: 640px; font-family: Georgia, serif; }
+ul.verdicts li { margin: 2px 0; }
 """
 
 MAX_METRIC_ROWS = 400
@@ -90,9 +94,20 @@ def table_html(columns: list[str], rows: list[list[Any]], title: str = "") -> st
     return f'{cap}<table class="data"><tr>{head}</tr>{body}</table>'
 
 
-def _img(path: Path, title: str) -> str:
-    if not path.is_file():
-        return f"<p class='status'>missing figure {html.escape(str(path.name))}</p>"
+def inside(run_dir: Path, rel: Any) -> Path | None:
+    """``run_dir / rel`` if it resolves to a file inside ``run_dir`` (symlinks followed), else
+    ``None``: a results.json naming ``/etc/passwd`` or ``../../x`` embeds nothing."""
+    if not isinstance(rel, str) or not rel:
+        return None
+    root = run_dir.resolve()
+    p = (run_dir / rel).resolve()
+    return p if p.is_relative_to(root) and p.is_file() else None
+
+
+def _img(run_dir: Path, rel: Any, title: str) -> str:
+    path = inside(run_dir, rel)
+    if path is None:
+        return f"<p class='status'>missing figure {html.escape(str(rel))} (not a file in the run folder)</p>"
     b64 = base64.b64encode(path.read_bytes()).decode("ascii")
     t = html.escape(title)
     return (f'<figure><img alt="{t}" src="data:image/png;base64,{b64}">'
@@ -103,25 +118,130 @@ def _anchor(name: str) -> str:
     return "stage-" + "".join(c if c.isalnum() else "-" for c in name)
 
 
+ANSWER_STAGES = ("circuits", "steering", "control")  # where the method comparison is looked for
+
+
+def _pct(v: Any) -> str:
+    return "–" if not isinstance(v, (int, float)) or v != v else f"{100 * v:.1f} %"
+
+
+def _method_badge(method: str) -> str:
+    from .figures import method_color
+
+    return (f'<span class="swatch" style="background:{method_color(method)}"></span>'
+            f"{html.escape(method)}")
+
+
+def answer_section(stages: Mapping[str, Any]) -> list[str]:
+    """The first screen: the method comparison (fluent accuracy with its 95 % interval over
+    scenarios, raw and readout accuracy, perplexity, n) and one verdict line per comparison,
+    from the first stage of ``ANSWER_STAGES`` whose results hold a ``comparison``."""
+    for name in ANSWER_STAGES:
+        comp = ((stages.get(name) or {}).get("results") or {}).get("comparison")
+        if isinstance(comp, Mapping) and comp.get("table"):
+            break
+    else:
+        return []
+    rows = []
+    for r in comp["table"]:
+        rows.append("<tr>" + "".join([
+            f"<td>{_method_badge(str(r.get('method')))}</td>",
+            f"<td><b>{_pct(r.get('fluent_accuracy'))}</b></td>",
+            f"<td>[{_pct(r.get('fluent_low'))}, {_pct(r.get('fluent_high'))}]</td>",
+            f"<td>{_pct(r.get('accuracy'))}</td>", f"<td>{_pct(r.get('readout_accuracy'))}</td>",
+            f"<td>{_fmt(r.get('perplexity_median'))}</td>", f"<td>{_fmt(r.get('repeated_3gram'))}</td>",
+            f"<td>{_fmt(r.get('n'))}</td>", f"<td>{_fmt(r.get('n_scenarios'))}</td>"]) + "</tr>")
+    head = "".join(f"<th>{c}</th>" for c in (
+        "method", "fluent accuracy", "95 % interval (scenarios)", "raw judge accuracy", "readout accuracy",
+        "perplexity (median)", "repeated 3-grams", "texts", "scenarios"))
+    ref = comp.get("reference_perplexity")
+    rule = ("A text counts when the judge reads the target emotion in it <b>and</b> it is fluent: "
+            f"perplexity ≤ {_fmt(comp.get('max_ratio'))} × the unmodulated texts' median "
+            f"({_fmt(ref)}), repeated-3-gram rate &lt; {_fmt(comp.get('max_repeat'))}, not empty. "
+            "Intervals resample scenarios; settings were chosen on the validation split.")
+    out = ["<h2 id='answer'>The answer</h2>",
+           f"<p class='status'>test split, from the {html.escape(name)} stage. {rule}</p>",
+           f'<table class="data answer"><tr>{head}</tr>{"".join(rows)}</table>']
+    verdicts = comp.get("verdicts") or []
+    if verdicts:
+        out.append("<ul class='verdicts'>" + "".join(f"<li>{html.escape(str(v))}</li>" for v in verdicts)
+                   + "</ul>")
+    return out
+
+
+def examples_section(stages: Mapping[str, Any], per_emotion: int = 1) -> list[str]:
+    """Generated test texts per method and emotion, with the judge's verdict and perplexity
+    (from the ``examples`` the evaluations keep)."""
+    evals: dict[str, list] = {}
+    for name in ("circuits", "steering", "control"):
+        res = (stages.get(name) or {}).get("results") or {}
+        for method, ev in (res.get("evaluations") or {}).items():
+            if isinstance(ev, Mapping) and ev.get("examples") and method not in evals:
+                evals[method] = ev["examples"]
+        if name == "steering" and isinstance(res.get("test"), Mapping) and "steering" not in evals:
+            if res["test"].get("examples"):
+                evals["steering"] = res["test"]["examples"]
+    if not evals:
+        return []
+    emotions: list[str] = []
+    for ex in evals.values():
+        for e in ex:
+            if isinstance(e, Mapping) and e.get("emotion") not in emotions:
+                emotions.append(e.get("emotion"))
+    body = []
+    for method, ex in evals.items():
+        if method.startswith("random circuit ") and method != "random circuit 0":
+            continue
+        for emo in emotions:
+            picks = [e for e in ex if isinstance(e, Mapping) and e.get("emotion") == emo][:per_emotion]
+            for e in picks:
+                ok = "✓" if e.get("match") else "✗"
+                body.append(f"<tr><td>{_method_badge(method)}</td><td>{html.escape(str(emo))}</td>"
+                            f"<td class='text'>{html.escape(str(e.get('text', '')))}</td>"
+                            f"<td>{ok}</td><td>{_fmt(e.get('perplexity'))}</td></tr>")
+    head = "<tr><th>method</th><th>target</th><th>generated text</th><th>judged as target</th><th>perplexity</th></tr>"
+    return ["<h2 id='examples'>Generated examples</h2>",
+            "<p class='status'>the first test text per method and target emotion (judged as the target: ✓)</p>",
+            f'<table class="data examples">{head}{"".join(body)}</table>']
+
+
+def _meta_rows(meta: Mapping[str, Any]) -> list[list[Any]]:
+    rows = []
+    for k, v in meta.items():
+        if k == "config":
+            continue
+        if isinstance(v, Mapping):
+            v = ", ".join(f"{a}={b}" for a, b in v.items())
+        elif isinstance(v, (list, tuple)):
+            v = ", ".join(map(str, v))
+        rows.append([k.replace("_", " "), v])
+    return rows
+
+
 def render_report(results: Mapping[str, Any], run_dir: str | os.PathLike) -> str:
-    """The report's HTML for a parsed ``results.json`` (paths resolved against ``run_dir``)."""
+    """The report's HTML for a parsed ``results.json`` (paths resolved against ``run_dir``;
+    only files inside it are embedded). First screen: the method comparison and its verdicts;
+    then generated examples, the stages, the run and (collapsed) the configuration."""
     run_dir = Path(run_dir)
     meta = dict(results.get("meta", {}))
     stages: Mapping[str, Any] = results.get("stages", {})
     parts: list[str] = []
     title = f"emocircuits report — {meta.get('model', '?')}"
     parts.append(f"<h1>{html.escape(title)}</h1>")
+    done = sum(1 for s in stages.values() if s.get("status") == "done")
+    parts.append(f"<p class='status'>preset {html.escape(str(meta.get('preset', '–')))} · "
+                 f"{done} of {len(stages)} stages done · updated {html.escape(str(meta.get('updated', '–')))}</p>")
     toc = " ".join(f'<a href="#{_anchor(n)}">{html.escape(s.get("title", n))}</a>'
                    for n, s in stages.items())
-    parts.append(f'<p class="toc">{toc}</p>')
-    parts.append("<h2 id='run'>Run</h2>")
-    parts.append(table_html(["key", "value"],
-                            [[k, v] for k, v in flatten({k: v for k, v in meta.items()
-                                                         if k != "config"})]))
+    answer = answer_section(stages)
+    parts += answer
+    parts += examples_section(stages)
+    parts.append(f'<p class="toc">{"<a href=#answer>The answer</a> " if answer else ""}{toc} '
+                 f'<a href="#run">Run</a> <a href="#config">Configuration</a></p>')
     summary = results.get("summary") or {}
     if summary:
-        parts.append("<h2 id='summary'>Summary</h2>")
-        parts.append(table_html(["number", "value"], [[k, v] for k, v in summary.items()]))
+        parts.append("<h2 id='summary'>Headline numbers</h2>")
+        parts.append(table_html(["number", "value"], [[k.replace("_", " "), v] for k, v in summary.items()]))
     status_rows = [[n, s.get("status", "?"), s.get("cached", False), s.get("seconds")]
                    for n, s in stages.items()]
     parts.append(table_html(["stage", "status", "cached", "seconds"], status_rows, "Stages"))
@@ -136,10 +256,10 @@ def render_report(results: Mapping[str, Any], run_dir: str | os.PathLike) -> str
         figs = st.get("figures", [])
         if figs:
             parts.append("<div class='figures'>" + "".join(
-                _img(run_dir / f["path"], f.get("title", "")) for f in figs) + "</div>")
+                _img(run_dir, f.get("path"), f.get("title", "")) for f in figs) + "</div>")
         for v in st.get("views", []):
-            p = run_dir / v["path"]
-            if p.is_file():
+            p = inside(run_dir, v.get("path"))
+            if p is not None:
                 parts.append(f"<h3>{html.escape(v.get('title', ''))}</h3>")
                 parts.append(p.read_text(encoding="utf-8"))
                 needs_bundle |= bool(v.get("needs_bundle"))
@@ -149,9 +269,12 @@ def render_report(results: Mapping[str, Any], run_dir: str | os.PathLike) -> str
             more = "" if len(numbers) <= MAX_METRIC_ROWS else f" (first {MAX_METRIC_ROWS})"
             parts.append(f"<details><summary>all numbers of this stage{more}</summary>"
                          + table_html(["metric", "value"], [list(r) for r in shown]) + "</details>")
+    parts.append("<h2 id='run'>Run</h2>")
+    parts.append(table_html(["key", "value"], _meta_rows(meta)))
     parts.append("<h2 id='config'>Configuration</h2>")
     cfg = json.dumps(meta.get("config", {}), indent=1, sort_keys=True, default=str)
-    parts.append(f"<pre class='json'>{html.escape(cfg)}</pre>")
+    parts.append(f"<details><summary>the resolved settings (JSON)</summary><pre class='json'>"
+                 f"{html.escape(cfg)}</pre></details>")
     head = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n")
     bundle = bundle_script() if needs_bundle else ""

@@ -6,8 +6,10 @@
   probes stage, with chance and each run's zero-shot accuracy;
 * ``persistence.png``: the peak-layer probe's accuracy at generated position k (5-token
   moving mean) per run, with its accuracy on the openings themselves;
-* ``<run>_methods.png``: the method comparison of a run with a circuits stage (judge accuracy
-  per method; the random circuits are the hatched control).
+* ``<run>_fluent.png``: fluent accuracy per method with 95 % intervals over scenarios (and
+  raw judge accuracy) of a run with a circuits stage;
+* ``<run>_methods.png``: the same run's raw judge accuracy per method and emotion (the random
+  circuits are the hatched control).
 
 CLI: ``emocircuits figures runs/quick runs/circuits --out runs/figures``.
 """
@@ -66,7 +68,11 @@ def figures_from_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathL
     for name, r in runs.items():
         if "circuits" not in r:
             continue
-        ev = r["circuits"].result.evaluations
+        res = r["circuits"].result
+        if getattr(res, "comparison", None) is not None and res.comparison.table:
+            paths.append(F.fluent_comparison(res.comparison.table, out / f"{name}_fluent.png",
+                                             title=f"{name}: fluent accuracy on the test split"))
+        ev = res.evaluations
         main = {m: v.accuracy.overall for m, v in ev.items() if not m.startswith("random")}
         rnd = [v.accuracy.overall for m, v in ev.items() if m.startswith("random")]
         ctrl = {"random circuit": float(np.mean(rnd))} if rnd else {}
