@@ -350,6 +350,38 @@ def judge_generations(rows: Sequence[dict], judge, *, batch_size: int = 256) -> 
     return [{**r, "judge": v} for r, v in zip(rows, verdicts, strict=True)]
 
 
+def complete_groups(judged: Sequence[dict], emotions: Sequence[str]) -> list[tuple[str, str]]:
+    """The paper's acceptance filter: the (skeleton_id, valence) groups in which the judge
+    accepted the instructed reply of *every* emotion in ``emotions`` (rows of
+    ``judge_generations``), in first-seen order. A group missing an emotion's row is incomplete.
+
+    >>> rows = [{"skeleton_id": "s1", "valence": "positive", "emotion": e, "judge": {"match": True}}
+    ...         for e in ("anger", "fear")]
+    >>> complete_groups(rows, ["anger", "fear"])
+    [('s1', 'positive')]
+    """
+    want = set(emotions)
+    seen: dict[tuple[str, str], set[str]] = {}
+    bad: set[tuple[str, str]] = set()
+    for i, r in enumerate(judged):
+        if "judge" not in r:
+            raise KeyError(f"complete_groups: row {i} ({r.get('key')}) has no 'judge' (run judge_generations first)")
+        g = (str(r["skeleton_id"]), str(r["valence"]))
+        seen.setdefault(g, set())
+        if r["emotion"] in want:
+            if r["judge"].get("match"):
+                seen[g].add(r["emotion"])
+            else:
+                bad.add(g)
+    return [g for g, ok in seen.items() if g not in bad and ok == want]
+
+
+def keep_groups(prompts: Sequence[Any], groups: Iterable[tuple[str, str]]) -> list[Any]:
+    """The prompts whose ``(skeleton_id, valence)`` is in ``groups`` (order kept)."""
+    keep = {(str(a), str(b)) for a, b in groups}
+    return [p for p in prompts if (str(p.skeleton_id), str(p.valence)) in keep]
+
+
 def prompting_table(rows: Sequence[dict]) -> AccuracyTable:
     """Accuracy of judged rows (``row["judge"]["match"]``): overall, per emotion, per valence."""
     flat = []

@@ -96,14 +96,15 @@ def run(ctx: StageContext) -> CircuitsResult:
         raise ValueError("circuits need directions at every layer")
     bs = common.batch_size(ctx)
     train = common.records(ctx, "train")
-    prompts = emotion_prompts(model, train, emos)
+    prompts = common.accepted(ctx, emotion_prompts(model, train, emos), "circuits")
     acts = collect(model, prompts, ("mlp_post", "z", "resid_post", "resid_mid"), "last",
                    batch_size=bs, progress=ctx.progress)
     dv = C.difference_vectors_from_acts(acts["mlp_post"], acts["z"], prompts, emos)
     sigma = C.sigma_from_acts(acts["resid_post"], acts["resid_mid"])
     v_mid, v_post = dirs.vectors["resid_mid"], dirs.vectors["resid_post"]
     infl_recs = common.records(ctx, "train", s.n_influence_scenarios)
-    infl = C.sublayer_influence(model, neutral_prompts(model, infl_recs), v_mid, v_post, sigma,
+    infl_prompts = common.accepted(ctx, neutral_prompts(model, infl_recs), "circuits.n_influence_scenarios")
+    infl = C.sublayer_influence(model, infl_prompts, v_mid, v_post, sigma,
                                 alphas=tuple(s.influence_alphas), emotions=emos, batch_size=bs,
                                 progress=ctx.progress)
     comp = ctx.upstream("components")

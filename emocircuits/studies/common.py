@@ -41,6 +41,22 @@ def records(cfg: RunConfig | StageContext, split: str, n: int | None = None):
     return subset_records(load_sev(cfg.data.source(split)), want)
 
 
+def accepted(ctx: StageContext, prompts: Sequence[Any], where: str) -> list[Any]:
+    """``prompts`` kept to the directions stage's accepted groups when its acceptance filter is
+    on (``directions.acceptance_filter``), else unchanged; none left raises naming ``where``."""
+    dirs = ctx.upstream("directions")
+    groups = getattr(dirs, "accepted_groups", None)
+    if groups is None:
+        return list(prompts)
+    from ..elicitation import keep_groups
+
+    kept = keep_groups(prompts, [tuple(g) for g in groups])
+    if not kept:
+        raise ValueError(f"{where}: none of its {len(prompts)} train prompts is in the "
+                         f"{len(groups)} groups the acceptance filter kept")
+    return kept
+
+
 def n_scenarios(cfg: RunConfig, split: str) -> int:
     return getattr(cfg.data, f"n_{split}") or DEFAULT_SIZES[split]
 

@@ -136,7 +136,7 @@ def run(ctx: StageContext) -> ComponentsResult:
                    if s.neuron_rank_layers is not None else None)
     dirs = ctx.upstream("directions").directions
     bs = common.batch_size(ctx)
-    every = emotion_prompts(model, common.records(ctx, "train"), emos)
+    every = common.accepted(ctx, emotion_prompts(model, common.records(ctx, "train"), emos), "components")
     prompts = split_per_emotion(every, emos, s.n_prompts_per_emotion)
     exact_prompts = split_per_emotion([p for p in every if p.valence in s.exact_valences], emos,
                                       s.exact_prompts_per_emotion)

@@ -3,7 +3,9 @@
 Switches (``[directions]``): ``methods`` (the first is the one later stages use; the others are
 compared with it per layer), ``decoding_sites`` (held-out nearest-centroid decoding per site),
 ``keyword_control``, ``reply_directions`` (directions read from the generated replies'
-tokens, compared with the main ones).
+tokens, compared with the main ones), ``acceptance_filter`` (the paper's filter: generate the
+instructed reply for every train prompt, judge it, and keep only the (scenario, event) groups
+whose six replies were all accepted; the circuits stage uses the same groups; off by default).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class Config:
     reply_scenarios: int | None = 8  # None: every train scenario
     reply_sites: tuple[str, ...] = ("resid_post",)
     reply_max_new_tokens: int = 24
+    # the paper's acceptance filter (only complete groups of judge-accepted instructed replies)
+    acceptance_filter: bool = False
 
     def __post_init__(self) -> None:
         if not self.sites:
@@ -75,9 +79,15 @@ class DirectionsResult(Result):
     adjacent_cosines: dict = field(default_factory=dict)  # emotion -> adjacent_site_cosines
     reply: object | None = None  # EmotionDirections from the generated replies
     reply_cosine: dict = field(default_factory=dict)  # site -> [per layer mean cos with `directions`]
+    # acceptance filter: the kept (skeleton_id, valence) groups and how many there were
+    accepted_groups: list | None = None
+    groups_total: int | None = None
 
     def headline(self) -> dict:
         out = {"decoding_peak_centered": max(self.decoding.centered) if len(self.decoding.centered) else None}
+        if self.accepted_groups is not None:
+            out["acceptance_filter_groups_kept"] = len(self.accepted_groups)
+            out["acceptance_filter_groups_total"] = self.groups_total
         for site, d in self.decoding_by_site.items():
             out[f"decoding_peak_centered_{site}"] = max(d.centered) if len(d.centered) else None
         for site, c in self.reply_cosine.items():
@@ -114,6 +124,26 @@ def directions_by_method(method: str, model, acts, prompts, emos, sites, recs, c
     raise ValueError(f"unknown directions method {method!r}; use one of {METHODS}")
 
 
+def accepted_groups(ctx: StageContext, recs) -> tuple[list[tuple[str, str]], int]:
+    """The paper's acceptance filter on ``recs``: instructed replies generated and judged;
+    the complete groups (every emotion accepted) and the number of groups."""
+    from ..elicitation import complete_groups, elicit, judge_generations
+
+    emos = ctx.config.emotions
+    rows = elicit(ctx.model, recs, emos, gen_config=common.gen_config(ctx),
+                  batch_size=common.batch_size(ctx), progress=ctx.progress)
+    judged = judge_generations(rows, common.judge(ctx))
+    groups = complete_groups(judged, emos)
+    total = len({(r["skeleton_id"], r["valence"]) for r in rows})
+    ctx.notes["acceptance filter"] = (f"{len(groups)} of {total} train groups complete "
+                                      f"(all {len(emos)} instructed replies accepted by the judge)")
+    if not groups:
+        raise ValueError(f"directions.acceptance_filter: the judge accepted no complete group of the "
+                         f"{total} train groups (every emotion's instructed reply must be accepted); "
+                         "switch the filter off or use more train scenarios")
+    return groups, total
+
+
 def run(ctx: StageContext) -> DirectionsResult:
     from .. import directions as D
     from ..activations import collect
@@ -125,6 +155,12 @@ def run(ctx: StageContext) -> DirectionsResult:
     sites = list(s.sites)
     recs = common.records(ctx, "train")
     prompts = emotion_prompts(model, recs, emos)
+    groups, n_groups = None, None
+    if s.acceptance_filter:
+        from ..elicitation import keep_groups
+
+        groups, n_groups = accepted_groups(ctx, recs)
+        prompts = keep_groups(prompts, groups)
     acts = collect(model, prompts, sites, position="last", progress=ctx.progress,
                    batch_size=common.batch_size(ctx))
     dirs = directions_by_method(s.methods[0], model, acts, prompts, emos, sites, recs, ctx)
@@ -132,7 +168,7 @@ def run(ctx: StageContext) -> DirectionsResult:
               for m in s.methods[1:]}
     method_cos = {m: {site: D.direction_agreement(dirs, o, site) for site in sites}
                   for m, o in others.items()}
-    n_folds = min(s.n_folds, len(recs))
+    n_folds = min(s.n_folds, len({p.skeleton_id for p in prompts}))
     main = sites[-1]
     dec_sites = list(s.decoding_sites) if s.decoding_sites is not None else sites
     by_site = {site: D.nearest_centroid_accuracy(acts, prompts, emos, site, n_folds)
@@ -157,7 +193,8 @@ def run(ctx: StageContext) -> DirectionsResult:
          for site in sites for layer in dirs.layers},
         {e: float(D.cosine_across_layers(dirs, e, sites).off_diagonal_mean()) for e in emos},
         by_site, D.cosine_across_emotions(dirs, main), D.cosine_across_layers(dirs, emos[0], sites),
-        {e: D.adjacent_site_cosines(dirs, e, sites) for e in emos}, reply, reply_cos)
+        {e: D.adjacent_site_cosines(dirs, e, sites) for e in emos}, reply, reply_cos,
+        None if groups is None else [list(g) for g in groups], n_groups)
     if others or reply_cos:
         curves = {f"{m} ({site})": c for m, per in method_cos.items() for site, c in per.items()}
         curves.update({f"reply tokens ({site})": c for site, c in reply_cos.items()})
@@ -202,6 +239,9 @@ def plan(cfg) -> Plan:
         n_rep = n_rep if s.reply_scenarios is None else min(n_rep, s.reply_scenarios)
         gen = n_rep * 3 * len(cfg.emotions)
         extra += gen
+    if s.acceptance_filter:
+        gen += n
+        extra += n
     return Plan(forward=n + extra, generate=gen,
                 what="collect last-token resid; directions; decoding; keyword control"
                      + ("; reply-token directions" if s.reply_directions else ""))

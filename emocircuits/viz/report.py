@@ -50,7 +50,7 @@ table.heat th { text-align: right; font-weight: normal; padding-right: 4px; whit
 .static-tokens span { white-space: pre; }
 .swatch { display: inline-block; width: 10px; height: 10px; margin-right: 6px; border-radius: 2px; }
 table.answer { font-size: 15px; }
-table.examples td.text { text-align: left; max-width: 640px; font-family: Georgia, serif; }
+table.examples th, table.examples td.text { text-align: left; max-width: 640px; font-family: Georgia, serif; }
 ul.verdicts li { margin: 2px 0; }
 """
 
