@@ -346,7 +346,7 @@ def compare_methods(evaluations: dict[str, MethodEvaluation], *, baseline: str =
                     n_perm: int = 10000, seed: int = 0) -> MethodComparison:
     """The method table and verdicts. Methods whose name starts with ``"random circuit"`` are
     pooled into one control (each text's fluent match averaged over the random circuits)."""
-    from .stats import bootstrap_mean, fluent, paired_difference, scenario_of
+    from .stats import bootstrap_mean, fluent, paired_difference, scenario_of, smallest_p
 
     if baseline not in evaluations:
         raise KeyError(f"compare_methods: no {baseline!r} evaluation (the fluency reference)")
@@ -396,7 +396,9 @@ def compare_methods(evaluations: dict[str, MethodEvaluation], *, baseline: str =
                     else "not distinguishable from")
             p = "p < 0.001" if d.p_value < 0.001 else f"p = {d.p_value:.3f}"
             other_name = label.split(" − ", 1)[1]
+            few = (f" — too few scenarios for p < 0.05 (the smallest possible p is {smallest_p(d.n_units):.3f})"
+                   if smallest_p(d.n_units) >= 0.05 else "")
             verdicts.append(f"{focus} {word} {other_name}: {100 * d.value:+.1f} points of fluent accuracy "
                             f"[{100 * d.low:+.1f}, {100 * d.high:+.1f}], {p}, n = {d.n} "
-                            f"({d.n_units} scenarios)")
+                            f"({d.n_units} scenarios){few}")
     return MethodComparison(table, diffs, verdicts, ref, max_ratio, max_repeat)

@@ -72,18 +72,35 @@ def bootstrap_mean(values: Sequence[float], units: Sequence, *, n_boot: int = 20
 def paired_difference(a: Sequence[float], b: Sequence[float], units: Sequence, *,
                       n_boot: int = 2000, n_perm: int = 10000, seed: int = 0,
                       level: float = 0.95) -> Estimate:
-    """mean(a − b) over paired rows, bootstrap interval over units, sign-flip permutation p."""
+    """mean(a − b) over paired rows, bootstrap interval over units, sign-flip permutation p.
+
+    The p-value flips the sign of each unit's summed difference: exactly over all 2^k sign
+    patterns when there are k ≤ ``EXACT_UNITS`` units (the smallest possible p is then
+    2 / 2^k, so 5 scenarios can never give p < 0.05), else over ``n_perm`` random patterns."""
     if len(a) != len(b):
         raise ValueError(f"paired_difference: {len(a)} vs {len(b)} rows")
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     est = bootstrap_mean(d, units, n_boot=n_boot, seed=seed, level=level)
     sums, counts = _grouped(d, units)
     obs = abs(sums.sum())
-    rng = np.random.default_rng(seed + 1)
-    signs = rng.choice([-1.0, 1.0], size=(n_perm, len(sums)))
-    perm = np.abs(signs @ sums)
-    est.p_value = float((1 + np.sum(perm >= obs - 1e-12)) / (n_perm + 1))
+    k = len(sums)
+    if k <= EXACT_UNITS:
+        signs = 1.0 - 2.0 * ((np.arange(2 ** k)[:, None] >> np.arange(k)) & 1)  # every pattern
+        est.p_value = float(np.mean(np.abs(signs @ sums) >= obs - 1e-12))
+    else:
+        rng = np.random.default_rng(seed + 1)
+        signs = rng.choice([-1.0, 1.0], size=(n_perm, k))
+        perm = np.abs(signs @ sums)
+        est.p_value = float((1 + np.sum(perm >= obs - 1e-12)) / (n_perm + 1))
     return est
+
+
+EXACT_UNITS = 16  # up to this many units the sign-flip test enumerates every pattern
+
+
+def smallest_p(n_units: int) -> float:
+    """The smallest two-sided p-value the sign-flip test can give with ``n_units`` units."""
+    return 2.0 / 2 ** n_units if n_units <= EXACT_UNITS else 0.0
 
 
 def fluent(rows: Sequence[dict], reference_perplexity: float, *, max_ratio: float = 3.0,

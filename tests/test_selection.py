@@ -15,7 +15,9 @@ TINY = ["data.n_train=3", "data.n_validation=1", "data.n_test=2", "generation.ma
         'run.emotions=["anger", "sadness", "happiness"]', "steering.strengths=[0.5, 4.0]",
         "circuits.lambdas=[1.0, 4.0]", "circuits.random_controls=2", "circuits.influence_alphas=[0.5]",
         "circuits.n_influence_scenarios=1", "circuits.budgets=[1, 2]",
-        'run.stages=["steering", "circuits"]']
+        'control.methods=["vocabulary_bias", "circuit"]', "control.vocabulary_strengths=[1.0, 8.0]",
+        "control.levels=[-1.0, 1.0]", "control.n_scenarios=1", "control.strengths=[1.0]",
+        'run.stages=["steering", "circuits", "control"]']
 
 
 @pytest.mark.slow
@@ -34,6 +36,15 @@ def test_poisoned_test_split_changes_nothing_chosen(tiny_llama, tmp_path):
         ra, rb = a.result(st), b.result(st)
         assert ra.chosen == rb.chosen, st
         assert ra.grid == rb.grid, st  # the validation grid is the same, number for number
+    va, vb = a.result("control").methods["vocabulary_bias"], b.result("control").methods["vocabulary_bias"]
+    assert va.setting == vb.setting and va.setting["chosen_on"] == "validation"
+    assert [r["setting"] for r in va.setting["grid"]] == ["none", "bias=1", "bias=8"]
+    assert va.setting["strength"] in (1.0, 8.0)
+    assert va.evaluation.rows != vb.evaluation.rows  # the test texts did change
+    # the control stage's comparison: fluent accuracy with intervals, circuit vs the others
+    ccmp = a.result("control").comparison
+    assert [r["method"] for r in ccmp.table] == ["none", "vocabulary_bias", "circuit"]
+    assert any(v.startswith("circuit ") and "vocabulary_bias" in v for v in ccmp.verdicts)
     assert len(a.result("circuits").grid) == 1 + 4  # none + budgets × lambdas
     assert a.result("circuits").chosen["budget_per_sublayer"] in (1, 2)
     ta, tb = a.result("circuits").evaluations["circuit"], b.result("circuits").evaluations["circuit"]

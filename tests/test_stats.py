@@ -52,6 +52,40 @@ def test_paired_difference_and_permutation_p():
     assert abs(d.value - float(np.mean(better - base))) < 1e-12
 
 
+def test_exact_sign_flip_p_against_a_brute_force_loop():
+    """k ≤ 16 units: p over all 2^k sign patterns, checked by an itertools loop; 5 equal
+    positive units give the smallest possible p, 2/32, which is not below 0.05."""
+    import itertools
+
+    from emocircuits.stats import smallest_p
+
+    rng = np.random.default_rng(5)
+    units = np.repeat(np.arange(7), 4)
+    a, b = rng.random(28), rng.random(28)
+    d = paired_difference(a, b, units)
+    sums = np.array([np.sum((a - b)[units == u]) for u in range(7)])
+    hits = sum(abs(np.dot(s, sums)) >= abs(sums.sum()) - 1e-12 for s in itertools.product((-1, 1), repeat=7))
+    assert d.p_value == hits / 2 ** 7
+    five = paired_difference(np.ones(10), np.zeros(10), np.repeat(np.arange(5), 2))
+    assert five.p_value == smallest_p(5) == 2 / 32 and five.low == five.high == 1.0
+    assert smallest_p(10) < 0.01 and smallest_p(40) == 0.0
+
+
+def test_verdict_says_when_too_few_scenarios_for_significance():
+    from emocircuits.evaluate import compare_methods
+
+    def ev(name, match):
+        rows = [{"emotion": "anger", "valence": v, "scenario": f"s{i}", "text": "I am angry.", "match": match,
+                 "perplexity": 3.0, "repeated_3gram_rate": 0.0} for i in range(5) for v in ("positive", "negative")]
+        return type("E", (), {"rows": rows, "readout": None, "fluency": {"perplexity_geomean": 3.0}})()
+
+    cmp = compare_methods({"none": ev("none", False), "circuit": ev("circuit", True),
+                           "random circuit 0": ev("r", False)})
+    v = cmp.verdicts[0]
+    assert v.startswith("circuit not distinguishable from random circuit") and "+100.0 points" in v
+    assert "too few scenarios for p < 0.05 (the smallest possible p is 0.062)" in v
+
+
 def test_fluent_accuracy_on_constructed_rows():
     rows = [
         {"match": True, "text": "I am so angry about this.", "perplexity": 4.0, "repeated_3gram_rate": 0.0},

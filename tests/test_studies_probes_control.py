@@ -72,8 +72,10 @@ def test_presets_parse_with_the_former_scripts_sizes(tmp_path):
     assert (s.probe_input, s.kinds, s.sample, s.in_context_probe) == ("raw", ("logreg", "mlp"), "per_class", True)
     assert (s.zero_shot_n, s.persistence_n, s.persistence_tokens, s.malleability_n, s.sev_n) == (5, 6, 128, 5, 12)
     c = load_config(ROOT / "experiments" / "08_control.toml")
-    assert c.run.stages == ("circuits", "control")
+    assert c.run.stages == ("steering", "circuits", "control")  # α and λ chosen on validation upstream
     s = c.section("control")
+    assert (s.steering_strength, s.circuit_strength) == (None, None)
+    assert s.vocabulary_strengths == (1.0, 2.0, 4.0, 8.0)
     assert s.va_methods == ("lstsq", "contrastive") and s.strengths == (1.0, 2.0, 4.0)
     assert s.methods == ("unsteered", "vocabulary_bias", "steering", "decaying_steering", "circuit")
     assert (c.data.n_train, c.data.n_test, c.generation.max_new_tokens) == (10, 4, 30)

@@ -30,7 +30,11 @@ class Config:
     va_n_scenarios: int | None = None  # data.train scenarios for the contrastive directions; None: data.n_train
     # the method comparison on data.test neutral prompts × the run's emotions
     methods: tuple[Method, ...] = ("vocabulary_bias",)
-    vocabulary_strength: float = 4.0  # logit bias on the target emotion's words
+    # logit bias on the target emotion's words; with more than one value the strength is chosen
+    # on data.validation by fluent accuracy (like steering's α and the circuit's λ)
+    vocabulary_strengths: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    ppl_guard: float = 3.0  # fluent: perplexity ≤ this × the unsteered texts' median
+    max_repeat: float = 0.3  # fluent: repeated-3-gram rate below this
     steering_strength: float | None = None  # α of "steering"; None: the steering stage's chosen α (needs it)
     decay_alpha0: float = 12.0  # decaying schedule α_k = max(floor, α0·exp(−per_step·k)·γ^(emotion words))
     decay_per_step: float = 0.05
@@ -49,6 +53,10 @@ class Config:
             raise ValueError(f"control.methods has repeats: {list(self.methods)}")
         if self.va_n_scenarios is not None and self.va_n_scenarios < 1:
             raise ValueError("control.va_n_scenarios must be >= 1")
+        if not self.vocabulary_strengths:
+            raise ValueError("control.vocabulary_strengths is empty")
+        if self.ppl_guard <= 1.0 or not 0.0 < self.max_repeat <= 1.0:
+            raise ValueError("control: ppl_guard must be > 1 and max_repeat in (0, 1]")
         if not 0.0 <= self.decay_per_emotion_word <= 1.0 or self.decay_per_step < 0:
             raise ValueError("control: decay_per_emotion_word must be in [0, 1] and decay_per_step >= 0")
 
@@ -74,6 +82,7 @@ class ControlResult(Result):
     va_comparison: object | None = None  # VAComparison (lstsq vs contrastive), when both ran
     va_band_cosine: dict = field(default_factory=dict)  # axis -> mean cos over the steered layers
     notes: list[str] = field(default_factory=list)
+    comparison: object | None = None  # MethodComparison: fluent accuracy with intervals, verdicts
 
     @property
     def main(self):
@@ -93,6 +102,10 @@ class ControlResult(Result):
             out[f"control_{m}_perplexity"] = r.evaluation.fluency.get("perplexity_geomean")
         if "vocabulary_bias" in self.methods:
             out["vocabulary_bias_accuracy"] = self.methods["vocabulary_bias"].evaluation.accuracy.overall
+            out["vocabulary_bias_strength"] = self.methods["vocabulary_bias"].setting.get("strength")
+        if self.comparison is not None:
+            for r in self.comparison.table:
+                out[f"control_{r['method']}_fluent_accuracy"] = r["fluent_accuracy"]
         return out
 
 
@@ -156,9 +169,12 @@ def _compare(ctx: StageContext, dirs, notes: list[str]) -> dict:
             make = lambda e: None  # noqa: E731
         elif m == "vocabulary_bias":
             tok = dict(emotion_tokens(model, emos).token_ids)  # the readout's token set
+
+            def biased(a, tok=tok):
+                return lambda e: [CT.VocabularyBias(tok, e, a)]
             make = lambda e: None  # noqa: E731
-            procs = lambda e, tok=tok: [CT.VocabularyBias(tok, e, s.vocabulary_strength)]  # noqa: E731
-            setting = {"strength": s.vocabulary_strength}
+            a, setting = _vocabulary_strength(ctx, biased, judge, gen)
+            procs = biased(a)
         elif m == "steering":
             if alpha is None:
                 notes.append("steering: not compared; control.steering_strength is unset and no steering "
@@ -201,6 +217,48 @@ def _compare(ctx: StageContext, dirs, notes: list[str]) -> dict:
     return out
 
 
+def _vocabulary_strength(ctx: StageContext, biased, judge, gen) -> tuple[float, dict]:
+    """The vocabulary bias strength: the only value of ``control.vocabulary_strengths``, or the
+    one with the best validation fluent accuracy (``evaluate.choose_setting``), with the grid."""
+    from ..evaluate import choose_setting, evaluate_intervention
+    from ..prompts import neutral_prompts
+    from .steering import summary_row
+
+    s, emos, model = ctx.settings, ctx.config.emotions, ctx.model
+    grid_values = [float(a) for a in s.vocabulary_strengths]
+    if len(grid_values) == 1:
+        return grid_values[0], {"strength": grid_values[0], "chosen_on": "fixed (one value)"}
+    val = neutral_prompts(model, common.records(ctx, "validation"))
+    st = ctx.upstream("steering")  # same prompts, decoding and judge: reuse its unsteered texts
+    base = (st.validation_unsteered if st is not None and st.validation_unsteered is not None
+            else evaluate_intervention(model, val, emos, lambda e: None, judge, gen, method="none"))
+    grid = {a: evaluate_intervention(model, val, emos, lambda e: None, judge, gen, method=f"vocabulary_bias {a:g}",
+                                     logits_processors=biased(a)) for a in grid_values}
+    a, ok = choose_setting(grid, base, max_ratio=s.ppl_guard, max_repeat=s.max_repeat)
+    rows = [summary_row("none", base, base, s.ppl_guard, s.max_repeat, strength=0.0)]
+    rows += [summary_row(f"bias={x:g}", ev, base, s.ppl_guard, s.max_repeat, strength=x) for x, ev in grid.items()]
+    return a, {"strength": a, "chosen_on": "validation", "passes_fluency_guard": ok, "grid": rows}
+
+
+def _comparison(ctx: StageContext, methods: dict, judge, gen):
+    """Fluent accuracy with 95 % intervals over scenarios for the compared methods, and the
+    verdicts of circuit (or steering) against the others; the fluency reference is the
+    unsteered model's texts (from ``methods``, the steering stage, or generated here)."""
+    from ..evaluate import compare_methods, evaluate_intervention
+    from ..prompts import neutral_prompts
+
+    s, emos = ctx.settings, ctx.config.emotions
+    evals = {("none" if m == "unsteered" else m): c.evaluation for m, c in methods.items()}
+    if "none" not in evals:
+        st = ctx.upstream("steering")
+        evals = {"none": (st.test_unsteered if st is not None else evaluate_intervention(
+            ctx.model, neutral_prompts(ctx.model, common.records(ctx, "test")), emos, lambda e: None,
+            judge, gen, method="none")), **evals}
+    focus = "circuit" if "circuit" in evals else "steering" if "steering" in evals else "vocabulary_bias"
+    against = [m for m in ("vocabulary_bias", "steering", "decaying_steering", "circuit") if m != focus]
+    return compare_methods(evals, focus=focus, against=against, max_ratio=s.ppl_guard, max_repeat=s.max_repeat)
+
+
 def run(ctx: StageContext) -> ControlResult:
     from .. import control as CT
     from ..judges import default_judge
@@ -227,7 +285,10 @@ def run(ctx: StageContext) -> ControlResult:
                 judge_va=lambda texts: CT.va_of_texts(texts, va_judge), gen_config=common.gen_config(ctx),
                 progress=ctx.progress)
     notes: list[str] = []
-    res = ControlResult(grid, _compare(ctx, dirs, notes), cmp, band_cos, notes)
+    methods = _compare(ctx, dirs, notes)
+    comparison = (_comparison(ctx, methods, common.judge(ctx), common.gen_config(ctx))
+                  if any(m != "unsteered" for m in methods) else None)
+    res = ControlResult(grid, methods, cmp, band_cos, notes, comparison)
 
     rows = []
     for key, r in grid.items():
@@ -241,6 +302,17 @@ def run(ctx: StageContext) -> ControlResult:
     if band_cos:
         ctx.table("cos(lstsq, contrastive) VA directions, mean over the steered layers", ["valence", "arousal"],
                   [[band_cos["valence"], band_cos["arousal"]]])
+    if comparison is not None:
+        pct = lambda v: None if v is None else round(100 * v, 1)  # noqa: E731
+        ctx.table("fluent accuracy on the test set, 95 % intervals over scenarios",
+                  ["method", "fluent accuracy %", "95 % interval", "raw accuracy %", "perplexity (median)",
+                   "rep3", "n", "scenarios"],
+                  [[r["method"], pct(r["fluent_accuracy"]), f"[{pct(r['fluent_low'])}, {pct(r['fluent_high'])}]",
+                    pct(r["accuracy"]), r["perplexity_median"], r["repeated_3gram"], r["n"], r["n_scenarios"]]
+                   for r in comparison.table])
+        if comparison.verdicts:
+            ctx.table("verdicts (paired by scenario, event and target; sign-flip permutation p)", ["verdict"],
+                      [[v] for v in comparison.verdicts])
     if res.methods:
         ctx.table("method comparison on the test set", ["method", "judge", *emos, "emotion-word rate",
                                                         "any emotion word", "perplexity", "rep3", "n"],
@@ -248,6 +320,12 @@ def run(ctx: StageContext) -> ControlResult:
                     c.emotion_word_rate, c.any_emotion_word_rate, c.evaluation.fluency.get("perplexity_geomean"),
                     c.evaluation.fluency.get("repeated_3gram_rate_mean"), c.evaluation.accuracy.n]
                    for m, c in res.methods.items()])
+        vb = res.methods.get("vocabulary_bias")
+        if vb is not None and vb.setting.get("grid"):
+            ctx.table("vocabulary bias strength on validation", ["setting", "fluent", "judge", "readout",
+                                                                 "perplexity", "rep3", "n"],
+                      [[r["setting"], r["fluent_accuracy"], r["judge_accuracy"], r["readout_accuracy"],
+                        r["perplexity"], r["repeated_3gram"], r["n"]] for r in vb.setting["grid"]])
         ctx.figure("method comparison (judge accuracy)", "methods.png", figures.method_comparison,
                    {m: c.evaluation.accuracy.overall for m, c in res.methods.items()},
                    per_emotion={m: c.evaluation.accuracy.by_emotion for m, c in res.methods.items()})
@@ -270,12 +348,17 @@ def plan(cfg) -> Plan:
         fwd += 3 * n_va * (len(cfg.emotions) + 2)
     nt = common.n_prompts(cfg, "test")
     cmp = sum(nt // len(cfg.emotions) if m == "unsteered" else nt for m in s.methods)
+    if s.methods and "unsteered" not in s.methods:
+        cmp += nt // len(cfg.emotions)  # the fluency reference (reused from the steering stage when it ran)
+    if "vocabulary_bias" in s.methods and len(s.vocabulary_strengths) > 1:
+        nv = common.n_prompts(cfg, "validation")
+        cmp += nv * len(s.vocabulary_strengths) + nv // len(cfg.emotions)
     what = f"VA grid controllability ({', '.join(s.va_methods)})"
     if s.methods:
         what += "; " + ", ".join(s.methods)
     return Plan(generate=g + cmp, forward=fwd + cmp, what=what)
 
 
-STUDY = Study("control", "Valence–arousal control and the method comparison", Config, run, plan,
+STUDY = Study("control", "Valence–arousal control and the method comparison", Config, run, plan, version=2,
               requires=("directions",), optional=("circuits", "steering"), modules=("emocircuits.control",),
               inputs=common.sev_inputs("train", "test"))
