@@ -19,14 +19,16 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
 import socket
-import tempfile
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .model_cache import CacheRebuildWarning, ensure_built
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -155,18 +157,15 @@ def _file_key(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:12]
 
 
-def convert_gguf(gguf: str | Path, out_dir: str | Path) -> Path:
-    """De-quantise a GGUF into an fp32 safetensors HF folder (tokenizer included), atomically."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def convert_gguf(gguf: str | Path, out_dir: str | Path, *, rebuild: bool = False) -> Path:
+    """De-quantise a GGUF into an fp32 safetensors HF folder (tokenizer included), atomically,
+    with a checksum manifest (``model_cache``); a folder that fails its check is rebuilt."""
     gguf = Path(gguf)
     _check_gguf_file(gguf)
-    out_dir = Path(out_dir)
-    if (out_dir / "config.json").exists():
-        return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         try:
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             hf = AutoModelForCausalLM.from_pretrained(
@@ -181,13 +180,50 @@ def convert_gguf(gguf: str | Path, out_dir: str | Path) -> Path:
         hf.config.__dict__.pop("quantization_config", None)
         hf.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+
+    return ensure_built(out_dir, build, source={"gguf": str(gguf), "gguf_bytes": gguf.stat().st_size},
+                        rebuild=rebuild)
+
+
+def check_finite(bridge, where: str) -> None:
+    """One short prompt through ``bridge``: its last-position logits must be finite."""
+    tok = bridge.tokenizer
+    ids = tok("The weather today is", return_tensors="pt")["input_ids"].to(bridge.cfg.device)
+    with torch.no_grad():
+        logits = bridge(ids)[0, -1]
+    if not bool(torch.isfinite(logits).all()):
+        bad = int((~torch.isfinite(logits)).sum())
+        raise ModelLoadError(f"{where}: {bad} of {logits.numel()} logits of a test prompt are not finite "
+                             "(broken weights)")
+
+
+def load_built(folder: str | os.PathLike, build: Callable[[Path], None], *, device=None, dtype=None,
+               architecture: str | None = None, source: dict | None = None):
+    """A bridge from the cache folder that ``build(tmp)`` writes (an HF folder), built once,
+    verified against its checksums on every load, finite-logit checked, rebuilt when broken."""
+    folder = ensure_built(folder, build, source=source)
+    return _boot_cached(folder, lambda: ensure_built(folder, build, source=source, rebuild=True),
+                        resolve_device(device), resolve_dtype(dtype), architecture)
+
+
+def _boot_cached(folder: Path, rebuild: Callable[[], Path], device, dtype, architecture: str | None):
+    """Boot a cache folder and check it; a folder that fails to load or gives non-finite
+    logits is rebuilt once (``CacheRebuildWarning``) before the error is raised."""
+    for attempt in (0, 1):
+        try:
+            bridge = _boot_from_folder(folder, device, dtype, architecture)
+            check_finite(bridge, str(folder))
+            return bridge
+        except Exception as e:
+            if attempt == 1 or isinstance(e, (KeyboardInterrupt, MemoryError)):
+                if isinstance(e, ModelLoadError):
+                    raise
+                raise ModelLoadError(f"cached model {folder} does not load after a rebuild: "
+                                     f"{type(e).__name__}: {str(e)[:300]}") from e
+            warnings.warn(f"model cache {folder}: {type(e).__name__}: {str(e)[:200]}; rebuilding it",
+                          CacheRebuildWarning, stacklevel=3)
+            folder = rebuild()
+    raise AssertionError("unreachable")
 
 
 # ----------------------------------------------------------------------------- boot
@@ -283,18 +319,16 @@ def load_model(
         alias = name.lower()
         info = _ALIASES[alias]
         gguf = _alias_gguf(alias)
-        folder = cache_dir() / "models" / f"{alias}-fp32"
-        if not (folder / "config.json").exists():
-            convert_gguf(gguf, folder)
-        bridge = _boot_from_folder(folder, dev, dt, info["architecture"])
+        folder = convert_gguf(gguf, cache_dir() / "models" / f"{alias}-fp32")
+        bridge = _boot_cached(folder, lambda: convert_gguf(gguf, folder, rebuild=True), dev, dt,
+                              info["architecture"])
         bridge.cfg.emocircuits_alias = alias  # type: ignore[attr-defined]
         return bridge
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         _check_gguf_file(path)
-        folder = cache_dir() / "models" / f"{path.stem}-{_file_key(path)}-fp32"
-        convert_gguf(path, folder)
-        return _boot_from_folder(folder, dev, dt)
+        folder = convert_gguf(path, cache_dir() / "models" / f"{path.stem}-{_file_key(path)}-fp32")
+        return _boot_cached(folder, lambda: convert_gguf(path, folder, rebuild=True), dev, dt, None)
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelLoadError(f"{path} is a folder without config.json; not an HF model folder")

@@ -9,10 +9,11 @@ from pathlib import Path
 
 from .engine import Plan, RunConfigLike, Study, effective_hash, stage_dir, stage_hashes
 
-# Rough per-model cost on this kind of CPU (SmolLM2-135M measured: 16 prompts × 70 tokens
-# forward ≈ 6 s; one greedy decode step of a batch of 16 ≈ 0.15 s).
-SECONDS_PER_PROMPT_FORWARD = 0.4
-SECONDS_PER_DECODE_STEP_BATCH16 = 0.15
+# Per-model cost on the 2-core CPU, calibrated on an idle run of experiments/06_circuits.toml
+# on SmolLM2-135M (2026-12-01: every stage took 0.51–0.57 × the former constants 0.4 / 0.15;
+# 1,273 s measured for 2,270 s estimated).
+SECONDS_PER_PROMPT_FORWARD = 0.22
+SECONDS_PER_DECODE_STEP_BATCH16 = 0.083
 MODEL_COST = {"smollm2-135m-instruct": 1.0, "gemma-3-270m": 2.5, "tiny-llama": 0.02,
               "tiny-gemma": 0.02}
 
