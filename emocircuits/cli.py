@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="only tables whose title contains this text (repeatable)")
     tab.add_argument("--format", choices=("md", "csv"), default="md")
     tab.add_argument("--digits", type=int, default=3, help="significant digits (default 3)")
+    tab.add_argument("--headline", action="store_true", help="also print the stages' headline numbers")
     sub.add_parser("stages", help="list the stages and whether their modules are available")
     return ap
 
@@ -90,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .viz.tables import render_tables
 
         try:
-            print(render_tables(args.run_dir, args.stage, args.match, args.format, args.digits), end="")
+            print(render_tables(args.run_dir, args.stage, args.match, args.format, args.digits,
+                                headline=args.headline), end="")
         except RunError as e:
             print(f"emocircuits tables: {e}", file=sys.stderr)
             return 2

@@ -123,6 +123,11 @@ def test_tables_markdown_and_csv(tmp_path, capsys):
     assert "| method | x \\| y |" in md and "| circuit | 0.451 |" in md and "| none | 13.0 |" in md
     assert "verdicts" not in md
     assert render_tables(tmp_path).count("**") == 6  # all three tables
+    doc = json.loads((tmp_path / "results.json").read_text())
+    doc["stages"]["circuits"]["headline"] = {"fluent_accuracy_circuit": 0.45, "verdict_1": "circuit better"}
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    hl = render_tables(tmp_path, ["circuits"], ["nothing matches"], headline=True)
+    assert hl.startswith("**run: headline numbers**") and "| circuits | fluent_accuracy_circuit | 0.450 |" in hl
     csv_text = render_tables(tmp_path, ["directions"], fmt="csv")
     assert csv_text.splitlines()[1:] == ["layer,acc", "0,0.5", "1,"]
     assert main(["tables", str(tmp_path), "--stage", "circuits", "--match", "VERDICT"]) == 0

@@ -93,14 +93,29 @@ def markdown_table(columns: Sequence[Any], rows: Iterable[Sequence[Any]], digits
     return "\n".join(lines)
 
 
+def headline_table(results: Mapping[str, Any], stages: Sequence[str] | None = None) -> dict:
+    """The stages' headline numbers as one table ``{"title", "columns", "rows"}`` (stage,
+    number, value), in run order."""
+    rows = []
+    for name, st in results.get("stages", {}).items():
+        if stages and name not in stages:
+            continue
+        for k, v in (st.get("headline") or {}).items():
+            rows.append([name, k, v])
+    return {"title": "headline numbers", "columns": ["stage", "number", "value"], "rows": rows}
+
+
 def render_tables(run_dir: str | os.PathLike, stages: Sequence[str] | None = None,
-                  match: Sequence[str] = (), fmt: str = "md", digits: int = 3) -> str:
+                  match: Sequence[str] = (), fmt: str = "md", digits: int = 3,
+                  headline: bool = False) -> str:
     """The tables of ``run_dir`` as one Markdown (``fmt="md"``) or CSV (``"csv"``) text, each
-    headed by its stage and title."""
+    headed by its stage and title; ``headline`` adds the stages' headline numbers first."""
     if fmt not in ("md", "csv"):
         raise ValueError(f"render_tables: fmt must be 'md' or 'csv', got {fmt!r}")
     doc = read_results(run_dir)
     found = stage_tables(doc, stages, match)
+    if headline:
+        found.insert(0, ("run", headline_table(doc, stages)))
     if not found:
         raise RunError(f"{Path(run_dir) / 'results.json'}: no table matches "
                        f"(stages={list(stages or []) or 'all'}, match={list(match) or 'any'})")
