@@ -35,7 +35,7 @@ from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
 from . import sites as S
-from .prompts import Prompt, batches, encode, pad_ids
+from .prompts import Prompt, batches, check_context, encode, pad_ids
 from .results import (
     Result,
     ResultFileError,
@@ -232,6 +232,7 @@ def collect(
         n_in_shard = 0
 
     ids = [encode(model, t) for t in texts]
+    check_context(model, [len(x) for x in ids], prompts)  # before any batch is run
     # batches never straddle a shard window, so every shard holds a contiguous input range;
     # inside a window, batches go by token length when sort_by_length
     window = shard_size if out_dir is not None else len(texts)

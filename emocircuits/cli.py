@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         t = time.perf_counter()
         res = run_pipeline(cfg, out, only=only, keep_going=False if args.stop_on_error else None,
                            report=not args.no_report, progress=not args.no_progress)
-    except RunError as e:
+    except (RunError, ConfigError) as e:
         print(f"emocircuits: {e}", file=sys.stderr)
         return 2
     wall = time.perf_counter() - t

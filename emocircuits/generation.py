@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .prompts import Prompt, TokenBatch, tokenize
+from .prompts import Prompt, TokenBatch, check_context, tokenize
 from .results import Result
 
 _PHASE_ATTR = "_emocircuits_decoding"
@@ -222,6 +222,7 @@ def generate(
     texts = [p.text if isinstance(p, Prompt) else p for p in prompts]
     eos_ids = _eos_ids(model)
     lengths = [len(model.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    check_context(model, lengths, prompts, extra=cfg.max_new_tokens)  # before any batch is run
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
     out_tokens: list[list[int]] = [[] for _ in texts]
     prompt_lengths = [0] * len(texts)

@@ -343,6 +343,26 @@ def load_model(
     )
 
 
+KNOWN_N_LAYERS = {"smollm2-135m-instruct": 30, "gemma-3-270m": 18}
+
+
+def known_n_layers(name: str) -> int | None:
+    """The number of layers of model ``name`` without loading it: a builtin alias, or a local
+    HF folder's ``config.json`` (``num_hidden_layers``, also under ``text_config``); None when
+    it cannot be known (a hub name, a GGUF not yet converted)."""
+    import json
+
+    if str(name).lower() in KNOWN_N_LAYERS:
+        return KNOWN_N_LAYERS[str(name).lower()]
+    cfg = Path(str(name)).expanduser() / "config.json"
+    try:
+        doc = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    n = doc.get("num_hidden_layers") or (doc.get("text_config") or {}).get("num_hidden_layers")
+    return int(n) if isinstance(n, int) else None
+
+
 def is_chat_model(model) -> bool:
     """True when the tokenizer has a chat template."""
     return bool(getattr(model.tokenizer, "chat_template", None))

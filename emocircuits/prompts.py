@@ -209,8 +209,36 @@ def tokenize(
         prompts = [prompts]
     if len(prompts) == 0:
         raise ValueError("tokenize: no prompts given")
-    return pad_ids(model_or_tokenizer, [encode(tok, p.text if isinstance(p, Prompt) else p)
-                                        for p in prompts], device=device)
+    ids = [encode(tok, p.text if isinstance(p, Prompt) else p) for p in prompts]
+    check_context(model_or_tokenizer, [len(x) for x in ids], prompts)
+    return pad_ids(model_or_tokenizer, ids, device=device)
+
+
+class PromptTooLongError(ValueError):
+    """A prompt (plus the tokens to generate) does not fit the model's context window."""
+
+
+def check_context(model, lengths: Sequence[int], prompts: Sequence[Any] | None = None, *,
+                  extra: int = 0, what: str = "prompt") -> None:
+    """Every ``length + extra`` must fit ``model.cfg.n_ctx``; the first that does not raises
+    ``PromptTooLongError`` naming the prompt (its record key, or its opening words). A model
+    without ``cfg.n_ctx`` (a bare tokenizer) is not checked."""
+    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    if not n_ctx:
+        return
+    for i, n in enumerate(lengths):
+        if n + extra > n_ctx:
+            p = prompts[i] if prompts is not None else None
+            if isinstance(p, Prompt) and p.skeleton_id is not None:
+                name = f"record {p.key!r}"
+            elif p is not None:
+                t = p.text if isinstance(p, Prompt) else str(p)
+                name = f"{what} {i} ({t[:60]!r}{'…' if len(t) > 60 else ''})"
+            else:
+                name = f"{what} {i}"
+            plus = f" + {extra} to generate" if extra else ""
+            raise PromptTooLongError(f"{name} has {n} tokens{plus}; the model's context is {n_ctx} "
+                                     "tokens: shorten the scenario/event or split the text")
 
 
 def pad_ids(model_or_tokenizer, ids: Sequence[Sequence[int]], *,
@@ -221,6 +249,7 @@ def pad_ids(model_or_tokenizer, ids: Sequence[Sequence[int]], *,
         raise ValueError("pad_ids: no sequences given")
     if any(len(x) == 0 for x in ids):
         raise ValueError("pad_ids: an empty token sequence")
+    check_context(model_or_tokenizer, [len(x) for x in ids], what="sequence")
     width = max(len(x) for x in ids)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     tokens = torch.full((len(ids), width), pad_id, dtype=torch.long)

@@ -19,7 +19,13 @@ import pytest
 import torch
 
 from emocircuits import models
-from emocircuits.model_cache import MANIFEST, CacheRebuildWarning, ensure_built, stale_temporaries, verify
+from emocircuits.model_cache import (
+    MANIFEST,
+    CacheRebuildWarning,
+    ensure_built,
+    stale_temporaries,
+    verify,
+)
 
 # ----------------------------------------------------------------------------- model cache
 
@@ -193,3 +199,167 @@ def test_a_build_that_fails_leaves_nothing(tmp_path):
     assert not folder.exists() and stale_temporaries(folder) == []
     with pytest.raises(RuntimeError, match="wrote no files"):
         ensure_built(folder, lambda tmp: None)
+
+
+# ----------------------------------------------------------------------------- the LLM judge's key
+
+KEY = "sk-test-SECRET-0123456789"
+
+
+class _Recorder:
+    """A local HTTP server answering every POST with ``respond(path) -> (status, headers, body)``
+    and recording the headers it received."""
+
+    def __init__(self, respond):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        outer = self
+        self.seen: list[dict] = []
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _any(self):
+                n = int(self.headers.get("Content-Length", 0) or 0)
+                self.rfile.read(n)
+                outer.seen.append({"method": self.command, "path": self.path, "headers": dict(self.headers)})
+                status, headers, body = respond(self.path)
+                data = body.encode()
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_POST = do_GET = _any  # noqa: N815
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _reply(content: str) -> str:
+    return json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]})
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_llm_judge_never_follows_a_redirect_with_the_key(tmp_path, code, monkeypatch):
+    from emocircuits.judges.llm import LLMJudge, LLMJudgeConfigError
+
+    monkeypatch.delenv("EMOCIRCUITS_JUDGE_CACHE", raising=False)
+    elsewhere = _Recorder(lambda path: (200, {}, _reply('{"match": 1, "reason": "ok"}')))
+    origin = _Recorder(lambda path: (code, {"Location": elsewhere.url + "/v1/chat/completions"}, ""))
+    try:
+        judge = LLMJudge(base_url=origin.url + "/v1", api_key=KEY, cache=False, backoff=0.0, timeout=5.0)
+        with pytest.raises(LLMJudgeConfigError, match=f"HTTP {code} redirecting to") as info:
+            judge.judge(["I am furious."], ["anger"])
+        assert elsewhere.url.split("//")[1] in str(info.value) and KEY not in str(info.value)
+        assert elsewhere.seen == []  # the other host never saw a request, let alone the key
+        assert origin.seen[0]["headers"]["Authorization"] == f"Bearer {KEY}"
+    finally:
+        origin.close()
+        elsewhere.close()
+
+
+def test_llm_judge_scrubs_an_echoed_key_before_caching(tmp_path):
+    from emocircuits.judges.llm import LLMJudge
+
+    srv = _Recorder(lambda path: (200, {}, _reply(json.dumps({"match": 1, "reason": f"your key {KEY} is fine"}))))
+    cache = tmp_path / "verdicts.sqlite"
+    try:
+        res = LLMJudge(base_url=srv.url + "/v1", api_key=KEY, cache=cache, backoff=0.0).judge(["Grr."], ["anger"])
+        assert res.match == [True]
+        assert KEY not in json.dumps(res.meta, default=str) and "***" in json.dumps(res.meta, default=str)
+        import sqlite3
+
+        con = sqlite3.connect(cache)
+        dump = "\n".join(con.iterdump())
+        con.close()
+        assert KEY not in dump and "***" in dump
+        assert KEY.encode() not in cache.read_bytes()
+    finally:
+        srv.close()
+
+
+def test_llm_judge_cache_key_covers_endpoint_model_and_prompt_version(monkeypatch):
+    from emocircuits.judges import llm
+    from emocircuits.judges.llm import LLMJudge, build_messages
+
+    msgs = build_messages("I am furious.", "anger")
+    a = LLMJudge(base_url="http://127.0.0.1:9/v1", api_key=KEY, cache=False)
+    b = LLMJudge(base_url="http://127.0.0.2:9/v1", api_key=KEY, cache=False)
+    c = LLMJudge(base_url="http://127.0.0.1:9/v1", api_key=KEY, cache=False, model="other-model")
+    keys = {a.cache_key(msgs), b.cache_key(msgs), c.cache_key(msgs)}
+    assert len(keys) == 3
+    before = a.cache_key(msgs)
+    monkeypatch.setattr(llm, "PROMPT_VERSION", "paper-01-v2")
+    assert a.cache_key(msgs) != before
+
+
+# ----------------------------------------------------------------------------- bad settings and inputs
+
+
+def _cli(*args):
+    from emocircuits.cli import main
+
+    return main(list(args))
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--set", "directions.pca_layers=[99]"], "directions.pca_layers: layer 99 out of range for a 30-layer model"),
+    (["--set", "components.ablation_layers=[-31]"], "components.ablation_layers: layer -31 out of range"),
+    (["--set", "steering.layer_bands=[[12, 40]]"], "steering.layer_bands: layer 40 out of range"),
+    (["--model", "tiny-llama", "--set", "directions.pca_layers=[3]"], "for a 3-layer model"),
+    (["--model", "no-such-model"], "run.model 'no-such-model': not a builtin model"),
+])
+@pytest.mark.parametrize("dry", [True, False])
+def test_bad_settings_refused_before_any_model_load(args, msg, dry, tmp_path, capsys, monkeypatch):
+    from emocircuits import models as M
+
+    monkeypatch.setattr(M, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(M, "tiny_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    rc = _cli("run", "--preset", "quick", "--out", str(tmp_path / "run"), *args, *(["--dry-run"] if dry else []))
+    assert rc == 2
+    assert msg in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("dry", [True, False])
+def test_out_pointing_at_a_file_is_refused(tmp_path, capsys, dry):
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    rc = _cli("run", "--preset", "quick", "--model", "tiny-llama", "--out", str(f), *(["--dry-run"] if dry else []))
+    assert rc == 2 and "is a file: --out must name a folder" in capsys.readouterr().err
+    assert f.read_text() == "mine"
+
+
+def test_a_prompt_longer_than_the_context_is_refused_naming_the_record(tiny_llama):
+    from emocircuits.activations import collect
+    from emocircuits.data import load_sev
+    from emocircuits.generation import generate
+    from emocircuits.prompts import PromptTooLongError, emotion_prompts, tokenize
+
+    rec = list(load_sev("builtin:train"))[0]
+    huge = type(rec)(**{**rec.__dict__, "scenario": "word " * 5000})
+    ps = emotion_prompts(tiny_llama, [huge], ["anger"])
+    n_ctx = tiny_llama.cfg.n_ctx
+    for call in (lambda: collect(tiny_llama, ps, ("resid_post",), "last", progress=False),
+                 lambda: generate(tiny_llama, ps, progress=False, max_new_tokens=2),
+                 lambda: tokenize(tiny_llama, ps)):
+        with pytest.raises(PromptTooLongError, match=rf"record '{rec.skeleton_id}__\w+__anger' has \d+ tokens"
+                                                     rf".*context is {n_ctx}"):
+            call()
+    # a prompt that fits alone but not with the tokens to generate
+    ok = emotion_prompts(tiny_llama, [rec], ["anger"])[:1]
+    n = len(tiny_llama.tokenizer(ok[0].text, add_special_tokens=False)["input_ids"])
+    with pytest.raises(PromptTooLongError, match=rf"\+ {n_ctx - n + 1} to generate"):
+        generate(tiny_llama, ok, progress=False, max_new_tokens=n_ctx - n + 1)
+    with pytest.raises(PromptTooLongError, match=r"prompt 0 \('xx xx"):
+        tokenize(tiny_llama, ["xx " * 3000])

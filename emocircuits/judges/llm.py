@@ -15,7 +15,12 @@ wording) at temperature 0. Transient failures (HTTP 5xx, 429, timeouts, connecti
 are retried with exponential backoff, ``delay_i = min(max_backoff, backoff · 2^i)·(1+U/4)``
 (``Retry-After`` honoured); other 4xx are not. An unparseable reply is re-requested
 ``parse_retries`` times, then counted as ``match=False`` with the reason recorded, as in
-the paper. Verdicts are cached in a SQLite file keyed by sha256(model + messages).
+the paper. Verdicts are cached in a SQLite file keyed by sha256(base URL + model + prompt
+version + messages).
+
+The key stays where it belongs: redirects are never followed (urllib would resend the
+``Authorization`` header to the new host; the error names both hosts), and a reply or an
+error body that echoes the key is scrubbed before it is logged, raised or cached.
 """
 
 from __future__ import annotations
@@ -55,6 +60,22 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+PROMPT_VERSION = "paper-01-v1"  # part of the verdict cache key: bump when the prompt changes
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Refuse every redirect: the request (and its Authorization header) goes nowhere else."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D401
+        src, dst = urllib.parse.urlsplit(req.full_url), urllib.parse.urlsplit(newurl)
+        raise LLMJudgeConfigError(
+            f"LLMJudge: {src.scheme}://{src.netloc}{src.path} answered HTTP {code} redirecting to "
+            f"{dst.scheme}://{dst.netloc}{dst.path}; redirects are not followed (the API key would "
+            "travel with the request): set the base URL to the final address")
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
 
 # The paper's judge prompt (PAPER_METHOD §2.6), lines joined by "\n"; placeholders are
 # substituted with str.replace so braces in the generated text are left alone.
@@ -332,9 +353,9 @@ class LLMJudge:
         return s.replace(self.__key, "***") if self.__key else s
 
     def cache_key(self, messages: list[dict[str, str]]) -> str:
-        """sha256 over the model name and the exact messages (the prompt)."""
-        blob = json.dumps({"model": self.model, "messages": messages}, sort_keys=True,
-                          ensure_ascii=False)
+        """sha256 over the endpoint, the model name, the prompt version and the exact messages."""
+        blob = json.dumps({"url": self.url, "model": self.model, "prompt_version": PROMPT_VERSION,
+                           "messages": messages}, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
@@ -355,8 +376,10 @@ class LLMJudge:
                      "Authorization": f"Bearer {self.__key}"},
         )
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with _OPENER.open(req, timeout=self.timeout) as resp:
                 raw = resp.read()
+        except LLMJudgeConfigError:
+            raise
         except urllib.error.HTTPError as e:
             try:
                 detail = self._scrub(e.read(300).decode("utf-8", "replace"))
@@ -413,7 +436,7 @@ class LLMJudge:
                 return _Outcome(False, f"api-error: {e}", False, n_req)
             try:
                 match, reason = parse_verdict(content)
-                return _Outcome(match, reason, True, n_req)
+                return _Outcome(match, self._scrub(reason), True, n_req)
             except ValueError as e:
                 if bad_replies >= self.parse_retries:
                     snippet = self._scrub(content.strip().replace("\n", " "))[:160]

@@ -58,6 +58,47 @@ def _only(cfg: RunConfig, only: Sequence[str] | None) -> Sequence[str] | None:
     return only if only is not None else (list(cfg.run.stages) if cfg.run.stages is not None else None)
 
 
+def check_before_work(cfg: RunConfig, run_dir: str | os.PathLike) -> None:
+    """What can be checked before a model is loaded, beyond the config's own checks: the run
+    folder is not a file, and layer settings fit the model's depth when it is known without
+    loading (builtin aliases, tiny models, local HF folders). Raises ``ConfigError``."""
+    from pathlib import Path
+
+    from ..models import known_n_layers
+    from ..run.config import ConfigError
+    from .common import check_layers
+    from .config import TINY_MODELS
+
+    name = str(cfg.model)
+    path = Path(name).expanduser()
+    hub_form = name.count("/") == 1 and not name.startswith((".", "/", "~")) and not path.exists()
+    from ..models import ALIASES
+
+    if not (name.lower() in ALIASES or name in TINY_MODELS or path.exists() or hub_form):
+        raise ConfigError(f"run.model {name!r}: not a builtin model ({', '.join([*ALIASES, *TINY_MODELS])}), "
+                          "an existing HF folder or .gguf file, or a hub name 'org/model'")
+    if path.exists() and not (path.suffix == ".gguf" or (path / "config.json").is_file()):
+        raise ConfigError(f"run.model {name!r}: neither a .gguf file nor a folder with config.json")
+    p = Path(run_dir)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"the run folder {p} is a file: --out must name a folder (new or a run folder)")
+    n = 3 if cfg.model in TINY_MODELS else known_n_layers(cfg.model)
+    if n is None:
+        return
+    bands = cfg.section("steering").layer_bands
+    fields = [("directions.pca_layers", cfg.section("directions").pca_layers),
+              ("components.ablation_layers", cfg.section("components").ablation_layers),
+              ("components.neuron_rank_layers", cfg.section("components").neuron_rank_layers),
+              *([] if isinstance(bands, str) else [("steering.layer_bands", b) for b in bands])]
+    for where, layers in fields:
+        if layers is None or isinstance(layers, str):
+            continue
+        try:
+            check_layers(layers, n, where)
+        except ValueError as e:
+            raise ConfigError(f"{e} ({cfg.model} has {n} layers)") from None
+
+
 def run_pipeline(config: RunConfig | Mapping[str, Any], run_dir: str | os.PathLike, *,
                  studies: Sequence[Study] | None = None, only: Sequence[str] | None = None,
                  keep_going: bool | None = None, report: bool = True, progress: bool = True,
@@ -72,6 +113,7 @@ def run_pipeline(config: RunConfig | Mapping[str, Any], run_dir: str | os.PathLi
 
     studies = list(studies) if studies is not None else list(STUDIES)
     cfg = parse_config(config, studies)
+    check_before_work(cfg, run_dir)
     from ..viz.report import build_report
 
     return run_studies(
@@ -89,6 +131,7 @@ def dry_run(config: RunConfig | Mapping[str, Any], run_dir: str | os.PathLike, *
 
     studies = list(studies) if studies is not None else list(STUDIES)
     cfg = parse_config(config, studies)
+    check_before_work(cfg, run_dir)
     d = cfg.data
     header = [f"emocircuits plan: model={cfg.model} preset={cfg.run.preset} out={run_dir}",
               f"emotions={len(cfg.emotions)} ({', '.join(cfg.emotions)}); data: "
@@ -99,5 +142,5 @@ def dry_run(config: RunConfig | Mapping[str, Any], run_dir: str | os.PathLike, *
                 load_seconds=10 * MODEL_COST.get(cfg.model, 1.0))
 
 
-__all__ = ["STUDIES", "Plan", "RunConfig", "Study", "describe", "dry_run", "find_preset", "get_study",
+__all__ = ["STUDIES", "Plan", "RunConfig", "Study", "check_before_work", "describe", "dry_run", "find_preset", "get_study",
            "load_config", "load_preset", "parse_config", "run_pipeline", "stage_hashes"]

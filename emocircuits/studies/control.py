@@ -171,7 +171,7 @@ def _compare(ctx: StageContext, dirs, notes: list[str]) -> dict:
             tok = dict(emotion_tokens(model, emos).token_ids)  # the readout's token set
 
             def biased(a, tok=tok):
-                return lambda e: [CT.VocabularyBias(tok, e, a)]
+                return lambda target: [CT.VocabularyBias(tok, target, a)]
             make = lambda e: None  # noqa: E731
             a, setting = _vocabulary_strength(ctx, biased, judge, gen)
             procs = biased(a)
