@@ -171,7 +171,10 @@ def load_generations(path: str | os.PathLike, *, strict: bool = True) -> list[di
 
 @contextlib.contextmanager
 def _exclusive(path: Path):
-    """Refuse two writers on one generations file (advisory lock on ``<file>.lock``)."""
+    """Refuse two writers on one generations file (advisory lock on ``<file>.lock``). The lock
+    file is removed on exit (while still held); a writer that locked a file which was removed
+    meanwhile sees another inode at the path and counts as refused, so two writers never both
+    hold a lock."""
     import fcntl
 
     lock_path = path.with_name(path.name + ".lock")
@@ -179,11 +182,18 @@ def _exclusive(path: Path):
     with open(lock_path, "w") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            same = lock_path.exists() and os.stat(lock_path).st_ino == os.fstat(fh.fileno()).st_ino
         except BlockingIOError:
+            same = None
+        if not same:
             raise ElicitationFileError(f"{path}: another elicit() is writing this file") from None
         try:
             yield
         finally:
+            try:
+                lock_path.unlink()
+            except FileNotFoundError:
+                pass
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 

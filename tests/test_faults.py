@@ -363,3 +363,22 @@ def test_a_prompt_longer_than_the_context_is_refused_naming_the_record(tiny_llam
         generate(tiny_llama, ok, progress=False, max_new_tokens=n_ctx - n + 1)
     with pytest.raises(PromptTooLongError, match=r"prompt 0 \('xx xx"):
         tokenize(tiny_llama, ["xx " * 3000])
+
+
+def test_no_stray_generations_lock_and_a_second_writer_is_refused(tiny_llama, tmp_path):
+    from emocircuits.data import load_sev
+    from emocircuits.elicitation import ElicitationFileError, _exclusive, elicit
+
+    recs = list(load_sev("builtin:train"))[:1]
+    out = tmp_path / "gen.jsonl"
+    from emocircuits.generation import GenerationConfig
+
+    elicit(tiny_llama, recs, ["anger"], out, progress=False, batch_size=4,
+           gen_config=GenerationConfig(max_new_tokens=2, min_new_tokens=0))
+    assert out.is_file() and not (tmp_path / "gen.jsonl.lock").exists()
+    with _exclusive(out):
+        assert (tmp_path / "gen.jsonl.lock").exists()
+        with pytest.raises(ElicitationFileError, match="another elicit"):
+            with _exclusive(out):
+                pass
+    assert not (tmp_path / "gen.jsonl.lock").exists()

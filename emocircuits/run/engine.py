@@ -282,6 +282,8 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     try:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not path.exists() or os.stat(path).st_ino != os.fstat(f.fileno()).st_ino:
+                raise OSError("the lock file was replaced")  # the run we waited on removed it
         except OSError:
             f.seek(0)
             who = f.read().strip() or "?"
