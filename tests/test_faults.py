@@ -382,3 +382,17 @@ def test_no_stray_generations_lock_and_a_second_writer_is_refused(tiny_llama, tm
             with _exclusive(out):
                 pass
     assert not (tmp_path / "gen.jsonl.lock").exists()
+
+
+@pytest.mark.parametrize("dry", [True, False])
+def test_missing_or_invalid_data_files_refused_before_load(tmp_path, capsys, dry, monkeypatch):
+    from emocircuits import models as M
+
+    monkeypatch.setattr(M, "tiny_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"skeleton_id": "x"}\n')
+    for src, msg in ((tmp_path / "nope.jsonl", "no such file"), (bad, "bad.jsonl:1: theme: missing")):
+        rc = _cli("run", "--preset", "quick", "--model", "tiny-llama", "--out", str(tmp_path / "run"),
+                  "--set", f'data.validation="{src}"', *(["--dry-run"] if dry else []))
+        err = capsys.readouterr().err
+        assert rc == 2 and "data.validation" in err and msg in err, err

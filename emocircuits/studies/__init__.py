@@ -79,6 +79,18 @@ def check_before_work(cfg: RunConfig, run_dir: str | os.PathLike) -> None:
                           "an existing HF folder or .gguf file, or a hub name 'org/model'")
     if path.exists() and not (path.suffix == ".gguf" or (path / "config.json").is_file()):
         raise ConfigError(f"run.model {name!r}: neither a .gguf file nor a folder with config.json")
+    from ..data import load_sev
+
+    for split in ("train", "validation", "test"):
+        src = cfg.data.source(split)
+        if str(src).startswith("builtin:"):
+            continue
+        try:
+            load_sev(src)  # validates every line (cheap next to any model work)
+        except FileNotFoundError:
+            raise ConfigError(f"data.{split} = {src!r}: no such file") from None
+        except ValueError as e:  # SEVValidationError names file:line: field
+            raise ConfigError(f"data.{split} = {src!r}: {e}") from None
     p = Path(run_dir)
     if p.exists() and not p.is_dir():
         raise ConfigError(f"the run folder {p} is a file: --out must name a folder (new or a run folder)")
