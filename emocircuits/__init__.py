@@ -27,6 +27,7 @@ from .emotions import EKMAN6, EmotionSet, emotion_set
 from .generation import GenerationConfig, GenerationResult, generate
 from .judges.readout import emotion_readout
 from .models import load_model
+from .progress import progress_enabled, set_progress
 from .prompts import Prompt, TokenBatch, tokenize
 from .steering import steer
 
@@ -36,5 +37,5 @@ __all__ = [
     "Activations", "EKMAN6", "EmotionSet", "collect", "GenerationConfig", "GenerationResult", "Prompt", "TokenBatch",
     "EmotionDirections", "circuits", "components", "control", "data", "directions", "elicitation",
     "emotion_readout", "evaluate", "modulate", "patching", "probes", "steer", "steering", "emotion_set", "emotions", "generate", "judges", "load_model",
-    "prompts", "sites", "tokenize",
+    "progress_enabled", "prompts", "set_progress", "sites", "tokenize",
 ]

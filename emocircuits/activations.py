@@ -32,7 +32,7 @@ import torch
 from jaxtyping import Float
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from . import sites as S
 from .prompts import Prompt, batches, check_context, encode, pad_ids

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from jaxtyping import Float
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from . import sites as S
 from .activations import collect

@@ -47,7 +47,7 @@ from typing import Literal
 
 import torch
 from jaxtyping import Float
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from . import sites as S
 from .activations import collect

@@ -480,7 +480,7 @@ def controllability(
     ``gen_config``: the ``GenerationConfig`` (``config=``: deprecated name).
     """
     gen_config = renamed_keyword("controllability", "config", "gen_config", config, gen_config, None)
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     from .generation import GenerationConfig, generate
     grid = list(grid) if grid is not None else default_grid()

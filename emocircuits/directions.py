@@ -715,7 +715,7 @@ def reply_mean_activations(
         raise ValueError("reply_mean_activations: every reply is empty")
     out: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
     lay = None
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     for s0 in tqdm(range(0, len(texts), batch_size), desc="reply acts", disable=not progress, leave=False):
         kk = ks[s0:s0 + batch_size]

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 from jaxtyping import Float
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .emotions import EKMAN6, EmotionSet, emotion_set
 from .evaluate import AccuracyTable, accuracy_table

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .prompts import Prompt, TokenBatch, check_context, tokenize
 from .results import Result

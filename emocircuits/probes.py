@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 from jaxtyping import Float
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from . import sites as S
 from .activations import forward_until

@@ -36,7 +36,7 @@ from types import MappingProxyType
 import numpy as np
 import torch
 from jaxtyping import Float
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from . import sites as S
 from .deprecation import renamed_keyword

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from jaxtyping import Float
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..emotions import NEGATIVE_EMOTIONS, POSITIVE_EMOTIONS, EmotionSet, emotion_set, valence_score
 from ..prompts import Prompt, tokenize

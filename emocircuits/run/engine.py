@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..results import (
     Result,
