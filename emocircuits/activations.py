@@ -32,9 +32,9 @@ import torch
 from jaxtyping import Float
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-from .progress import tqdm
 
 from . import sites as S
+from .progress import tqdm
 from .prompts import Prompt, batches, check_context, encode, pad_ids
 from .results import (
     Result,

@@ -46,13 +46,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from jaxtyping import Float
-from .progress import tqdm
 
 from . import sites as S
 from .activations import collect
 from .deprecation import warn_deprecated
 from .directions import EmotionDirections, GroupInfo, group_centered_means
 from .interventions import Intervention, intervene, intervention_hooks
+from .progress import tqdm
 from .prompts import Prompt, texts_of, tokenize
 from .results import Result
 

@@ -47,7 +47,6 @@ from typing import Literal
 
 import torch
 from jaxtyping import Float
-from .progress import tqdm
 
 from . import sites as S
 from .activations import collect
@@ -63,6 +62,7 @@ from .patching import (
     forward_metric,
     logit_readout_metric,
 )
+from .progress import tqdm
 from .prompts import Prompt, texts_of, tokenize
 from .results import Result
 

@@ -480,9 +480,8 @@ def controllability(
     ``gen_config``: the ``GenerationConfig`` (``config=``: deprecated name).
     """
     gen_config = renamed_keyword("controllability", "config", "gen_config", config, gen_config, None)
-    from .progress import tqdm
-
     from .generation import GenerationConfig, generate
+    from .progress import tqdm
     grid = list(grid) if grid is not None else default_grid()
     for g in grid:
         _check_target(g)

@@ -35,13 +35,13 @@ from typing import Any
 
 import numpy as np
 from jaxtyping import Float
-from .progress import tqdm
 
 from .emotions import EKMAN6, EmotionSet, emotion_set
 from .evaluate import AccuracyTable, accuracy_table
 from .generation import GenerationConfig, generate
 from .judges.readout import TOKEN_FORMS, emotion_tokens, last_token_logits, readout_from_logits
 from .models import is_chat_model, model_id
+from .progress import tqdm
 from .prompts import (
     EMOTION_TEMPLATE,
     NEUTRAL_TEMPLATE,

@@ -24,8 +24,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from .progress import tqdm
 
+from .progress import tqdm
 from .prompts import Prompt, TokenBatch, check_context, tokenize
 from .results import Result
 

@@ -47,10 +47,10 @@ from typing import Literal
 
 import torch
 from jaxtyping import Float
-from .progress import tqdm
 
 from . import sites as S
 from .activations import forward_until
+from .progress import tqdm
 from .prompts import Prompt, TokenBatch, texts_of, tokenize
 from .results import Result
 

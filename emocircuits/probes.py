@@ -38,12 +38,12 @@ from typing import Any
 import numpy as np
 import torch
 from jaxtyping import Float
-from .progress import tqdm
 
 from . import sites as S
 from .activations import forward_until
 from .deprecation import warn_deprecated
 from .emotions import valence_score
+from .progress import tqdm
 from .prompts import Prompt, encode, pad_ids, render
 from .results import Result
 

@@ -36,13 +36,13 @@ from types import MappingProxyType
 import numpy as np
 import torch
 from jaxtyping import Float
-from .progress import tqdm
 
 from . import sites as S
 from .deprecation import renamed_keyword
 from .directions import EmotionDirections
 from .generation import GenerationConfig, generate
 from .interventions import Intervention, check_positions, intervene
+from .progress import tqdm
 from .prompts import Prompt
 from .results import Result
 

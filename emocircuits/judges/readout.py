@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from jaxtyping import Float
-from ..progress import tqdm
 
 from ..emotions import NEGATIVE_EMOTIONS, POSITIVE_EMOTIONS, EmotionSet, emotion_set, valence_score
+from ..progress import tqdm
 from ..prompts import Prompt, tokenize
 from ..results import Result
 from .base import JudgeResult

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..progress import tqdm
-
 from ..results import (
     Result,
     ResultFileError,
