@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     tab.add_argument("--format", choices=("md", "csv"), default="md")
     tab.add_argument("--digits", type=int, default=3, help="significant digits (default 3)")
     tab.add_argument("--headline", action="store_true", help="also print the stages' headline numbers")
+    tab.add_argument("--results", action="append", default=[], metavar="STAGE.KEY[.KEY]",
+                     help="print a list of records from a stage's results instead (e.g. circuits.grid)")
+    tab.add_argument("--columns", default=None, help="comma-separated fields for --results")
     sub.add_parser("stages", help="list the stages and whether their modules are available")
     return ap
 
@@ -92,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             print(render_tables(args.run_dir, args.stage, args.match, args.format, args.digits,
-                                headline=args.headline), end="")
+                                headline=args.headline, results=args.results,
+                                columns=args.columns.split(",") if args.columns else None), end="")
         except RunError as e:
             print(f"emocircuits tables: {e}", file=sys.stderr)
             return 2

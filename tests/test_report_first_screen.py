@@ -128,6 +128,12 @@ def test_tables_markdown_and_csv(tmp_path, capsys):
     (tmp_path / "results.json").write_text(json.dumps(doc))
     hl = render_tables(tmp_path, ["circuits"], ["nothing matches"], headline=True)
     assert hl.startswith("**run: headline numbers**") and "| circuits | fluent_accuracy_circuit | 0.450 |" in hl
+    rec = render_tables(tmp_path, results=["circuits.comparison.table"], columns=["method", "fluent_accuracy", "n"])
+    assert "| method | fluent_accuracy | n |" in rec and "| circuit | 0.450 | 90 |" in rec
+    assert main(["tables", str(tmp_path), "--results", "circuits.comparison.nope"]) == 2
+    assert "no 'nope' under circuits.comparison (there: table, verdicts" in capsys.readouterr().err
+    assert main(["tables", str(tmp_path), "--results", "circuits.comparison.table", "--columns", "zzz"]) == 2
+    assert "no field ['zzz']" in capsys.readouterr().err
     csv_text = render_tables(tmp_path, ["directions"], fmt="csv")
     assert csv_text.splitlines()[1:] == ["layer,acc", "0,0.5", "1,"]
     assert main(["tables", str(tmp_path), "--stage", "circuits", "--match", "VERDICT"]) == 0

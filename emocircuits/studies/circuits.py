@@ -211,8 +211,8 @@ def run(ctx: StageContext) -> CircuitsResult:
                 v.fluency.get("repeated_3gram_rate_mean"), *[v.accuracy.by_emotion.get(e) for e in emos],
                 v.accuracy.n] for m, v in evals.items()])
     if rows:
-        ctx.table("λ on validation", ["setting", "judge", "readout", "perplexity", "rep3", "passes guard"],
-                  [[r["setting"], r["judge_accuracy"], r["readout_accuracy"], r["perplexity"],
+        ctx.table("λ on validation", ["setting", "fluent", "judge", "readout", "perplexity", "rep3", "passes guard"],
+                  [[r["setting"], r["fluent_accuracy"], r["judge_accuracy"], r["readout_accuracy"], r["perplexity"],
                     r["repeated_3gram"], r["passes_guard"]] for r in rows])
     acc = {m: v.accuracy.overall for m, v in evals.items() if not m.startswith("random")}
     ctx.figure("method comparison with the random-circuit control", "methods.png",

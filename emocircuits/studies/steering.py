@@ -153,8 +153,8 @@ def run(ctx: StageContext) -> SteeringResult:
                 (e.readout or {}).get("mean_target_share"), e.fluency.get("perplexity_geomean"),
                 *[e.accuracy.by_emotion.get(x) for x in emos], e.accuracy.n] for m, e in shown])
     if rows:
-        ctx.table("validation grid", ["setting", "judge", "readout", "perplexity", "rep3", "passes guard"],
-                  [[r["setting"], r["judge_accuracy"], r["readout_accuracy"], r["perplexity"],
+        ctx.table("validation grid", ["setting", "fluent", "judge", "readout", "perplexity", "rep3", "passes guard"],
+                  [[r["setting"], r["fluent_accuracy"], r["judge_accuracy"], r["readout_accuracy"], r["perplexity"],
                     r["repeated_3gram"], r["passes_guard"]] for r in rows])
         steered = [r for r in rows if r["setting"] != "none" and r["layers"] == rows[1]["layers"]]
         if len(steered) > 1:

@@ -105,17 +105,47 @@ def headline_table(results: Mapping[str, Any], stages: Sequence[str] | None = No
     return {"title": "headline numbers", "columns": ["stage", "number", "value"], "rows": rows}
 
 
+def results_table(results: Mapping[str, Any], path: str, columns: Sequence[str] | None = None) -> dict:
+    """A list of records (or a mapping of records) inside a stage's results, as a table:
+    ``path`` = ``"<stage>.<key>[.<key>…]"`` (e.g. ``circuits.grid``); ``columns`` picks and
+    orders the fields (default: every field of the first record). Errors name what is there."""
+    stage, _, rest = path.partition(".")
+    st = results.get("stages", {}).get(stage)
+    if st is None:
+        raise RunError(f"--results {path}: no stage {stage!r} (stages: {', '.join(results.get('stages', {}))})")
+    node: Any = st.get("results", {})
+    walked = stage
+    for key in [k for k in rest.split(".") if k]:
+        if not isinstance(node, Mapping) or key not in node:
+            have = ", ".join(map(str, node)) if isinstance(node, Mapping) else type(node).__name__
+            raise RunError(f"--results {path}: no {key!r} under {walked} (there: {have})")
+        node, walked = node[key], f"{walked}.{key}"
+    if isinstance(node, Mapping) and all(isinstance(v, Mapping) for v in node.values()):
+        node = [{"key": k, **v} for k, v in node.items()]
+    if not isinstance(node, list) or not node or not all(isinstance(r, Mapping) for r in node):
+        raise RunError(f"--results {path}: not a list of records ({type(node).__name__})")
+    cols = list(columns) if columns else [k for k, v in node[0].items() if not isinstance(v, (Mapping, list))]
+    missing = [c for c in cols if all(c not in r for r in node)]
+    if missing:
+        raise RunError(f"--results {path}: no field {missing} (fields: {', '.join(node[0])})")
+    return {"title": path, "columns": cols, "rows": [[r.get(c) for c in cols] for r in node]}
+
+
 def render_tables(run_dir: str | os.PathLike, stages: Sequence[str] | None = None,
                   match: Sequence[str] = (), fmt: str = "md", digits: int = 3,
-                  headline: bool = False) -> str:
+                  headline: bool = False, results: Sequence[str] = (),
+                  columns: Sequence[str] | None = None) -> str:
     """The tables of ``run_dir`` as one Markdown (``fmt="md"``) or CSV (``"csv"``) text, each
-    headed by its stage and title; ``headline`` adds the stages' headline numbers first."""
+    headed by its stage and title; ``headline`` adds the stages' headline numbers first;
+    ``results`` (paths like ``circuits.grid``) prints those records instead (``columns``)."""
     if fmt not in ("md", "csv"):
         raise ValueError(f"render_tables: fmt must be 'md' or 'csv', got {fmt!r}")
     doc = read_results(run_dir)
     found = stage_tables(doc, stages, match)
     if headline:
         found.insert(0, ("run", headline_table(doc, stages)))
+    if results:  # only the asked records, not every table
+        found = [(p.split(".")[0], results_table(doc, p, columns)) for p in results]
     if not found:
         raise RunError(f"{Path(run_dir) / 'results.json'}: no table matches "
                        f"(stages={list(stages or []) or 'all'}, match={list(match) or 'any'})")
