@@ -35,7 +35,7 @@ from safetensors.torch import save as st_save
 
 from . import sites as S
 from .progress import tqdm
-from .prompts import Prompt, batches, check_context, encode, pad_ids
+from .prompts import Prompt, batches, check_context, encode, pad_ids, texts_of
 from .results import (
     Result,
     ResultFileError,
@@ -49,7 +49,11 @@ Position = str | torch.Tensor
 
 @dataclass
 class Activations(Result):
-    """``acts[site]``: float32 CPU tensor ``[n, layer, (pos,) *width]``; ``layers[site]`` lists its layers."""
+    """``acts[site]``: float32 CPU tensor ``[n, layer, (pos,) *width]``; ``layers[site]`` lists its layers.
+
+    ``acts[site, L]`` (or ``acts["blocks.L.hook_<site>"]``) is model layer ``L`` alone:
+    ``[n, (pos,) *width]`` (``L`` is the model's layer number, not the index into
+    ``layers[site]``)."""
 
     acts: dict[str, Float[torch.Tensor, "n layer ..."]]
     layers: dict[str, list[int]]
@@ -57,20 +61,36 @@ class Activations(Result):
     lengths: torch.Tensor | None = None
     meta: dict = field(default_factory=dict)
 
-    def __getitem__(self, site: str) -> torch.Tensor:
+    def __getitem__(self, key: str | tuple[str, int]) -> torch.Tensor:
+        site, layer = S.parse_site(key)
         if site not in self.acts:
             raise KeyError(f"site {site!r} was not collected; have {list(self.acts)}")
-        return self.acts[site]
+        if layer is None:
+            return self.acts[site]
+        return self.layer(site, layer)
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            self[key]  # type: ignore[index]
+        except (KeyError, TypeError, ValueError):
+            return False
+        return True
 
     def __len__(self) -> int:
         return next(iter(self.acts.values())).shape[0]
 
     def layer(self, site: str, layer: int) -> torch.Tensor:
-        """The slice of one layer: ``[n, (pos,) *width]``."""
+        """The slice of one model layer: ``[n, (pos,) *width]``."""
+        site, layer = S.parse_site(site, layer)
+        if site not in self.acts:
+            raise KeyError(f"site {site!r} was not collected; have {list(self.acts)}")
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"layer must be an int (a model layer number), got {type(layer).__name__}")
         try:
             j = self.layers[site].index(layer)
         except ValueError:
-            raise KeyError(f"layer {layer} of {site!r} not collected; have {self.layers[site]}") from None
+            raise KeyError(f"layer {layer} of {site!r} not collected; collected layers: "
+                           f"{self.layers[site]}") from None
         return self.acts[site][:, j]
 
     @classmethod
@@ -169,11 +189,37 @@ def _columns(batch, position: Position, rows: slice | list[int]) -> torch.Tensor
     return batch.positions(idx.to(batch.tokens.device)).cpu()
 
 
+def resolve_sites(model, sites, layers: Sequence[int] | None = None) -> dict[str, list[int]]:
+    """``{site: [model layers]}`` for ``collect``'s ``sites`` argument: one spec or a list of
+    them, each a site name (at ``layers``, default all, in the order given), a TL hook name such
+    as ``"blocks.3.hook_resid_post"`` or a ``(site, layer)`` pair (that layer only). Specs naming
+    the same site merge (their layers then sorted); ``final_norm`` has the one layer
+    ``n_layers − 1``."""
+    if isinstance(sites, str) or (isinstance(sites, tuple) and len(sites) == 2
+                                  and isinstance(sites[0], str) and isinstance(sites[1], int)
+                                  and not isinstance(sites[1], bool)):
+        sites = [sites]  # one spec: "resid_post", "blocks.3.hook_z" or ("resid_post", 3)
+    if len(sites) == 0:
+        raise ValueError("collect: no sites given")
+    lay = S.layers_of(model, layers)
+    out: dict[str, list[int]] = {}
+    for spec in sites:
+        site, layer = S.parse_site(tuple(spec) if isinstance(spec, list) else spec)
+        if site == "final_norm":
+            want = [model.cfg.n_layers - 1]
+        elif layer is None:
+            want = lay
+        else:
+            want = [S.check_layer(model, layer)]
+        out[site] = sorted(set(out[site]) | set(want)) if site in out else list(want)
+    return out
+
+
 @torch.no_grad()
 def collect(
     model,
-    prompts: Sequence[str | Prompt],
-    sites: Sequence[str] | str,
+    prompts: Sequence[str | Prompt] | str | Prompt,
+    sites: Sequence[str | tuple[str, int]] | str | tuple[str, int],
     position: Position = "last",
     *,
     layers: Sequence[int] | None = None,
@@ -185,24 +231,28 @@ def collect(
 ) -> Activations:
     """Activations at ``sites`` × ``layers`` × ``position`` for every prompt (module docstring).
 
+    ``prompts``: a list of prompts, or one prompt (a string or ``Prompt``: one row).
+    ``sites``: site names (collected at ``layers``, default all), TransformerLens hook names
+    (``"blocks.3.hook_resid_post"``: that site at that layer only) or ``(site, layer)`` pairs,
+    one or a list (``resolve_sites``); ``acts[site, layer]`` reads one layer back.
+
     With ``sort_by_length`` (default) the prompts of each shard window are batched in order of
     token length (less padding, fewer FLOPs) and the results put back in input order; the values
     equal those of input-order batching up to float rounding. Forwards run with
     ``use_cache=False`` (no KV cache is built for a one-shot forward)."""
-    if isinstance(sites, str):
-        sites = (sites,)
-    for s in sites:
-        S.check_site(s)
+    if isinstance(prompts, (str, Prompt)):
+        prompts = [prompts]
+    site_layers = resolve_sites(model, sites, layers)
+    sites = tuple(site_layers)
     if len(prompts) == 0:
         raise ValueError("collect: no prompts")
-    lay = S.layers_of(model, layers)
-    site_layers = {s: ([model.cfg.n_layers - 1] if s == "final_norm" else lay) for s in sites}
+    lay = sorted({layer for s, ls in site_layers.items() if s != "final_norm" for layer in ls})
     if isinstance(position, torch.Tensor):
         position = position.long().cpu()
         if position.dim() == 2 and position.shape[0] != len(prompts):
             raise ValueError(f"position tensor has {position.shape[0]} rows for {len(prompts)} prompts")
-    texts = [p.text if isinstance(p, Prompt) else p for p in prompts]
-    stop = None if "final_norm" in sites else max(lay) + 1
+    texts = texts_of(prompts)
+    stop = None if "final_norm" in sites or not lay else max(lay) + 1
     if stop is not None and stop >= model.cfg.n_layers:
         stop = None
     chunks: dict[str, list[torch.Tensor]] = {s: [] for s in sites}

@@ -55,6 +55,7 @@ from .interventions import Intervention, intervene, intervention_hooks
 from .progress import tqdm
 from .prompts import Prompt, texts_of, tokenize
 from .results import Result
+from .results import summarize as _summarize
 
 SUBLAYERS: tuple[str, str] = ("mlp", "attn")
 """Index order of the sublayer axis p everywhere in this module (matches ``ratio`` and
@@ -239,6 +240,22 @@ class InfluenceResult(Result):
                 "sublayers": list(SUBLAYERS), "influence": self.influence.tolist(),
                 "base": self.base.tolist(), "sigma": self.sigma.tolist(), "n_prompts": self.n_prompts}
 
+    def to_dataframe(self):
+        """One row per (emotion, α, sublayer, model layer): ``influence``."""
+        import pandas as pd
+
+        rows = [(e, float(a), p, int(layer), float(self.influence[i, j, k, li]))
+                for i, e in enumerate(self.emotions) for j, a in enumerate(self.alphas)
+                for k, p in enumerate(SUBLAYERS) for li, layer in enumerate(self.layers)]
+        return pd.DataFrame(rows, columns=["emotion", "alpha", "sublayer", "layer", "influence"])
+
+    def plot(self):
+        """I(L, p) (mean over α) vs layer, one curve per emotion × sublayer: a Figure."""
+        from .viz.figures import sublayer_influence as figure
+
+        return figure({e: {p: self.influence[i].mean(0)[k] for k, p in enumerate(SUBLAYERS)}
+                       for i, e in enumerate(self.emotions)})
+
 
 def _repeat_cache(cache, k: int):
     c = copy.deepcopy(cache)
@@ -402,6 +419,17 @@ class Allocation(Result):
     def n_heads(self) -> int:
         return sum(self.heads)
 
+    def _summary(self) -> dict[str, str]:
+        return {"layers": str(len(self.neurons)), "n_neurons": str(self.n_neurons),
+                "n_heads": str(self.n_heads), **super()._summary()}
+
+    def to_dataframe(self):
+        """One row per layer: the ``neurons`` and ``heads`` allotted to it."""
+        import pandas as pd
+
+        return pd.DataFrame({"layer": range(len(self.neurons)), "neurons": self.neurons,
+                             "heads": self.heads})
+
 
 def _largest_remainder(raw: np.ndarray, cap: int, target: int) -> np.ndarray:
     """floor(raw), each ≤ cap, then +1 by largest fractional part (ties: lower index) until
@@ -562,6 +590,37 @@ class EmotionCircuit(Result):
 
     def head_set(self) -> set[tuple[int, int]]:
         return {(L, h) for L, ids in enumerate(self.heads) for h in ids}
+
+    def _summary(self) -> dict[str, str]:
+        def per_layer(xs: list[list[int]]) -> str:
+            sizes = [len(x) for x in xs]
+            return f"{sum(sizes)}" + (f" {sizes}" if len(sizes) <= 12 else "")
+
+        return {"emotion": repr(self.emotion), "layers": str(self.n_layers),
+                "neurons": per_layer(self.neurons), "heads": per_layer(self.heads),
+                "meta": _summarize(self.meta)}
+
+    def to_dataframe(self):
+        """One row per unit: ``emotion``, ``kind`` ("neuron" / "head"), ``layer``, ``unit`` (the
+        neuron or head id) and ``delta`` (the neuron's Δμ; for a head, ‖Δμ_z‖)."""
+        import pandas as pd
+
+        rows = []
+        for L in range(self.n_layers):
+            for i, n in enumerate(self.neurons[L]):
+                rows.append((self.emotion, "neuron", L, int(n), float(self.neuron_values[L][i])))
+            for i, h in enumerate(self.heads[L]):
+                rows.append((self.emotion, "head", L, int(h),
+                             float(self.head_values[L][i].double().norm())))
+        return pd.DataFrame(rows, columns=["emotion", "kind", "layer", "unit", "delta"])
+
+    def plot(self, n_heads: int | None = None):
+        """The circuit's heads and neurons per layer (``figures.circuit_graph``): a Figure."""
+        from .viz.figures import circuit_graph
+
+        comps = {"heads": sorted(self.head_set()), "neurons": sorted(self.neuron_set())}
+        return circuit_graph({self.emotion: comps}, max(self.n_layers, 1), n_heads=n_heads,
+                             title=f"{self.emotion} circuit: selected components per layer")
 
 
 def build_circuit(emotion: str, neurons: list[list[int]], heads: list[list[int]],

@@ -178,6 +178,8 @@ class NeuronContributions(Result):
         return _top_rows(self.C_mean[self._e(emotion)], self.layers, layer, k, sign == "promote")
 
     def to_dataframe(self):
+        """One row per (emotion, model layer, neuron): ``score`` (= ``C_mean``, the contribution
+        the top-k ranks by), then every table."""
         import pandas as pd
 
         E, L, N = self.C_mean.shape
@@ -186,6 +188,7 @@ class NeuronContributions(Result):
             "emotion": [self.emotions[i] for i in idx[:, 0].tolist()],
             "layer": [self.layers[i] for i in idx[:, 1].tolist()],
             "neuron": idx[:, 2].numpy(),
+            "score": self.C_mean.flatten().numpy(),
             "C_mean": self.C_mean.flatten().numpy(), "C_pos": self.C_pos.flatten().numpy(),
             "C_neg": self.C_neg.flatten().numpy(), "beta": self.beta.flatten().numpy(),
             "H_mean": self.H_mean.flatten().numpy(),
@@ -288,6 +291,8 @@ class HeadImportance(Result):
                          sign == "promote")
 
     def to_dataframe(self):
+        """One row per (emotion, model layer, head): ``score`` (= ``mean_importance``), then
+        the std, baseline and sample count where known."""
         import pandas as pd
 
         rows = []
@@ -295,6 +300,7 @@ class HeadImportance(Result):
             for li, layer in enumerate(self.layers):
                 for h in range(self.mean.shape[2]):
                     r = {"emotion": e, "layer": layer, "head": h,
+                         "score": float(self.mean[ei, li, h]),
                          "mean_importance": float(self.mean[ei, li, h])}
                     if self.std is not None:
                         r["std_importance"] = float(self.std[ei, li, h])
@@ -303,6 +309,21 @@ class HeadImportance(Result):
                     r["samples"] = self.n_samples.get(e, 0)
                     rows.append(r)
         return pd.DataFrame(rows)
+
+    def plot(self, emotion: str | None = None):
+        """Layer × head heatmap of the importance of one ``emotion`` (default: the mean over
+        emotions), rows labelled by model layer: a Figure."""
+        from .viz.figures import cosine_heatmap
+
+        if emotion is not None and emotion not in self.emotions:
+            raise KeyError(f"emotion {emotion!r} not in {self.emotions}")
+        m = (self.mean[self.emotions.index(emotion)] if emotion is not None
+             else self.mean.mean(0)).detach().double().cpu().numpy()
+        lim = float(abs(m).max()) if m.size and float(abs(m).max()) > 0 else 1.0
+        return cosine_heatmap(m, xlabels=[str(h) for h in range(m.shape[1])],
+                              ylabels=[f"L{layer}" for layer in self.layers], vmin=-lim, vmax=lim,
+                              cbar_label=f"importance ({self.method})", xlabel="head", ylabel="layer",
+                              title=f"head importance: {emotion or 'mean over emotions'}")
 
 
 def mlp_in_projection(model, layer: int, directions: torch.Tensor) -> Metric:
@@ -636,6 +657,23 @@ class ComponentSweep(Result):
                              "random_std": float(self.random_std[i, j]),
                              "baseline": float(self.baseline[j])})
         return pd.DataFrame(rows)
+
+    def plot(self, metric: str | None = None):
+        """Δs vs k: the top-k components against random k-sets (mean), per metric (or the one
+        ``metric``): a Figure."""
+        from .viz.figures import sweep_curves
+
+        names = [metric] if metric is not None else list(self.metrics)
+        for m in names:
+            if m not in self.metrics:
+                raise KeyError(f"metric {m!r} not in {self.metrics}")
+        series = {}
+        for m in names:
+            j = self.metrics.index(m)
+            series[f"top-k {m}"] = self.top[:, j]
+            series[f"random {m}"] = self.random_mean[:, j]
+        return sweep_curves(self.ks, series, xlabel="k", ylabel="Δ score vs baseline", ylim=None,
+                            title=f"{self.emotion}: {self.mode} {self.kind}")
 
     def to_dict(self) -> dict:
         return {"emotion": self.emotion, "kind": self.kind, "mode": self.mode, "ks": self.ks,

@@ -250,6 +250,16 @@ class VAComparison(Result):
                 "arousal_cos": self.cosine[1].tolist(),
                 "axis_cos_a": self.axis_cosine_a.tolist(), "axis_cos_b": self.axis_cosine_b.tolist()}
 
+    def to_dataframe(self):
+        """One row per shared model layer: ``valence_cos``, ``arousal_cos``, ``axis_cos_a``,
+        ``axis_cos_b``."""
+        import pandas as pd
+
+        return pd.DataFrame({"layer": self.layers, "valence_cos": self.cosine[0].numpy(),
+                             "arousal_cos": self.cosine[1].numpy(),
+                             "axis_cos_a": self.axis_cosine_a.numpy(),
+                             "axis_cos_b": self.axis_cosine_b.numpy()})
+
 
 def compare_va_directions(a: VADirections, b: VADirections) -> VAComparison:
     """Cosine between the two sets' valence (and arousal) directions at their shared layers."""
@@ -391,6 +401,19 @@ class ControllabilityResult(Result):
         if m is None:
             raise ValueError("controllability was run without the readout (readout_prompts=None)")
         return {ax: axis_scores(self.targets, m, i) for i, ax in enumerate(AXES)}
+
+    def to_dataframe(self):
+        """One row per grid point: the target (``target_valence``, ``target_arousal``) and the
+        mean measured VA over prompts (``text_*``, and ``readout_*`` when measured)."""
+        import pandas as pd
+
+        df = pd.DataFrame({"target_valence": [float(t[0]) for t in self.targets],
+                           "target_arousal": [float(t[1]) for t in self.targets]})
+        for name, m in (("text", self.text_va), ("readout", self.readout_va)):
+            if m is not None:
+                mean = np.asarray(m, dtype=np.float64).mean(1)
+                df[f"{name}_valence"], df[f"{name}_arousal"] = mean[:, 0], mean[:, 1]
+        return df
 
     def to_dict(self) -> dict:
         out = {"targets": [list(t) for t in self.targets],

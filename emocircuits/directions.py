@@ -214,6 +214,44 @@ class EmotionDirections(Result):
             v = v[:, [self.layers.index(layer) for layer in range(n_layers)]]
         return v
 
+    def _summary(self) -> dict[str, str]:
+        out = super()._summary()
+        if self.vectors:
+            out = {"emotions": out.pop("emotions"), "layers": out.pop("layers"),
+                   "sites": "[" + ", ".join(self.sites) + "]", "d_model": str(self.d_model), **out}
+        return out
+
+    def to_dataframe(self):
+        """A summary, one row per (site, emotion, model layer): the direction's ``norm`` and
+        ``max_cos_other``, its largest cosine with another emotion's direction there."""
+        import pandas as pd
+
+        rows = []
+        for s, v in self.vectors.items():
+            u = _unit(v.detach().double().cpu())  # [e, l, d]
+            cos = torch.einsum("eld,fld->lef", u, u)  # [l, e, f]
+            eye = torch.eye(len(self.emotions), dtype=torch.bool)
+            other = cos.masked_fill(eye, float("-inf")).amax(-1) if len(self.emotions) > 1 else None
+            norms = v.detach().double().cpu().norm(dim=-1)
+            for i, e in enumerate(self.emotions):
+                for j, layer in enumerate(self.layers):
+                    rows.append({"site": s, "emotion": e, "layer": layer, "norm": float(norms[i, j]),
+                                 "max_cos_other": float(other[j, i]) if other is not None else float("nan")})
+        return pd.DataFrame(rows, columns=["site", "emotion", "layer", "norm", "max_cos_other"])
+
+    def plot(self, layer: int | None = None, site: str | None = None):
+        """cos(v_e, v_e') between the emotions at one model ``layer`` (default: the middle one
+        of ``layers``) of ``site`` (default: ``resid_post`` if present, else the first): a Figure."""
+        from .viz.figures import emotion_similarity
+
+        site = site or ("resid_post" if "resid_post" in self.vectors else self.sites[0])
+        layer = self.layers[len(self.layers) // 2] if layer is None else layer
+        if layer not in self.layers:
+            raise KeyError(f"layer {layer} not in the directions' layers {self.layers}")
+        v = self._site(site)[:, self.layers.index(layer)]
+        return emotion_similarity(v, self.emotions,
+                                  title=f"cosine between emotion directions ({site}, layer {layer})")
+
 
 def direction_tensor(directions: EmotionDirections | torch.Tensor, site: str,
                      emotions: Sequence[str] | None = None, *, n_layers: int | None = None
@@ -465,6 +503,12 @@ class CosineMatrix(Result):
     def to_dict(self) -> dict:
         return {"labels": self.labels, "matrix": self.matrix.tolist()}
 
+    def plot(self, title: str = ""):
+        """The matrix as a heatmap (``figures.cosine_heatmap``): a Figure."""
+        from .viz.figures import cosine_heatmap
+
+        return cosine_heatmap(self.matrix, xlabels=self.labels, ylabels=self.labels, title=title)
+
 
 def cosine_across_layers(dirs: EmotionDirections, emotion: str,
                          sites: Sequence[str] = ("resid_mid", "resid_post")) -> CosineMatrix:
@@ -550,6 +594,21 @@ class Decodability(Result):
                 "centered": self.centered.tolist(), "uncentered": self.uncentered.tolist(),
                 "chance": self.chance, "n_groups": self.n_groups, "n_folds": self.n_folds}
 
+    def to_dataframe(self):
+        """One row per model layer: ``layer``, ``centered``, ``uncentered``, ``chance``."""
+        import pandas as pd
+
+        return pd.DataFrame({"layer": self.layers, "centered": self.centered,
+                             "uncentered": self.uncentered, "chance": self.chance})
+
+    def plot(self, title: str | None = None):
+        """Decoding accuracy per layer, centred and un-centred, with chance (a Figure)."""
+        from .viz.figures import probe_accuracy
+
+        return probe_accuracy({"centred": self.centered, "uncentred": self.uncentered},
+                              layers=self.layers, chance=self.chance,
+                              title=title or f"nearest-centroid decoding per layer ({self.site})")
+
 
 def _fold_of(prompts: Sequence[Prompt], n_folds: int) -> np.ndarray:
     scen = sorted({str(p.skeleton_id) for p in prompts})
@@ -628,6 +687,18 @@ class KeywordControlResult(Result):
             "emotion_centered": self.emotion.centered, "control_centered": self.control.centered,
             "emotion_uncentered": self.emotion.uncentered, "control_uncentered": self.control.uncentered,
         })
+
+    def plot(self):
+        """Decoding accuracy per layer of the emotion instruction and of the control words
+        (centred and un-centred), with chance: a Figure."""
+        from .viz.figures import probe_accuracy
+
+        return probe_accuracy({"emotion (centred)": self.emotion.centered,
+                               "control (centred)": self.control.centered,
+                               "emotion (uncentred)": self.emotion.uncentered,
+                               "control (uncentred)": self.control.uncentered},
+                              layers=self.emotion.layers, chance=self.emotion.chance,
+                              title="emotion instruction vs control words")
 
     def format(self) -> str:
         lines = [f"{'layer':>5} {'emo(c)':>8} {'ctrl(c)':>8} {'emo(u)':>8} {'ctrl(u)':>8}   "

@@ -49,7 +49,7 @@ from .prompts import (
     emotion_prompts,
     neutral_prompts,
 )
-from .results import Result, atomic_write_text
+from .results import Result, atomic_write_text, summarize
 
 VALENCES: tuple[str, ...] = ("positive", "neutral", "negative")
 RECORD_FIELDS: tuple[str, ...] = (
@@ -442,6 +442,25 @@ class ReadoutAccuracy(Result):
     neutral_share: dict[str, dict[str, float]]
     n_instructed: int
     n_neutral: int
+
+    def _summary(self) -> dict[str, str]:
+        return {"emotions": summarize(list(self.emotions)),
+                "accuracy": f"{self.table.overall:.4g}",
+                "accuracy_no_keyword": f"{self.table_no_keyword.overall:.4g}",
+                **{k: v for k, v in super()._summary().items() if k != "emotions"}}
+
+    def to_dataframe(self):
+        """One row per emotion: instructed ``accuracy`` (and without the keyword token),
+        ``target_share`` and ``neutral_target_share``."""
+        import pandas as pd
+
+        nan = float("nan")
+        return pd.DataFrame([{"emotion": e,
+                              "accuracy": self.table.by_emotion.get(e, nan),
+                              "accuracy_no_keyword": self.table_no_keyword.by_emotion.get(e, nan),
+                              "target_share": self.target_share.get(e, nan),
+                              "neutral_target_share": self.neutral_target_share.get(e, nan)}
+                             for e in self.emotions])
 
 
 def _drop_keyword(es: EmotionSet, tokenizer) -> EmotionSet:

@@ -43,6 +43,17 @@ class AccuracyTable(Result):
             row += f"   (judge abstained on {self.n_abstained}/{self.n})"
         return head + "\n" + row
 
+    def to_dataframe(self):
+        """One row per group: ``group`` (overall / emotion / valence / emotion_valence),
+        ``name`` (``"all"``, the emotion, the valence or ``"emotion/valence"``), ``accuracy``."""
+        import pandas as pd
+
+        rows = [("overall", "all", self.overall)]
+        for group, d in (("emotion", self.by_emotion), ("valence", self.by_valence),
+                         ("emotion_valence", self.by_emotion_valence)):
+            rows += [(group, k, float(v)) for k, v in d.items()]
+        return pd.DataFrame(rows, columns=["group", "name", "accuracy"])
+
 
 def accuracy_table(rows: Sequence[dict]) -> AccuracyTable:
     """Accuracy = mean(match) overall and grouped (empty groups are left out); rows with an
@@ -94,13 +105,29 @@ class FluencyResult(Result):
         return {"perplexity_geomean": self.mean_perplexity,
                 "repeated_ngram_rate": self.mean_repeated_ngram_rate, "ngram_n": self.n}
 
+    def _summary(self) -> dict[str, str]:
+        return {"n_texts": str(len(self.perplexity)), "perplexity_geomean": f"{self.mean_perplexity:.4g}",
+                "repeated_ngram_rate": f"{self.mean_repeated_ngram_rate:.4g}", "n": str(self.n)}
+
+    def to_dataframe(self):
+        """One row per text: ``perplexity``, ``repeated_ngram_rate``."""
+        import pandas as pd
+
+        return pd.DataFrame({"perplexity": self.perplexity,
+                             "repeated_ngram_rate": self.repeated_ngram_rate})
+
 
 @torch.no_grad()
-def fluency(model, prompts: Sequence[str | Prompt], texts: Sequence[str], *, n: int = 3,
-            batch_size: int = 8, generated_tokens: Sequence[Sequence[int]] | None = None
+def fluency(model, prompts: Sequence[str | Prompt] | str | Prompt, texts: Sequence[str] | str, *,
+            n: int = 3, batch_size: int = 8, generated_tokens: Sequence[Sequence[int]] | None = None
             ) -> FluencyResult:
     """Perplexity of each text given its prompt under ``model`` as is (call it outside any
-    steering context to score under the unsteered model), and the repeated-n-gram rate."""
+    steering context to score under the unsteered model), and the repeated-n-gram rate.
+    A bare string (prompt and text) is one pair."""
+    if isinstance(prompts, (str, Prompt)):
+        prompts = [prompts]
+    if isinstance(texts, str):
+        texts = [texts]
     if len(prompts) != len(texts):
         raise ValueError(f"fluency: {len(prompts)} prompts but {len(texts)} texts")
     tok = model.tokenizer
@@ -151,6 +178,17 @@ class MethodEvaluation(Result):
     def to_dict(self) -> dict:
         return {"method": self.method, "accuracy": self.accuracy.to_dict(),
                 "fluency": self.fluency, "readout": self.readout, "examples": self.examples}
+
+    def _summary(self) -> dict[str, str]:
+        out = super()._summary()
+        out["accuracy"] = f"{self.accuracy.overall:.4g} (n={self.accuracy.n})"
+        return out
+
+    def to_dataframe(self):
+        """The judged rows, one per text (``emotion``, ``match``, ``label``, ...)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
 
 
 def evaluate_texts(method: str, prompts: Sequence[Prompt], texts: Sequence[str],
@@ -319,6 +357,12 @@ class MethodComparison(Result):
         import pandas as pd
 
         return pd.DataFrame(self.table)
+
+    def plot(self):
+        """Fluent accuracy per method with its interval (``figures.fluent_comparison``): a Figure."""
+        from .viz.figures import fluent_comparison
+
+        return fluent_comparison(self.table)
 
 
 def _paired_rows(a: MethodEvaluation, b: MethodEvaluation, fa: list[bool], fb: list[bool]):

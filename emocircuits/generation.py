@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .progress import tqdm
-from .prompts import Prompt, TokenBatch, check_context, tokenize
+from .prompts import Prompt, TokenBatch, check_context, texts_of, tokenize
 from .results import Result
 
 _PHASE_ATTR = "_emocircuits_decoding"
@@ -95,6 +95,17 @@ class GenerationResult(Result):
     @property
     def n_tokens(self) -> int:
         return sum(len(t) for t in self.tokens)
+
+    def _summary(self) -> dict[str, str]:
+        out = {"n": str(len(self.texts)), "n_tokens": str(self.n_tokens)}
+        return {**out, **super()._summary()}
+
+    def to_dataframe(self):
+        """One row per prompt: the generated ``text``, ``n_tokens`` and ``prompt_length``."""
+        import pandas as pd
+
+        return pd.DataFrame({"text": self.texts, "n_tokens": [len(t) for t in self.tokens],
+                             "prompt_length": self.prompt_lengths})
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, p: float) -> torch.Tensor:
@@ -194,7 +205,7 @@ def _eos_ids(model) -> set[int]:
 
 def generate(
     model,
-    prompts: Sequence[str | Prompt] | str,
+    prompts: Sequence[str | Prompt] | str | Prompt,
     gen_config: GenerationConfig | None = None,
     *,
     progress: bool = True,
@@ -219,7 +230,7 @@ def generate(
         cfg = GenerationConfig(**{**cfg.__dict__, **overrides})
     if isinstance(prompts, (str, Prompt)):
         prompts = [prompts]
-    texts = [p.text if isinstance(p, Prompt) else p for p in prompts]
+    texts = texts_of(prompts)
     eos_ids = _eos_ids(model)
     lengths = [len(model.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     check_context(model, lengths, prompts, extra=cfg.max_new_tokens)  # before any batch is run

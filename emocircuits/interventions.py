@@ -46,7 +46,9 @@ OPS: tuple[str, ...] = ("shift", "zero", "scale", "set")
 
 @dataclass(frozen=True)
 class Intervention:
-    """One intervention on ``site`` at ``layer`` (module docstring)."""
+    """One intervention on ``site`` at ``layer`` (module docstring). ``site`` may be a
+    TransformerLens hook name (``"blocks.3.hook_resid_post"``; stored as its site name, and
+    ``layer`` must be its layer)."""
 
     site: str
     layer: int
@@ -56,6 +58,14 @@ class Intervention:
     strength: Strength = 1.0
     positions: Positions = "last"
     rms_scale: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.site, str) and self.site not in S.SITES:
+            try:
+                site, _ = S.parse_site(self.site, self.layer)
+            except S.UnknownSiteError:
+                return  # reported, with the accepted forms, when the hooks are built
+            object.__setattr__(self, "site", site)
 
 
 def check_positions(positions: Positions, who: str = "intervention") -> None:

@@ -301,6 +301,10 @@ def _boot_hub(name: str, device: torch.device, dtype: torch.dtype):
     return bridge_from_hf(hf, tok, device=device, dtype=dtype, name=name)
 
 
+TINY_MODELS: dict[str, str] = {"tiny-llama": "llama", "tiny-gemma": "gemma"}
+"""``load_model`` names of the random tiny test models (``tiny_model(arch, seed=0)``)."""
+
+
 def load_model(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
     *,
@@ -309,9 +313,17 @@ def load_model(
 ):
     """Load ``name_or_path`` as a ``TransformerBridge`` (see the module docstring for forms).
 
-    Raises ``ModelLoadError`` with the fix (an install command, the accepted forms) when the
-    model can not be found, and ``ValueError`` for a bad dtype or device string.
+    ``"tiny-llama"`` / ``"tiny-gemma"`` give the random tiny test models (``tiny_model``, seed
+    0, CPU float32; no download). Raises ``ModelLoadError`` with the fix (an install command,
+    the accepted forms) when the model can not be found, and ``ValueError`` for a bad dtype or
+    device string.
     """
+    if str(name_or_path).lower() in TINY_MODELS:
+        if ((device is not None and resolve_device(device).type != "cpu")
+                or (dtype is not None and resolve_dtype(dtype) != torch.float32)):
+            raise ValueError(f"load_model: {name_or_path!r} is a CPU float32 test model; "
+                             f"device={device!r} / dtype={dtype!r} are not supported for it")
+        return tiny_model(TINY_MODELS[str(name_or_path).lower()], seed=0)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype)
     name = str(name_or_path)

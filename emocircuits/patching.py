@@ -467,6 +467,17 @@ class PatchingResult(Result):
         df["patched"] = df["effect"] + self.baseline
         return df
 
+    def plot(self, title: str = ""):
+        """``effect`` as a layer × component heatmap (rows: model layers): a Figure."""
+        from .viz.figures import cosine_heatmap
+
+        m = self.effect.detach().double().cpu().numpy()
+        lim = float(abs(m).max()) if m.size and float(abs(m).max()) > 0 else 1.0
+        return cosine_heatmap(m, xlabels=[str(c) for c in range(m.shape[1])],
+                              ylabels=[f"L{layer}" for layer in self.layers], vmin=-lim, vmax=lim,
+                              cbar_label="effect on the metric", xlabel=self.axes[1], ylabel="layer",
+                              title=title or f"patching effect per {self.axes[0]} × {self.axes[1]}")
+
     def top(self, k: int = 10, largest: bool = True) -> list[tuple[int, int, float]]:
         flat = self.effect.flatten()
         idx = torch.topk(flat, min(k, flat.numel()), largest=largest).indices

@@ -44,7 +44,7 @@ from .activations import forward_until
 from .deprecation import warn_deprecated
 from .emotions import valence_score
 from .progress import tqdm
-from .prompts import Prompt, encode, pad_ids, render
+from .prompts import Prompt, encode, pad_ids, render, texts_of
 from .results import Result
 
 EMBED_LAYER = -1
@@ -512,6 +512,19 @@ class ProbeSweep(Result):
                 cols[name] = v
         return pd.DataFrame(cols)
 
+    def plot(self, title: str | None = None):
+        """Accuracy per layer (cross-validated; test and keyword splits when present) with the
+        chance line (−1 = the embedding): a Figure."""
+        from .viz.figures import probe_accuracy
+
+        series = {"cv accuracy": self.accuracy_mean}
+        for label, name in (("test accuracy", "test_accuracy"), ("with keyword", "accuracy_keyword"),
+                            ("without keyword", "accuracy_no_keyword")):
+            if getattr(self, name) is not None:
+                series[label] = getattr(self, name)
+        return probe_accuracy(series, layers=self.layers, chance=self.chance_uniform,
+                              title=title or f"{self.kind} probe accuracy per layer ({self.pool} pool)")
+
     def to_dict(self) -> dict:
         def f(v):
             return None if v is None else [float(x) for x in v]
@@ -844,6 +857,19 @@ class ZeroShotResult(Result):
             "seconds": self.seconds, "examples": self.replies[:10],
         }
 
+    def to_dataframe(self):
+        """One row per prompt: the ``reply``, its parsed ``prediction`` (None: unparsable), the
+        ``constrained`` prediction and one probability column per class."""
+        import pandas as pd
+
+        df = pd.DataFrame({"reply": self.replies, "prediction": self.predictions,
+                           "constrained": self.constrained_predictions})
+        probs = np.asarray(self.constrained_probs)
+        if probs.ndim == 2 and probs.shape == (len(df), len(self.classes)):
+            for j, c in enumerate(self.classes):
+                df[c] = probs[:, j]
+        return df
+
 
 def class_first_tokens(model, classes: Sequence[str], *, leading_space: bool) -> list[int]:
     """First token id of each class name (with a leading space for base prompts); distinct."""
@@ -1118,11 +1144,12 @@ class MalleabilityResult(Result):
         return out
 
 
-def probe_inputs(model, probe: Probe, prompts: Sequence[str | Prompt], *, positions: Sequence[int] | None = None,
+def probe_inputs(model, probe: Probe, prompts: Sequence[str | Prompt] | str | Prompt, *,
+                 positions: Sequence[int] | None = None,
                  batch_size: int = 16, progress: bool = False) -> Float[torch.Tensor, "n d"]:
     """The probe's input vector for each prompt at ``positions`` (negative index from the
-    end per prompt; default the last token)."""
-    texts = [p.text if isinstance(p, Prompt) else p for p in prompts]
+    end per prompt; default the last token). A bare string or ``Prompt`` is one prompt."""
+    texts = texts_of(prompts)
     ids = [encode(model, t) for t in texts]
     pos = [[-1] for _ in texts] if positions is None else [[int(p)] for p in positions]
     return hidden_at(model, ids, pos, [probe.layer], site=probe.site, batch_size=batch_size,

@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -126,6 +127,11 @@ class Result:
     """
 
     VERSION: ClassVar[int] = 1
+    REPR_LIMIT: ClassVar[int] = 300
+    """``repr`` is cut to this many characters (it never shows tensor/array contents)."""
+    _REPR_FIRST: ClassVar[tuple[str, ...]] = (
+        "emotion", "emotions", "classes", "method", "kind", "site", "sites", "layer", "layers")
+    """Fields shown first in ``repr`` (the rest follow in declaration order)."""
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -135,6 +141,49 @@ class Result:
             raise TypeError(f"two result types are called {name!r} "
                             f"({prev.__module__} and {cls.__module__}); rename one")
         _REGISTRY[name] = cls
+        # ``@dataclass`` writes a field-by-field ``__repr__`` (tensor contents included) unless
+        # the class itself defines one: give every subclass the inherited compact repr first
+        if "__repr__" not in cls.__dict__:
+            cls.__repr__ = next(c.__dict__["__repr__"] for c in cls.__mro__[1:]
+                                if "__repr__" in c.__dict__)
+
+    # ------------------------------------------------------------------ display
+    def _summary(self) -> dict[str, str]:
+        """``{label: short text}`` shown by ``repr`` and ``_repr_html_``: every public field
+        summarised by :func:`summarize` (tensors as dtype[shape], long lists as their length,
+        dicts by their keys), the ``_REPR_FIRST`` fields first. Subclasses refine it."""
+        if not dataclasses.is_dataclass(self):
+            return {}
+        names = [f.name for f in dataclasses.fields(self) if f.repr and not f.name.startswith("_")]
+        names = [n for n in self._REPR_FIRST if n in names] + [n for n in names if n not in self._REPR_FIRST]
+        return {n: summarize(getattr(self, n)) for n in names}
+
+    def __repr__(self) -> str:
+        parts = [f"{k}={v}" for k, v in self._summary().items()]
+        return _fit(type(self).__name__, parts, self.REPR_LIMIT)
+
+    def _repr_html_(self) -> str:
+        """A small HTML table: the summary, then the head of ``to_dataframe()`` when the type
+        is tabular (Jupyter shows this instead of the repr)."""
+        from html import escape
+
+        rows = "".join(f"<tr><th style='text-align:left'>{escape(k)}</th><td style='text-align:left'>"
+                       f"{escape(v)}</td></tr>" for k, v in self._summary().items())
+        html = (f"<div><b>{escape(type(self).__name__)}</b><table>{rows}</table>")
+        df = self._dataframe_or_none()
+        if df is not None:
+            more = f"<p>{len(df)} rows × {len(df.columns)} columns</p>" if len(df) > 10 else ""
+            html += df.head(10).to_html(max_cols=12) + more
+        return html + "</div>"
+
+    def _dataframe_or_none(self):
+        fn = getattr(self, "to_dataframe", None)
+        if not callable(fn):
+            return None
+        try:
+            return fn()
+        except Exception:  # noqa: BLE001 - a display never raises
+            return None
 
     def _result_fields(self) -> dict[str, Any]:
         """What ``save`` stores: every non-private dataclass field. A subclass whose field holds
@@ -178,6 +227,103 @@ class Result:
     def load(cls: type[R], path: str | os.PathLike) -> R:
         """Read a result written by :meth:`save` (the stored type must be ``cls`` or a subclass)."""
         return _load(path, cls)
+
+
+# ============================================================================ summaries
+
+_SHORT_STR = 24
+_SHORT_LIST = 8
+
+
+def summarize(x: Any, *, depth: int = 0) -> str:
+    """A short text for one field value, never the contents of a tensor or array:
+
+    tensors/arrays -> ``float32[3, 2, 8]``; numbers rounded to 4 significant digits; short
+    strings quoted (long ones cut); short flat lists shown (``[anger, joy]``, contiguous ints as
+    ``[0..29]``), longer ones as ``list[30]``; dicts by their keys (a few with their values'
+    summaries, ``{resid_post: float32[3, 2, 8]}``; many as ``dict[12]``); nested results by
+    their class name."""
+    if isinstance(x, torch.Tensor):
+        return f"{str(x.dtype).removeprefix('torch.')}[{', '.join(map(str, x.shape))}]"
+    if isinstance(x, np.ndarray):
+        return f"{x.dtype}[{', '.join(map(str, x.shape))}]"
+    if isinstance(x, Result):
+        return type(x).__name__
+    if isinstance(x, (bool, np.bool_)) or x is None:
+        return repr(x if x is None else bool(x))
+    if isinstance(x, (int, np.integer)):
+        return str(int(x))
+    if isinstance(x, (float, np.floating)):
+        return f"{float(x):.4g}"
+    if isinstance(x, str):
+        return repr(x if len(x) <= _SHORT_STR else x[:_SHORT_STR - 1] + "…")
+    if isinstance(x, Mapping):
+        if not x:
+            return "{}"
+        keys = [_key(k) for k in x]
+        if len(keys) <= 4 and depth == 0:
+            inner = [f"{k}: {summarize(v, depth=1)}" for k, v in zip(keys, x.values(), strict=True)]
+            s = "{" + ", ".join(inner) + "}"
+            if len(s) <= 90:
+                return s
+        if len(keys) <= 6:
+            s = "{" + ", ".join(keys) + "}"
+            if len(s) <= 60:
+                return s
+        return f"dict[{len(x)}]"
+    if isinstance(x, (list, tuple, set, frozenset)):
+        kind = type(x).__name__
+        seq = list(x)
+        if seq and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in seq):
+            ints = [int(v) for v in seq]
+            if len(ints) > 3 and ints == list(range(ints[0], ints[0] + len(ints))):
+                return f"[{ints[0]}..{ints[-1]}]"
+        if len(seq) <= _SHORT_LIST and all(_atomic(v) for v in seq):
+            s = "[" + ", ".join(_key(v) for v in seq) + "]"
+            if len(s) <= 60:
+                return s
+        if seq and len({type(v) for v in seq}) == 1 and not _atomic(seq[0]):
+            return f"{kind}[{len(seq)}×{type(seq[0]).__name__}]"
+        return f"{kind}[{len(seq)}]"
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return type(x).__name__
+    return type(x).__name__
+
+
+def _atomic(v: Any) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str, np.generic)) and (
+        not isinstance(v, str) or len(v) <= _SHORT_STR)
+
+
+_NAME = re.compile(r"[\w./+\-−]+")
+
+
+def _key(k: Any) -> str:
+    """A dict key or list item: names without quotes (``anger``, ``3``, ``(s1, positive)``),
+    other strings quoted."""
+    if isinstance(k, str):
+        k = k if len(k) <= _SHORT_STR else k[:_SHORT_STR - 1] + "…"
+        return k if _NAME.fullmatch(k) else repr(k)
+    if isinstance(k, tuple):
+        return "(" + ", ".join(_key(v) for v in k) + ")"
+    if isinstance(k, (float, np.floating)):
+        return f"{float(k):.4g}"
+    return str(k) if _atomic(k) else summarize(k, depth=1)
+
+
+def _fit(name: str, parts: list[str], limit: int) -> str:
+    """``name(p1, p2, ...)`` with as many parts as fit in ``limit`` characters (then ``…``)."""
+    out, used = [], len(name) + 2
+    for i, p in enumerate(parts):
+        tail = 0 if i == len(parts) - 1 else 3  # room for ", …"
+        if used + len(p) + (2 if out else 0) + tail > limit:
+            if not out:  # even the first part is too long: cut it
+                out.append(p[:max(limit - used - 4, 8)] + "…")
+            out.append("…")
+            break
+        out.append(p)
+        used += len(p) + (2 if len(out) > 1 else 0)
+    return f"{name}({', '.join(out)})"
 
 
 def result_types() -> dict[str, type[Result]]:

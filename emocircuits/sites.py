@@ -22,10 +22,17 @@ post-normed writes; the heads' results then sum to ``blocks.l.attn.o.hook_out`` 
 output before the post-norm) and ``mlp_post @ W_out`` to ``blocks.l.mlp.out.hook_out``.
 Weights: ``W_O`` [layer, head, d_head, d_model], ``W_out`` [layer, d_mlp, d_model],
 ``W_U`` [d_model, vocab] (see ``weights``).
+
+Wherever a site is named, a TransformerLens hook name works too and means that site at that
+layer only: ``"blocks.3.hook_resid_post"`` is ``("resid_post", 3)``, ``"blocks.3.attn.hook_z"``
+is ``("z", 3)``, ``"blocks.3.mlp.hook_post"`` is ``("mlp_post", 3)``,
+``"blocks.3.attn.hook_pattern"`` is ``("pattern", 3)``, ``"blocks.3.attn.hook_result"`` is
+``("head_result", 3)``, ``"ln_final.hook_out"`` is ``"final_norm"`` (``parse_site``).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -50,14 +57,75 @@ SITES: tuple[str, ...] = tuple(_TEMPLATES)
 PER_LAYER: frozenset[str] = frozenset(s for s in SITES if s != "final_norm")
 
 
+# TransformerLens hook names (the part after ``blocks.{l}.``) -> site. Where two sites share a
+# hook (z/head_result, ln2_out/mlp_in) the hook name means the first; TL's per-head
+# ``attn.hook_result`` is this library's ``head_result``.
+TL_HOOKS: dict[str, str] = {
+    "hook_resid_pre": "resid_pre",
+    "hook_resid_mid": "resid_mid",
+    "hook_resid_post": "resid_post",
+    "hook_attn_out": "attn_out",
+    "hook_mlp_out": "mlp_out",
+    "attn.hook_z": "z",
+    "attn.hook_result": "head_result",
+    "mlp.hook_post": "mlp_post",
+    "attn.o.hook_out": "attn_o_out",
+    "mlp.out.hook_out": "mlp_down_out",
+    "attn.hook_pattern": "pattern",
+    "ln2.hook_out": "ln2_out",
+}
+_FINAL_HOOKS = ("ln_final.hook_out",)
+_BLOCK_HOOK = re.compile(r"blocks\.(\d+)\.(.+)")
+
+
 class UnknownSiteError(KeyError):
-    pass
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0]) if self.args else ""
+
+
+def _accepted_forms() -> str:
+    return (f"a site name {list(SITES)}, a TransformerLens hook name 'blocks.<layer>.<hook>' with "
+            f"<hook> one of {list(TL_HOOKS)} (or {list(_FINAL_HOOKS)}), or a (site, layer) pair")
+
+
+def parse_site(spec: str | tuple[str, int], layer: int | None = None) -> tuple[str, int | None]:
+    """``(site, layer)`` of a site name, a TL hook name or a ``(site, layer)`` pair.
+
+    ``"resid_post"`` -> ``("resid_post", layer)``; ``"blocks.3.hook_resid_post"`` ->
+    ``("resid_post", 3)``; ``("resid_post", 3)`` -> itself. A ``layer`` given besides a spec
+    that names one must agree with it. Unknown names raise ``UnknownSiteError`` listing the
+    accepted forms. Layers are not range-checked here (``check_layer``)."""
+    if isinstance(spec, tuple):
+        if len(spec) != 2 or not isinstance(spec[0], str):
+            raise UnknownSiteError(f"unknown site {spec!r}; accepted: {_accepted_forms()}")
+        site, own = parse_site(spec[0])
+        lay = spec[1]
+        if isinstance(lay, bool) or not isinstance(lay, int):
+            raise TypeError(f"site {spec!r}: the layer must be an int, got {type(lay).__name__}")
+        if own is not None and own != lay:
+            raise ValueError(f"site {spec!r}: hook name {spec[0]!r} is layer {own}, not {lay}")
+        spec_layer: int | None = int(lay)
+    elif isinstance(spec, str):
+        if spec in _TEMPLATES:
+            site, spec_layer = spec, None
+        elif spec in _FINAL_HOOKS:
+            site, spec_layer = "final_norm", None
+        else:
+            m = _BLOCK_HOOK.fullmatch(spec)
+            if m is None or m.group(2) not in TL_HOOKS:
+                raise UnknownSiteError(f"unknown site {spec!r}; accepted: {_accepted_forms()}")
+            site, spec_layer = TL_HOOKS[m.group(2)], int(m.group(1))
+    else:
+        raise UnknownSiteError(f"unknown site {spec!r} (a {type(spec).__name__}); accepted: "
+                               f"{_accepted_forms()}")
+    if layer is not None and spec_layer is not None and int(layer) != spec_layer:
+        raise ValueError(f"site {spec!r} is layer {spec_layer}, but layer {layer} was asked for")
+    return site, (spec_layer if spec_layer is not None else layer)
 
 
 def check_site(site: str) -> str:
-    if site not in _TEMPLATES:
-        raise UnknownSiteError(f"unknown site {site!r}; known sites: {list(SITES)}")
-    return site
+    """The site name of ``site`` (a site name, or a TL hook name: its site; see ``parse_site``)."""
+    return parse_site(site)[0]
 
 
 def check_layer(model, layer: int) -> int:
@@ -70,8 +138,9 @@ def check_layer(model, layer: int) -> int:
 
 
 def hook_name(model, site: str, layer: int | None = None) -> str:
-    """The hook name of ``site`` at ``layer`` (``final_norm`` takes no layer)."""
-    check_site(site)
+    """The hook name of ``site`` at ``layer`` (``final_norm`` takes no layer). ``site`` may
+    be a TL hook name (``layer``, if given, must be its layer) or a ``(site, layer)`` pair."""
+    site, layer = parse_site(site, layer)
     if site == "final_norm":
         return _TEMPLATES[site]
     if layer is None:
@@ -89,7 +158,7 @@ def layers_of(model, layers=None) -> list[int]:
 def site_width(model, site: str) -> tuple[int, ...]:
     """Trailing shape of one position's activation at ``site``."""
     cfg = model.cfg
-    check_site(site)
+    site = check_site(site)
     if site == "z":
         return (cfg.n_heads, cfg.d_head)
     if site == "head_result":

@@ -9,7 +9,12 @@ with α = ``strength`` (``alpha=`` is its deprecated name) and rms computed per 
 *before* the addition (the paper: α = 8, resid_post, layers 11–20 of 28, "last"). The
 default is ``scale="rms"``, ``strength=8``: meant for unit directions (``EmotionDirections``).
 A raw tensor is added as given (not normalised), so ``steer`` warns (``ImplicitScaleWarning``)
-when a raw tensor comes without an explicit ``scale=``. Positions, per forward call:
+when a raw tensor comes without an explicit ``scale=``. The directions may also be a dict
+``{layer: vector}`` of raw ``[d]`` tensors (model layer numbers): v_l is that layer's vector and
+the layers default to the dict's keys; being raw, it warns the same way without ``scale=``. The
+``site`` may be a TransformerLens hook name: ``"blocks.12.hook_resid_post"`` is site
+``resid_post`` at layer 12 (the layers then default to [12]; given ones must be [12]).
+Positions, per forward call:
 
 * ``"last"``: the last position of every call — the last prompt token in prefill and then
   every generated token (each decode call has length 1);
@@ -43,8 +48,8 @@ from .directions import EmotionDirections
 from .generation import GenerationConfig, generate
 from .interventions import Intervention, check_positions, intervene
 from .progress import tqdm
-from .prompts import Prompt
-from .results import Result
+from .prompts import Prompt, texts_of
+from .results import Result, summarize
 
 RMS_EPS = 1e-12
 _PAPER_BAND = (11, 21, 28)  # layers [11, 21) of 28
@@ -72,6 +77,7 @@ SCALES: tuple[str, ...] = ("rms", "none", "unit")
 class ImplicitScaleWarning(UserWarning):
     """``steer`` got a raw direction tensor and no explicit ``scale=``."""
 Positions = str | torch.Tensor
+Directions = torch.Tensor | EmotionDirections | Mapping[int, torch.Tensor]
 EmotionSpec = str | Sequence[tuple[str, float]] | Mapping[str, float]
 
 
@@ -90,7 +96,7 @@ def _resolve_layers(model, layers) -> list[int]:
 
 def steering_vectors(
     model,
-    directions: torch.Tensor | EmotionDirections,
+    directions: Directions,
     layers: Sequence[int],
     *,
     emotion: EmotionSpec | None = None,
@@ -99,10 +105,11 @@ def steering_vectors(
     """The vector added at each layer: ``{layer: v_l}``.
 
     ``directions``: a tensor ``[n_layers, d]`` indexed by the model's layer, a single ``[d]``
-    vector used at every layer, or ``EmotionDirections`` with ``emotion`` = a name, or several
+    vector used at every layer, a dict ``{layer: [d] tensor}`` (model layers; every one of
+    ``layers`` must be a key), or ``EmotionDirections`` with ``emotion`` = a name, or several
     ``(emotion, weight)`` pairs (v_l = Σ w_e v_{e,l}, not renormalised).
     """
-    S.check_site(site)
+    site = S.check_site(site)
     if site not in S.PER_LAYER:
         raise ValueError(f"steer: site {site!r} is not per layer")
     width = S.site_width(model, site)
@@ -122,6 +129,15 @@ def steering_vectors(
                 raise KeyError(f"steer: layer {layer} not in the directions' layers {directions.layers}")
             out[layer] = torch.stack([float(w) * directions.at(e, layer, site).double()
                                       for e, w in pairs]).sum(0).float()
+    elif isinstance(directions, Mapping):
+        if emotion is not None:
+            raise ValueError("steer: emotion= only applies to EmotionDirections")
+        by_layer = _layer_dict(model, directions)
+        for layer in layers:
+            if layer not in by_layer:
+                raise KeyError(f"steer: layer {layer} has no vector in the directions dict "
+                               f"(its layers: {sorted(by_layer)})")
+            out[layer] = by_layer[layer]
     elif isinstance(directions, torch.Tensor):
         if emotion is not None:
             raise ValueError("steer: emotion= only applies to EmotionDirections")
@@ -135,7 +151,8 @@ def steering_vectors(
         else:
             raise ValueError(f"steer: direction tensor must be [n_layers, d] or [d], got {tuple(directions.shape)}")
     else:
-        raise TypeError(f"steer: directions must be a tensor or EmotionDirections, got {type(directions).__name__}")
+        raise TypeError(f"steer: directions must be a tensor, a {{layer: vector}} dict or "
+                        f"EmotionDirections, got {type(directions).__name__}")
     for layer, v in out.items():
         if v.shape[-1] != d:
             raise ValueError(f"steer: direction at layer {layer} has width {v.shape[-1]} but site "
@@ -145,13 +162,32 @@ def steering_vectors(
     return {layer: v.detach().float() for layer, v in out.items()}
 
 
+def _layer_dict(model, directions: Mapping) -> dict[int, torch.Tensor]:
+    """``{layer: vector}`` with checked model layers (negative counted from the end) and
+    ``[d]`` tensors (arrays and lists are converted)."""
+    out: dict[int, torch.Tensor] = {}
+    for key, v in directions.items():
+        if isinstance(key, bool) or not isinstance(key, (int, np.integer)):
+            raise TypeError(f"steer: a directions dict maps model layers (ints) to vectors; got key {key!r}")
+        layer = S.check_layer(model, int(key))
+        if layer in out:
+            raise ValueError(f"steer: layer {layer} appears twice in the directions dict")
+        t = v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v))
+        if t.dim() != 1:
+            raise ValueError(f"steer: the vector for layer {key} must be [d], got {tuple(t.shape)}")
+        out[layer] = t
+    if not out:
+        raise ValueError("steer: the directions dict is empty")
+    return out
+
+
 def _check_positions(positions: Positions) -> None:
     check_positions(positions, "steer")
 
 
 def steering_interventions(
     model,
-    directions: torch.Tensor | EmotionDirections,
+    directions: Directions,
     layers: Sequence[int] | Callable | int | None = None,
     strength: Strength = 8.0,
     *,
@@ -161,11 +197,19 @@ def steering_interventions(
     site: str = "resid_post",
 ) -> tuple[list[Intervention], dict[int, torch.Tensor]]:
     """The ``Intervention`` per layer that ``steer`` applies, and the ``{layer: v}`` vectors.
-    Arguments as in ``steer`` (``scale=None``: "rms", warning for a raw tensor)."""
+    Arguments as in ``steer`` (``scale=None``: "rms", warning for a raw tensor or dict)."""
+    site, site_layer = S.parse_site(site)
+    if isinstance(directions, Mapping) and layers is None:
+        layers = sorted(_layer_dict(model, directions))
+    if site_layer is not None:
+        if layers is None:
+            layers = [site_layer]
+        elif _resolve_layers(model, layers) != [S.check_layer(model, site_layer)]:
+            raise ValueError(f"steer: site names layer {site_layer} but layers={layers!r}")
     if scale is None:
         if not isinstance(directions, EmotionDirections):
             warnings.warn(
-                "steer: a raw direction tensor without scale=: adding strength·rms(h)·v with v as "
+                "steer: a raw direction tensor (or {layer: vector} dict) without scale=: adding strength·rms(h)·v with v as "
                 "given (not normalised; strength 8 by default). Pass scale='rms' (the paper's, for unit "
                 "directions) or scale='none' (h += strength·v) explicitly.", ImplicitScaleWarning,
                 stacklevel=4)
@@ -185,7 +229,7 @@ def steering_interventions(
 @contextmanager
 def steer(
     model,
-    directions: torch.Tensor | EmotionDirections,
+    directions: Directions,
     layers: Sequence[int] | Callable | int | None = None,
     strength: Strength = 8.0,
     *,
@@ -197,8 +241,9 @@ def steer(
 ) -> Iterator[dict[int, torch.Tensor]]:
     """Context manager: while active, every forward (and ``generate``) is steered (module doc).
 
-    ``directions``: ``EmotionDirections`` with ``emotion=`` (a name or weighted mixture), or a
-    raw tensor ``[n_layers, d]`` / ``[d]`` (then pass ``scale=``). ``strength`` = α
+    ``directions``: ``EmotionDirections`` with ``emotion=`` (a name or weighted mixture), a
+    raw tensor ``[n_layers, d]`` / ``[d]``, or a dict ``{layer: [d] tensor}`` (raw: pass
+    ``scale=``; ``layers`` then defaults to the dict's keys). ``strength`` = α
     (``alpha=``: deprecated name). ``scale``: "rms" (default) or "none".
 
     Yields the ``{layer: v}`` vectors in use. Built on ``interventions.intervene``: hooks are
@@ -235,6 +280,39 @@ class SteeringSweep(Result):
 
     def to_dict(self) -> dict:
         return {"rows": self.rows, "summary": self.summary(), "meta": self.meta}
+
+    def _summary(self) -> dict[str, str]:
+        emos = list(dict.fromkeys(str(r.get("emotion")) for r in self.rows))
+        bands = list(dict.fromkeys(str(r.get("layers")) for r in self.rows))
+        strengths = sorted({float(r.get("strength", r.get("alpha", float("nan")))) for r in self.rows})
+        return {"rows": str(len(self.rows)), "emotions": summarize(emos), "layers": summarize(bands),
+                "strengths": summarize(strengths), "meta": summarize(self.meta)}
+
+    def plot(self, metric: str = "readout_share"):
+        """Mean ``metric`` over emotions vs strength, one curve per layer band (the unsteered
+        baseline at strength 0), with the perplexity panel: a Figure."""
+        from .viz.figures import sweep_curves
+
+        summ = self.summary()
+        if not summ:
+            raise ValueError("SteeringSweep.plot: no rows")
+        if metric not in summ[0]:
+            raise KeyError(f"metric {metric!r} not in {sorted(summ[0])}")
+        xs = sorted({float(s["strength"]) for s in summ})
+        base = {k: s[k] for s in summ if s["layers"] == "none" for k in (metric, "perplexity")}
+        acc, ppl = {}, {}
+        for band in dict.fromkeys(s["layers"] for s in summ if s["layers"] != "none"):
+            at = {float(s["strength"]): s for s in summ if s["layers"] == band}
+            acc[band] = [at[x][metric] if x in at else base.get(metric, np.nan) if x == 0 else np.nan
+                         for x in xs]
+            ppl[band] = [at[x]["perplexity"] if x in at else base.get("perplexity", np.nan) if x == 0
+                         else np.nan for x in xs]
+        if not acc:  # only the baseline
+            acc = {"none": [base.get(metric, np.nan)] * len(xs)}
+            ppl = {"none": [base.get("perplexity", np.nan)] * len(xs)}
+        rate = metric in ("readout_share", "readout_top1", "judge_accuracy", "repeated_3gram")
+        return sweep_curves(xs, acc, perplexity=ppl, xlabel="strength α", ylabel=metric,
+                            ylim=(-0.02, 1.02) if rate else None, title=f"steering sweep ({self.meta.get('site', 'resid_post')})")
 
     def summary(self) -> list[dict]:
         """Mean over emotions per (layers, strength) setting (``"alpha"``: the same, old key)."""
@@ -280,7 +358,7 @@ def band_name(band: Sequence[int]) -> str:
 def steering_sweep(
     model,
     prompts: Sequence[Prompt | str],
-    directions: torch.Tensor | EmotionDirections,
+    directions: Directions,
     emotions: Sequence[str],
     layer_bands: Sequence[Sequence[int]],
     strengths: Sequence[float] | None = None,
@@ -316,7 +394,7 @@ def steering_sweep(
     if strengths is None:
         raise TypeError("steering_sweep: pass strengths= (the α grid)")
     cfg = gen_config or GenerationConfig(max_new_tokens=30)
-    texts = [p.text if isinstance(p, Prompt) else p for p in prompts]
+    texts = texts_of(prompts)
     ro_prompts = [_with_prefix(t, readout_prefix) for t in texts]
     settings: list[tuple[list[int] | None, float]] = []
     if include_baseline:

@@ -45,6 +45,27 @@ class JudgeResult(Result):
     def abstention_rate(self) -> float:
         return self.n_abstained / len(self.labels) if self.labels else float("nan")
 
+    def _summary(self) -> dict[str, str]:
+        out = super()._summary()
+        judge = self.meta.get("judge") if isinstance(self.meta, dict) else None
+        head = {"n": str(len(self.labels)), "accuracy": f"{self.accuracy:.4g}"}
+        if judge is not None:
+            head["judge"] = repr(str(judge))
+        return {**head, **out}
+
+    def to_dataframe(self):
+        """One row per text: ``label``, ``match``, ``abstained`` (the reason or None) and
+        one score column per emotion."""
+        import pandas as pd
+
+        df = pd.DataFrame({"label": self.labels, "match": self.match,
+                           "abstained": self.abstained or [None] * len(self.labels)})
+        scores = np.asarray(self.scores)
+        if scores.ndim == 2 and scores.shape == (len(self.labels), len(self.emotions)):
+            for j, e in enumerate(self.emotions):
+                df[e] = scores[:, j]
+        return df
+
 
 @runtime_checkable
 class Judge(Protocol):

@@ -28,7 +28,7 @@ from jaxtyping import Float
 
 from ..emotions import NEGATIVE_EMOTIONS, POSITIVE_EMOTIONS, EmotionSet, emotion_set, valence_score
 from ..progress import tqdm
-from ..prompts import Prompt, tokenize
+from ..prompts import Prompt, texts_of, tokenize
 from ..results import Result
 from .base import JudgeResult
 
@@ -135,13 +135,29 @@ class ReadoutResult(Result):
         (``emotions.valence_score`` of ``mass``)."""
         return valence_score(self.mass, self.emotions, positive=positive, negative=negative)
 
+    def _summary(self) -> dict[str, str]:
+        return {"n": str(len(self.mass)), **super()._summary()}
+
+    def to_dataframe(self, values: str = "mass"):
+        """One row per prompt: ``label`` (argmax) and one column per emotion holding P(e)
+        (``values="mass"``) or its share of the emotion-word mass (``values="share"``)."""
+        import pandas as pd
+
+        if values not in ("mass", "share"):
+            raise ValueError(f"to_dataframe: values must be 'mass' or 'share', got {values!r}")
+        m = np.asarray(self.mass if values == "mass" else self.share)
+        df = pd.DataFrame(m, columns=list(self.emotions))
+        df.insert(0, "label", self.labels)
+        return df
+
 
 @torch.no_grad()
-def last_token_logits(model, prompts: Sequence[str | Prompt], *, batch_size: int = 16,
+def last_token_logits(model, prompts: Sequence[str | Prompt] | str | Prompt, *, batch_size: int = 16,
                       progress: bool = False) -> torch.Tensor:
-    """[n, vocab] float32 logits at each prompt's last position, batched, left-padded."""
+    """[n, vocab] float32 logits at each prompt's last position, batched, left-padded (a bare
+    string or ``Prompt`` is one prompt)."""
     out = []
-    texts = [p.text if isinstance(p, Prompt) else p for p in prompts]
+    texts = texts_of(prompts)
     for s in tqdm(range(0, len(texts), batch_size), desc="readout", disable=not progress, leave=False):
         b = tokenize(model, texts[s:s + batch_size])
         logits = model(b.tokens, attention_mask=b.attention_mask, logits_to_keep=1, use_cache=False)
@@ -151,13 +167,14 @@ def last_token_logits(model, prompts: Sequence[str | Prompt], *, batch_size: int
 
 def emotion_readout(
     model,
-    prompts: Sequence[str | Prompt],
+    prompts: Sequence[str | Prompt] | str | Prompt,
     emotions: EmotionSet | Sequence[str] | None = None,
     *,
     batch_size: int = 16,
     progress: bool = False,
 ) -> ReadoutResult:
-    """P(e) for each prompt and emotion (see the module docstring)."""
+    """P(e) for each prompt and emotion (see the module docstring); a bare string or
+    ``Prompt`` is one prompt (one row)."""
     toks = emotion_tokens(model, emotions)
     logits = last_token_logits(model, prompts, batch_size=batch_size, progress=progress)
     return readout_from_logits(logits, toks)
@@ -180,7 +197,9 @@ class LogitReadout:
         self.emotions = emotions
         self.batch_size = batch_size
 
-    def judge(self, texts: Sequence[str], targets: Sequence[str]) -> JudgeResult:
+    def judge(self, texts: Sequence[str] | str, targets: Sequence[str] | str) -> JudgeResult:
+        texts = texts_of(texts)
+        targets = [targets] if isinstance(targets, str) else list(targets)
         if len(texts) != len(targets):
             raise ValueError(f"LogitReadout.judge: {len(texts)} prompts but {len(targets)} targets")
         r = emotion_readout(self.model, texts, self.emotions, batch_size=self.batch_size)

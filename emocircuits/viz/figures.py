@@ -2,7 +2,9 @@
 
 Every function takes plain data (numpy arrays / tensors / dicts of them) or a result object's
 fields, writes one PNG to ``out`` (parent folders created, written atomically) and returns its
-``Path``. Nothing here touches a model: figures are cheap and testable on synthetic data.
+``Path``; with ``out=None`` it returns the matplotlib ``Figure`` instead (what the results'
+``plot()`` methods give). Nothing here touches a model: figures are cheap and testable on
+synthetic data.
 
 =============================  ==============================================================
 function                       picture
@@ -29,9 +31,14 @@ from typing import Any
 
 import matplotlib
 
-matplotlib.use("Agg")
+# Agg (no display) everywhere, except under Jupyter's inline backend, which also draws the
+# Figures that ``out=None`` returns
+_BACKEND = dict.__getitem__(matplotlib.rcParams, "backend")
+if not (isinstance(_BACKEND, str) and "inline" in _BACKEND.lower()):
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from ..results import atomic_write_bytes  # noqa: E402
 
@@ -79,7 +86,16 @@ def method_color(method: str) -> str:
     return _PALETTE[sum(map(ord, m)) % len(_PALETTE)]
 
 
-_save, _color = save_figure, palette_color  # the names used throughout this module
+def finish_figure(fig: Figure, out: str | os.PathLike | None) -> Path | Figure:
+    """``out`` given: ``save_figure(fig, out)`` (its Path); ``out=None``: the Figure itself,
+    detached from pyplot (not shown twice in Jupyter, not kept alive by pyplot)."""
+    if out is None:
+        plt.close(fig)
+        return fig
+    return save_figure(fig, out)
+
+
+_save, _color = finish_figure, palette_color  # the names used throughout this module
 
 
 def cosine(a: Array, b: Array | None = None) -> np.ndarray:
@@ -94,10 +110,12 @@ def cosine(a: Array, b: Array | None = None) -> np.ndarray:
 # ----------------------------------------------------------------------------- heatmaps
 
 
-def cosine_heatmap(matrix: Array, out: str | os.PathLike, *, xlabels: Sequence[str] | None = None,
+def cosine_heatmap(matrix: Array, out: str | os.PathLike | None = None, *, xlabels: Sequence[str] | None = None,
                    ylabels: Sequence[str] | None = None, title: str = "",
-                   vmin: float = -1.0, vmax: float = 1.0, annotate: bool | None = None) -> Path:
-    """A cosine (or any [-1, 1]) matrix as a diverging heatmap; annotated when small."""
+                   vmin: float = -1.0, vmax: float = 1.0, annotate: bool | None = None,
+                   cbar_label: str = "cosine", xlabel: str = "", ylabel: str = "") -> Path | Figure:
+    """A cosine (or any [-1, 1]) matrix as a diverging heatmap; annotated when small
+    (``cbar_label``, ``xlabel``, ``ylabel``: axis texts, for other signed matrices)."""
     m = _np(matrix)
     if m.ndim != 2:
         raise ValueError(f"cosine_heatmap: matrix must be 2-D, got shape {m.shape}")
@@ -105,7 +123,9 @@ def cosine_heatmap(matrix: Array, out: str | os.PathLike, *, xlabels: Sequence[s
     size = (min(2.0 + 0.35 * w, 16), min(1.5 + 0.35 * h, 16))
     fig, ax = plt.subplots(figsize=size)
     im = ax.imshow(m, cmap="RdBu_r", vmin=vmin, vmax=vmax, aspect="auto")
-    fig.colorbar(im, ax=ax, shrink=0.8, label="cosine")
+    fig.colorbar(im, ax=ax, shrink=0.8, label=cbar_label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     step_x = max(1, w // 30)
     step_y = max(1, h // 30)
     if xlabels is not None:
@@ -125,7 +145,7 @@ def cosine_heatmap(matrix: Array, out: str | os.PathLike, *, xlabels: Sequence[s
 
 
 def direction_similarity(vectors: Mapping[str, Array], emotions: Sequence[str],
-                         out: str | os.PathLike, *, emotion: str | None = None) -> Path:
+                         out: str | os.PathLike | None = None, *, emotion: str | None = None) -> Path | Figure:
     """cos between one emotion's unit directions across (layer, site) positions.
 
     ``vectors[site]``: ``[emotion, layer, d_model]``. Positions are ordered layer-major with
@@ -153,8 +173,8 @@ def direction_similarity(vectors: Mapping[str, Array], emotions: Sequence[str],
                           annotate=False)
 
 
-def emotion_similarity(vectors: Array, emotions: Sequence[str], out: str | os.PathLike, *,
-                       title: str = "cosine between emotion directions") -> Path:
+def emotion_similarity(vectors: Array, emotions: Sequence[str], out: str | os.PathLike | None = None, *,
+                       title: str = "cosine between emotion directions") -> Path | Figure:
     """cos(v_e, v_e') between emotions: ``vectors`` is ``[emotion, d]`` (one layer/site)."""
     v = _np(vectors)
     if v.ndim != 2 or v.shape[0] != len(emotions):
@@ -166,8 +186,8 @@ def emotion_similarity(vectors: Array, emotions: Sequence[str], out: str | os.Pa
 # ----------------------------------------------------------------------------- curves
 
 
-def sublayer_influence(influence: Mapping[str, Mapping[str, Array]], out: str | os.PathLike, *,
-                       title: str = "sublayer causal influence I(L, p)") -> Path:
+def sublayer_influence(influence: Mapping[str, Mapping[str, Array]], out: str | os.PathLike | None = None, *,
+                       title: str = "sublayer causal influence I(L, p)") -> Path | Figure:
     """I_{L,p} = (mean s_α − s_base)/(α σ_{L,p}) vs layer L.
 
     ``influence[emotion][kind]``: ``[layer]`` with kind in {"attn", "mlp"} (any names);
@@ -189,10 +209,10 @@ def sublayer_influence(influence: Mapping[str, Mapping[str, Array]], out: str | 
     return _save(fig, out)
 
 
-def probe_accuracy(accuracy: Mapping[str, Array], out: str | os.PathLike, *,
+def probe_accuracy(accuracy: Mapping[str, Array], out: str | os.PathLike | None = None, *,
                    layers: Sequence[int] | None = None, chance: float | None = None,
                    baselines: Mapping[str, float] | None = None,
-                   title: str = "probe accuracy per layer") -> Path:
+                   title: str = "probe accuracy per layer") -> Path | Figure:
     """Accuracy per layer for each named series, a dotted chance line and flat baselines."""
     if not accuracy:
         raise ValueError("probe_accuracy: no series given")
@@ -215,10 +235,12 @@ def probe_accuracy(accuracy: Mapping[str, Array], out: str | os.PathLike, *,
     return _save(fig, out)
 
 
-def sweep_curves(x: Sequence[float], accuracy: Mapping[str, Array], out: str | os.PathLike, *,
+def sweep_curves(x: Sequence[float], accuracy: Mapping[str, Array], out: str | os.PathLike | None = None, *,
                  perplexity: Mapping[str, Array] | None = None, xlabel: str = "α",
-                 title: str = "sweep") -> Path:
-    """Accuracy (left panel) and perplexity (right panel, log scale) vs the strength α / λ."""
+                 title: str = "sweep", ylabel: str = "accuracy",
+                 ylim: tuple[float, float] | None = (-0.02, 1.02)) -> Path | Figure:
+    """Accuracy (left panel) and perplexity (right panel, log scale) vs the strength α / λ
+    (``ylabel``/``ylim``: the left panel's axis, for other scores; ``ylim=None``: automatic)."""
     if not accuracy:
         raise ValueError("sweep_curves: no accuracy series given")
     xs = _np(x).reshape(-1)
@@ -230,9 +252,10 @@ def sweep_curves(x: Sequence[float], accuracy: Mapping[str, Array], out: str | o
         if len(y) != len(xs):
             raise ValueError(f"sweep_curves: {name!r} has {len(y)} values for {len(xs)} x values")
         ax.plot(xs, y, marker="o", color=_color(i), label=name)
-    ax.set_ylim(-0.02, 1.02)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=7)
     if perplexity:
@@ -248,10 +271,10 @@ def sweep_curves(x: Sequence[float], accuracy: Mapping[str, Array], out: str | o
     return _save(fig, out)
 
 
-def method_comparison(accuracy: Mapping[str, float], out: str | os.PathLike, *,
+def method_comparison(accuracy: Mapping[str, float], out: str | os.PathLike | None = None, *,
                       controls: Mapping[str, float] | None = None,
                       per_emotion: Mapping[str, Mapping[str, float]] | None = None,
-                      title: str = "accuracy by method") -> Path:
+                      title: str = "accuracy by method") -> Path | Figure:
     """Bars of overall accuracy per method; controls (e.g. random circuit) hatched grey.
 
     ``per_emotion[method][emotion]`` adds a grouped-bar panel.
@@ -288,8 +311,8 @@ def method_comparison(accuracy: Mapping[str, float], out: str | os.PathLike, *,
     return _save(fig, out)
 
 
-def fluent_comparison(table: Sequence[Mapping[str, Any]], out: str | os.PathLike, *,
-                      title: str = "fluent accuracy by method (test split)") -> Path:
+def fluent_comparison(table: Sequence[Mapping[str, Any]], out: str | os.PathLike | None = None, *,
+                      title: str = "fluent accuracy by method (test split)") -> Path | Figure:
     """Fluent accuracy per method with its 95 % interval over scenarios (bars + error bars)
     and raw judge accuracy (open diamonds), from ``MethodComparison.table`` rows
     (``method, fluent_accuracy, fluent_low, fluent_high, accuracy, n``); one colour per method."""
@@ -334,8 +357,8 @@ def pca_2d(x: Array) -> np.ndarray:
     return pcs
 
 
-def pca_clusters(acts: Mapping[int | str, Array], labels: Sequence[str], out: str | os.PathLike,
-                 *, title: str = "PCA of emotion activations") -> Path:
+def pca_clusters(acts: Mapping[int | str, Array], labels: Sequence[str], out: str | os.PathLike | None = None,
+                 *, title: str = "PCA of emotion activations") -> Path | Figure:
     """One panel per layer: standardised 2-D PCA of ``acts[layer]`` ``[n, d]``, coloured by label."""
     if not acts:
         raise ValueError("pca_clusters: no layers given")
@@ -361,8 +384,8 @@ def pca_clusters(acts: Mapping[int | str, Array], labels: Sequence[str], out: st
 
 
 def circuit_graph(circuits: Mapping[str, Mapping[str, Sequence[Sequence[int]]]], n_layers: int,
-                  out: str | os.PathLike, *, n_heads: int | None = None,
-                  title: str = "emotion circuits: selected components per layer") -> Path:
+                  out: str | os.PathLike | None = None, *, n_heads: int | None = None,
+                  title: str = "emotion circuits: selected components per layer") -> Path | Figure:
     """Which heads and neurons each emotion's circuit uses, as a layers × components grid.
 
     ``circuits[emotion] = {"heads": [(layer, head), ...], "neurons": [(layer, idx), ...]}``.
