@@ -432,22 +432,3 @@ def test_every_default_stage_runs_on_a_tiny_model(tiny_llama, tmp_path):
     assert cli.main(["figures", str(tmp_path), "--out", str(tmp_path / "figs")]) == 0
     names = {p.name for p in (tmp_path / "figs").iterdir()}
     assert {"probes_depth.png", f"{tmp_path.name}_methods.png"} <= names
-
-
-@pytest.mark.slow
-def test_tutorial_notebook_executes(tmp_path):
-    """notebooks/tutorial.ipynb runs top to bottom (tiny model) with nbclient."""
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
-    nb = nbformat.read(ROOT / "notebooks" / "tutorial.ipynb", as_version=4)
-    os.environ["EMOCIRCUITS_TUTORIAL_OUT"] = str(tmp_path / "run")
-    try:
-        nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                resources={"metadata": {"path": str(tmp_path)}}).execute()
-    finally:
-        os.environ.pop("EMOCIRCUITS_TUTORIAL_OUT", None)
-    assert (tmp_path / "run" / "report.html").exists()
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
-    assert not [o for o in outputs if o.get("output_type") == "error"]
-    assert any("image/png" in o.get("data", {}) for o in outputs)
