@@ -47,3 +47,11 @@ def _bar_class():
 def tqdm(*args: Any, disable: bool = False, **kw: Any):
     """``tqdm`` with the package-wide switch applied."""
     return _bar_class()(*args, disable=disable or not progress_enabled(), **kw)
+
+
+def _write(s: str, **kw: Any) -> None:
+    """Print a line without breaking the active bars (``tqdm.write``)."""
+    _bar_class().write(s, **kw)
+
+
+tqdm.write = _write  # type: ignore[attr-defined]

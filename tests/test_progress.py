@@ -31,6 +31,11 @@ def test_no_bar_output_when_off(tiny_llama, capsys, monkeypatch):
     assert "it/s" not in err and "%|" not in err
 
 
+def test_write_prints_a_line(capsys):
+    P.tqdm.write("a message")
+    assert "a message" in capsys.readouterr().out
+
+
 def test_every_module_uses_the_switch():
     """No module imports tqdm directly (it would ignore the switch)."""
     out = subprocess.run(["grep", "-rlE", r"^\s*from tqdm(\.auto)? import tqdm", str(P.__file__).rsplit("/", 1)[0]],
