@@ -274,12 +274,17 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / (x.norm(dim=-1, keepdim=True) + EPS)
 
 
-def _check_rows(acts: Activations, prompts: Sequence[Prompt], who: str) -> None:
+def _check_rows(acts: Activations, prompts: Sequence[Prompt], who: str,
+                sites: Sequence[str] | None = None) -> None:
+    """Rows match the prompts, and the ``sites`` used (default: all) hold one position per
+    prompt ``[n, layer, d]`` (other collected sites, e.g. ``z``, may have any shape)."""
     if len(acts) != len(prompts):
         raise ValueError(f"{who}: activations have {len(acts)} rows but {len(prompts)} prompts were given")
-    if acts.position not in ("last", "index") or any(v.dim() != 3 for v in acts.acts.values()):
-        raise ValueError(f"{who}: need one position per prompt ([n, layer, d_model]); got position "
-                         f"{acts.position!r} with shapes {[tuple(v.shape) for v in acts.acts.values()]}")
+    used = {s: acts.acts[s] for s in (sites if sites is not None else acts.acts)}
+    if acts.position not in ("last", "index") or any(v.dim() != 3 for v in used.values()):
+        raise ValueError(f"{who}: need one position per prompt ([n, layer, d_model]) at "
+                         f"{list(used)}; got position {acts.position!r} with shapes "
+                         f"{[tuple(v.shape) for v in used.values()]}")
 
 
 def _sites(acts: Activations, sites: Sequence[str] | str | None) -> list[str]:
@@ -344,8 +349,8 @@ def context_agnostic(
     Groups are ``Prompt.group`` = (skeleton_id, valence); incomplete groups are dropped and
     listed in ``meta["dropped"]``.
     """
-    _check_rows(acts, prompts, "context_agnostic")
     sites = _sites(acts, sites)
+    _check_rows(acts, prompts, "context_agnostic", sites)
     groups = [p.group for p in prompts]
     labels = [p.emotion or "" for p in prompts]
     vecs: dict[str, torch.Tensor] = {}
@@ -366,8 +371,8 @@ def mean_difference(
     sites: Sequence[str] | str | None = None,
 ) -> EmotionDirections:
     """v_e = unit(mean_{i: e_i = e} h_i − mean_j h_j^neutral): emotion prompts against neutral ones."""
-    _check_rows(acts, prompts, "mean_difference")
     sites = _sites(acts, sites)
+    _check_rows(acts, prompts, "mean_difference", sites)
     labels = np.array([p.emotion for p in prompts])
     vecs = {}
     for s in sites:
@@ -410,8 +415,8 @@ def pca_directions(
     shared emotion offset plus noise it agrees with ``context_agnostic``; it differs when the
     groups disagree on the emotion's offset.
     """
-    _check_rows(acts, prompts, "pca_directions")
     sites = _sites(acts, sites)
+    _check_rows(acts, prompts, "pca_directions", sites)
     vecs: dict[str, torch.Tensor] = {}
     info = GroupInfo([])
     for s in sites:
@@ -448,8 +453,8 @@ def probe_directions(
     """
     from sklearn.linear_model import LogisticRegression
 
-    _check_rows(acts, prompts, "probe_directions")
     sites = _sites(acts, sites)
+    _check_rows(acts, prompts, "probe_directions", sites)
     vecs = {}
     extra: dict = {"C": C, "group_center": group_center}
     for s in sites:
@@ -631,7 +636,7 @@ def nearest_centroid_accuracy(
     Beware: when prompts differ only by the emotion word, the centred variant decodes the
     word itself (compare ``keyword_control``).
     """
-    _check_rows(acts, prompts, "nearest_centroid_accuracy")
+    _check_rows(acts, prompts, "nearest_centroid_accuracy", [site])
     x = acts[site]
     _check_finite(x, site)
     complete, _, mask = _complete_rows(prompts, emotions)

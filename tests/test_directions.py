@@ -323,3 +323,23 @@ def test_pca_and_centroid_paths_unchanged_by_the_merge():
             v = torch.linalg.svd(m[:, j], full_matrices=False)[2][0]
             v = v * torch.sign((m[:, j] @ v).mean())
             assert float(_cos(dirs.vectors["resid_post"][k, j], v)) > 1 - 1e-6
+
+
+def test_directions_ignore_other_collected_sites(tiny_llama):
+    """Collecting z (4-d) beside the residual sites does not stop directions on the residual
+    sites, and gives the same directions as collecting those sites alone."""
+    from emocircuits import directions as D
+    from emocircuits.activations import collect
+    from emocircuits.data import load_sev
+    from emocircuits.prompts import emotion_prompts
+
+    emos = ["anger", "sadness", "happiness"]
+    ps = emotion_prompts(tiny_llama, list(load_sev("builtin:train"))[:2], emos)
+    both = collect(tiny_llama, ps, ("resid_post", "z"), "last", progress=False)
+    alone = collect(tiny_llama, ps, ("resid_post",), "last", progress=False)
+    a = D.context_agnostic(both, ps, emos, sites=["resid_post"])
+    b = D.context_agnostic(alone, ps, emos, sites=["resid_post"])
+    assert torch.equal(a.vectors["resid_post"], b.vectors["resid_post"])
+    D.nearest_centroid_accuracy(both, ps, emos, "resid_post", n_folds=2)
+    with pytest.raises(ValueError, match=r"one position per prompt .* at \['z'\]"):
+        D.context_agnostic(both, ps, emos, sites=["z"])

@@ -258,7 +258,7 @@ def test_one_run_per_folder(tmp_path):
     assert not (tmp_path / ".lock").exists()
     f = tmp_path / "file"
     f.write_text("x")
-    with pytest.raises(RunError, match="is a file"):
+    with pytest.raises(ConfigError, match="is a file"):  # refused before any work (check_before_work)
         run_pipeline(tiny_cfg(), f, studies=[get_study("judge_agreement")], progress=False, report=False)
 
 
