@@ -36,14 +36,15 @@ The whole protocol, with settings chosen on validation, is `emocircuits run --pr
     ("code", """import os
 import warnings
 
-import torch
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's notice without ipywidgets
+import torch  # noqa: E402
 
-import emocircuits as ec
-from emocircuits import circuits as C
-from emocircuits import components as K
-from emocircuits import directions as D
-from emocircuits.data import emotion_prompts, load_sev, neutral_prompts
-from emocircuits.steering import paper_layers, steer
+import emocircuits as ec  # noqa: E402
+from emocircuits import circuits as C  # noqa: E402
+from emocircuits import components as K  # noqa: E402
+from emocircuits import directions as D  # noqa: E402
+from emocircuits.data import emotion_prompts, load_sev, neutral_prompts  # noqa: E402
+from emocircuits.steering import paper_layers, steer  # noqa: E402
 
 warnings.filterwarnings("ignore", category=UserWarning, module="emocircuits")
 MODEL = os.environ.get("EMOCIRCUITS_TUTORIAL_MODEL", "smollm2-135m-instruct")
@@ -262,6 +263,8 @@ def to_markdown(nb: nbformat.NotebookNode, img_dir: Path, img_prefix: str) -> st
         for out in cell.get("outputs", []):
             data = out.get("data", {})
             if out.get("output_type") == "stream":
+                if out.get("name") == "stderr" or not out["text"].strip():
+                    continue  # progress bars and library warnings: not part of the lesson
                 parts.append("```text\n" + out["text"].rstrip() + "\n```")
             elif "image/png" in data:
                 k += 1
