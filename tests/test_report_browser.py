@@ -82,3 +82,25 @@ def test_report_renders_offline_in_chromium(run_dir, tmp_path):
         view = dom[dom.find('class="cv-view"'):]
         assert re.search(r"<h2[^>]*>L1H0</h2>", view), view[:2000]
         assert "<canvas" in view
+
+def test_first_screen_holds_the_answer_and_an_example(tmp_path):
+    """Rendered in Chromium: the method comparison, its verdicts and a generated example come
+    before every stage section, and the top 1200×900 screenshot is not blank."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fs", __file__.replace("test_report_browser.py",
+                                                                         "test_report_first_screen.py"))
+    fs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fs)
+    (tmp_path / "run").mkdir()
+    run = fs._run(tmp_path / "run")
+    page = build_report(run)
+    dom = _chrome(["--dump-dom", page.as_uri()], tmp_path / "profile").stdout
+    first_stage = dom.index('id="stage-')
+    for needle in ("id=\"answer\"", "fluent accuracy", "45.0 %", "circuit better than random",
+                   "id=\"examples\"", "text for anger"):
+        assert -1 < dom.find(needle) < first_stage, needle
+    shot = tmp_path / "top.png"
+    _chrome(["--window-size=1200,900", f"--screenshot={shot}", page.as_uri()], tmp_path / "profile2")
+    img = F.plt.imread(str(shot))[..., :3]
+    assert float(np.var(img)) > 1e-3
