@@ -68,11 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _one_line_warnings() -> None:
+    """In the CLI process: each warning once, as one line (category: message), no source line."""
+    import warnings
+
+    warnings.simplefilter("once")
+    warnings.formatwarning = lambda message, category, filename, lineno, line=None: (  # type: ignore[assignment]
+        f"warning ({category.__name__}): {message}\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .run import ConfigError, RunError
     from .studies import STUDIES, dry_run, load_config, run_pipeline
 
     args = build_parser().parse_args(argv)
+    _one_line_warnings()
     if args.command == "stages":
         for st in STUDIES:
             miss = st.missing_modules()

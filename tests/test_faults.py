@@ -396,3 +396,12 @@ def test_missing_or_invalid_data_files_refused_before_load(tmp_path, capsys, dry
                   "--set", f'data.validation="{src}"', *(["--dry-run"] if dry else []))
         err = capsys.readouterr().err
         assert rc == 2 and "data.validation" in err and msg in err, err
+
+
+def test_cli_prints_each_warning_once_on_one_line():
+    import subprocess
+
+    code = ("import warnings, emocircuits.cli as c; c._one_line_warnings()\n"
+            "for _ in range(3): warnings.warn('budget takes most heads', UserWarning)\n")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stderr
+    assert err == "warning (UserWarning): budget takes most heads\n"
