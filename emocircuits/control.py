@@ -426,27 +426,25 @@ class ControllabilityResult(Result):
         return out
 
 
-def _rank(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="mergesort")
-    r = np.empty(len(x))
-    r[order] = np.arange(len(x), dtype=float)
-    for v in np.unique(x):  # average ties
-        sel = x == v
-        r[sel] = r[sel].mean()
-    return r
-
-
 def pearson(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
-    """Pearson r (nan when either side is constant)."""
+    """Pearson r (``scipy.stats.pearsonr``; nan when either side is constant)."""
+    from scipy import stats
+
     xa, ya = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    xc, yc = xa - xa.mean(), ya - ya.mean()
-    d = math.sqrt(float((xc ** 2).sum() * (yc ** 2).sum()))
-    return float((xc * yc).sum() / d) if d > 0 else float("nan")
+    if len(xa) < 2 or np.ptp(xa) == 0 or np.ptp(ya) == 0:
+        return float("nan")
+    return float(stats.pearsonr(xa, ya).statistic)
 
 
 def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
-    """Spearman ρ = Pearson r of the (tie-averaged) ranks."""
-    return pearson(_rank(np.asarray(x, float)), _rank(np.asarray(y, float)))
+    """Spearman ρ (``scipy.stats.spearmanr``: Pearson r of the tie-averaged ranks; nan when
+    either side is constant)."""
+    from scipy import stats
+
+    xa, ya = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(xa) < 2 or np.ptp(xa) == 0 or np.ptp(ya) == 0:
+        return float("nan")
+    return float(stats.spearmanr(xa, ya).statistic)
 
 
 def axis_scores(targets: Sequence[tuple[float, float]], measured: np.ndarray, axis: int) -> AxisScores:

@@ -355,3 +355,16 @@ def test_vocabulary_bias_and_readout_va_on_smol(smol):
     biased = generate(smol, prompts, cfg, progress=False, logits_processors=[proc])
     rate = np.mean(C.emotion_word_rate(biased.texts, "happiness"))
     assert rate > np.mean(C.emotion_word_rate(plain.texts, "happiness")) and rate > 0
+
+
+def test_correlations_match_a_float64_reference_with_ties_and_constants():
+    """pearson/spearman (scipy) against numpy: corrcoef and tie-averaged ranks by hand."""
+    rng = np.random.default_rng(3)
+    x, y = rng.integers(0, 4, 40).astype(float), rng.normal(size=40)  # many ties in x
+
+    def ranks(v):
+        return np.array([np.mean(np.nonzero(np.sort(v) == a)[0]) for a in v])
+
+    assert C.pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-12)
+    assert C.spearman(x, y) == pytest.approx(np.corrcoef(ranks(x), ranks(y))[0, 1], abs=1e-12)
+    assert np.isnan(C.pearson([1, 1, 1], [1, 2, 3])) and np.isnan(C.spearman([1, 2, 3], [5, 5, 5]))
