@@ -116,7 +116,7 @@ def ensure_built(folder: str | os.PathLike, build: Callable[[Path], None], *,
         if problem is None:  # another process built it while we waited for the lock
             return folder
         if folder.exists():
-            warnings.warn(f"model cache {folder}: {problem}; rebuilding it", CacheRebuildWarning, stacklevel=3)
+            warnings.warn(f"model cache: {problem}; rebuilding {folder}", CacheRebuildWarning, stacklevel=3)
         tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
         try:
             build(tmp)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..run.engine import StageContext
-from .config import TINY_MODELS, RunConfig
+from .config import RunConfig
 
 DEFAULT_SIZES = {"train": 160, "validation": 40, "test": 40}
 
@@ -103,11 +103,9 @@ def batch_size(ctx: StageContext) -> int:
 
 
 def load_run_model(name: str, *, dtype: str | None = None, device: str | None = None):
-    """``load_model(name)``, plus ``"tiny-llama"``/``"tiny-gemma"`` (random tiny test models)."""
+    """``models.load_model(name)`` (which also knows ``"tiny-llama"``/``"tiny-gemma"``)."""
     from .. import models
 
-    if name in TINY_MODELS:
-        return models.tiny_model(TINY_MODELS[name], seed=0)
     return models.load_model(name, device=device, dtype=dtype)
 
 
