@@ -20,6 +20,7 @@ safetensors shards (one per batch group) and ``Activations.load(out_dir)`` reads
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -160,6 +161,65 @@ def forward_until(model, tokens: torch.Tensor, attention_mask: torch.Tensor | No
         if stop is None or stop >= model.cfg.n_layers:
             return model(tokens, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
         model(tokens, attention_mask=attention_mask, stop_at_layer=stop, use_cache=False)
+        return None
+
+
+def _decoder_stack(model) -> tuple[torch.nn.Module, torch.nn.ModuleList]:
+    """The HF module whose ``layers`` ModuleList holds the bridge's blocks, and that list."""
+    first = model.blocks[0]
+    for mod in model.original_model.modules():
+        layers = getattr(mod, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList) and len(layers) and layers[0] is first:
+            return mod, layers
+    raise NotImplementedError(f"forward_from: cannot find the decoder layer list of {type(model.original_model).__name__}")
+
+
+@contextlib.contextmanager
+def _blocks_from(model, start: int):
+    """Blocks ``start..`` only: the HF layer list and its per-layer config lists are sliced
+    for the duration of the block and restored on every exit (also on exceptions)."""
+    stack, layers = _decoder_stack(model)
+    cfg = getattr(stack, "config", None)
+    per_layer = {}
+    if cfg is not None:
+        for key in ("layer_types",):
+            v = getattr(cfg, key, None)
+            if isinstance(v, (list, tuple)) and len(v) == len(layers):
+                per_layer[key] = v
+    stack.layers = torch.nn.ModuleList(list(layers)[start:])
+    for key, v in per_layer.items():
+        setattr(cfg, key, list(v)[start:])
+    try:
+        yield
+    finally:
+        stack.layers = layers
+        for key, v in per_layer.items():
+            setattr(cfg, key, v)
+
+
+def forward_from(model, resid_pre: Float[torch.Tensor, "batch pos d_model"], layer: int,
+                 attention_mask: torch.Tensor | None, stop: int | None = None,
+                 fwd_hooks: Sequence = ()) -> torch.Tensor | None:
+    """Resume a forward at block ``layer`` from its input ``resid_pre`` (as captured on an
+    earlier run of the same tokens and mask): blocks ``0..layer−1`` are not run at all.
+
+    Same result as the whole forward whenever ``resid_pre`` is what blocks ``0..layer−1``
+    produce (tested against it: equal to float32 rounding, ~1e-7). Hooks on blocks below ``layer`` never fire.
+    ``stop`` and the return value are as in ``forward_until``. No KV cache."""
+    n = model.cfg.n_layers
+    if not 0 <= layer < n:
+        raise ValueError(f"forward_from: layer {layer} outside [0, {n})")
+    if stop is not None and stop <= layer:
+        raise ValueError(f"forward_from: stop={stop} must be after the start layer {layer}")
+    if layer == 0:
+        start_ctx = contextlib.nullcontext()
+    else:
+        start_ctx = _blocks_from(model, layer)
+    kw = dict(attention_mask=attention_mask, start_at_layer=layer, use_cache=False)
+    with start_ctx, model.hooks(fwd_hooks=list(fwd_hooks)):
+        if stop is None or stop >= n:
+            return model(resid_pre, logits_to_keep=1, **kw)
+        model(resid_pre, stop_at_layer=stop, **kw)
         return None
 
 

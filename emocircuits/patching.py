@@ -49,7 +49,7 @@ import torch
 from jaxtyping import Float
 
 from . import sites as S
-from .activations import forward_until
+from .activations import forward_from, forward_until
 from .progress import tqdm
 from .prompts import Prompt, TokenBatch, texts_of, tokenize
 from .results import Result
@@ -198,14 +198,25 @@ def logit_diff_metric(token_a: int, token_b: int, name: str | None = None) -> Me
 
 
 def forward_metric(model, batch: TokenBatch, metric: Metric, rows: torch.Tensor,
-                   extra_hooks: Sequence = (), repeat: int = 1, stop_early: bool = True) -> torch.Tensor:
+                   extra_hooks: Sequence = (), repeat: int = 1, stop_early: bool = True,
+                   resume: tuple[int, torch.Tensor] | None = None, past=None) -> torch.Tensor:
     """Run ``batch`` (repeated ``repeat`` times along the batch) with ``extra_hooks`` and return
     ``metric`` per row; ``rows`` are the rows' indices into the metric's per-prompt data. The
-    forward stops after the metric's last hook unless ``stop_early=False``."""
+    forward stops after the metric's last hook unless ``stop_early=False``. ``resume=(layer,
+    resid_pre)`` starts the forward at block ``layer`` from the batch's (unrepeated) residual
+    entering it (``forward_from``): blocks below it are not run. ``past``: a KV cache of every
+    position but the last (``repeat`` must be 1): only the last token runs, on that cache (which
+    grows by one position: crop it to reuse it)."""
     tokens, mask = batch.tokens, batch.attention_mask
     if repeat > 1:
         tokens, mask = tokens.repeat(repeat, 1), mask.repeat(repeat, 1)
         rows = rows.repeat(repeat)
+    if resume is not None:
+        start, resid = resume
+        lows = [_layer_of_hook(h) for h in metric.hooks]
+        if any(low is not None and low < start for low in lows):
+            raise ValueError(f"forward_metric: the metric reads a hook below the resume layer {start}")
+        tokens = resid.repeat(repeat, 1, 1) if repeat > 1 else resid
     cache: dict[str, torch.Tensor] = {}
 
     def grabber(name: str):
@@ -216,7 +227,16 @@ def forward_metric(model, batch: TokenBatch, metric: Metric, rows: torch.Tensor,
 
     hooks = list(extra_hooks) + [(h, grabber(h)) for h in metric.hooks]
     stop = metric.stop_layer() if stop_early else None
-    out = forward_until(model, tokens, mask, stop, hooks)
+    if past is not None:
+        if repeat != 1 or resume is not None:
+            raise ValueError("forward_metric: past= runs the last token alone (no repeat, no resume)")
+        with model.hooks(fwd_hooks=hooks):
+            out = model(tokens[:, -1:], attention_mask=mask, past_key_values=past, use_cache=True,
+                        logits_to_keep=1)
+    elif resume is not None:
+        out = forward_from(model, tokens, resume[0], mask, stop, hooks)
+    else:
+        out = forward_until(model, tokens, mask, stop, hooks)
     logits = out[:, -1] if out is not None else None
     return metric.fn(logits if metric.needs_logits else None, cache, rows)
 
@@ -547,6 +567,103 @@ def _sweep(model, target, metric, site: str, n_comp: int, comps: Sequence[int] |
                           src_sum / n if source is not None else None,
                           {"site": site, "position": position, "kind": ablation or "source",
                            "metric": metric.name, "n": n, "components": comps})
+
+
+@torch.no_grad()
+def patch_layers(model, target: Sequence[PromptLike], site: str, metric: Metric | Callable, *,
+                 source: Sequence[PromptLike] | None = None, ablation: Ablation | None = None,
+                 reference: Sequence[PromptLike] | None = None, layers: Sequence[int] | None = None,
+                 position: int | Literal["each"] | None = None, seed: int = 0, batch_size: int = 8,
+                 progress: bool = True) -> PatchingResult:
+    """Patch the whole ``site`` at each layer separately -> ``effect[layer, 1]``; with
+    ``position=k`` only token k; with ``position="each"`` every token separately ->
+    ``effect[layer, position]`` (positions of the unpadded prompts, which must then all have
+    the same length).
+
+    Cache once, resume from the patched layer: per batch, the source runs once (its ``site`` at
+    every layer kept) and the target runs once (its residual entering every layer kept, and the
+    unpatched metric). The patched forward for layer ℓ then starts at block ℓ from that residual
+    (``forward_from``): blocks below ℓ, whose output the patch cannot change, are not rerun. All
+    positions of one layer go in one batched forward. Same numbers as ``patch`` per location.
+    """
+    metric = as_metric(metric)
+    S.check_site(site)
+    if site in ("final_norm",):
+        raise ValueError(f"patch_layers: site {site!r} has no layer axis")
+    texts = texts_of(target)
+    if not texts:
+        raise ValueError("patch_layers: no target prompts")
+    lay = S.layers_of(model, layers)
+    each = position == "each"
+    if isinstance(position, str) and not each:
+        raise ValueError(f"patch_layers: position must be an int, None or 'each', got {position!r}")
+    kind, src, ref = _resolve_source(texts, source, ablation, reference, seed)
+    n_pos = None
+    if each:
+        lens = set(tokenize(model, texts).lengths.tolist())
+        if len(lens) != 1:
+            raise ValueError(f"patch_layers(position='each'): the target prompts have {len(lens)} different "
+                             "token lengths; every prompt must have the same length (one template)")
+        n_pos = lens.pop()
+    locs_all = [Loc(site, layer, None, k) for layer in lay
+                for k in (range(n_pos) if each else [position])]
+    for loc in locs_all[:: max(1, len(locs_all) // len(lay))]:
+        loc.check(model)
+    means = {}
+    if kind == "mean":
+        means = reference_means(model, ref, locs_all, batch_size=batch_size)
+    metric_low = [low for low in (_layer_of_hook(h) for h in metric.hooks) if low is not None]
+    effect = torch.zeros(len(lay), n_pos if each else 1, dtype=torch.float64)
+    base_sum, src_sum = 0.0, 0.0
+    bar = tqdm(total=len(lay) * len(texts), desc=f"patch layers {site}", disable=not progress, leave=False)
+    for s0 in range(0, len(texts), batch_size):
+        rows = slice(s0, s0 + batch_size)
+        tb = tokenize(model, texts[rows])
+        b = len(tb)
+        ridx = torch.arange(s0, s0 + b)
+        hooks = [S.hook_name(model, site, layer) for layer in lay]
+        vals = _batch_values(model, kind, src, means, rows, tb, hooks, locs_all, "patch_layers")
+        if each and vals.batch is not None:
+            _check_aligned(tb, vals.batch, "patch_layers(position='each')")
+        if kind == "source" and source is not None:
+            src_sum += float(forward_metric(model, vals.batch, metric, ridx).double().sum())
+        starts = sorted({min([layer, *metric_low]) for layer in lay})
+        resid: dict[int, torch.Tensor] = {}
+
+        def keep(layer: int):
+            def fn(x, hook):  # noqa: ARG001
+                resid[layer] = x.detach().clone()
+                return x
+            return fn
+
+        grab = [(S.hook_name(model, "resid_pre", k), keep(k)) for k in starts]
+        base = forward_metric(model, tb, metric, ridx, grab, stop_early=False).double().cpu()
+        base_sum += float(base.sum())
+        for i, layer in enumerate(lay):
+            start = min([layer, *metric_low])
+            reps = n_pos if each else 1
+            if each:
+                cols = [_cols(tb, k) for k in range(n_pos)]
+            else:
+                cols = [_cols(tb, position)]
+
+            def fn(x, hook, layer=layer, cols=cols, name=hooks[i]):  # noqa: ARG001
+                x = x.clone()
+                for k, c in enumerate(cols):
+                    loc = Loc(site, layer, None, k if each else position)
+                    _put(x, slice(k * b, (k + 1) * b), c, None, vals.get(name, loc))
+                return x
+
+            m = forward_metric(model, tb, metric, ridx, [(hooks[i], fn)], repeat=reps,
+                               resume=(start, resid[start])).double().cpu()
+            effect[i] += (m.view(reps, b) - base).sum(1)
+            bar.update(b)
+    bar.close()
+    n = len(texts)
+    return PatchingResult((effect / n).float(), ("layer", "position" if each else "all"), lay,
+                          base_sum / n, src_sum / n if source is not None else None,
+                          {"site": site, "position": position, "kind": ablation or "source",
+                           "metric": metric.name, "n": n, "method": "resume from the patched layer"})
 
 
 def patch_heads(model, target: Sequence[PromptLike], metric: Metric | Callable, *,

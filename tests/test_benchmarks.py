@@ -180,3 +180,28 @@ def test_gpu_llama3b_script_on_tiny_config():
     run = r["runs"][0]
     assert run["dtype"] == "fp32" and run["generation"]["new_tokens"] == 4
     assert run["collect"]["speedup"] > 0 and run["heads"]["speedup_closed_form"] > 0
+
+
+def test_plain_hf_copy_has_the_bridge_weights(tiny_llama):
+    """The peers run on a plain HF model built from the bridge's weights: same logits."""
+    from bench_peers import plain_hf
+
+    from emocircuits.prompts import tokenize
+
+    hf = plain_hf(tiny_llama)
+    assert not any("Bridge" in type(m).__name__ for m in hf.modules())
+    tb = tokenize(tiny_llama, ["Hello there, my friend.", "A b"])
+    with torch.no_grad():
+        ref = tiny_llama(tb.tokens, attention_mask=tb.attention_mask)[:, -1]
+        got = hf(tb.tokens, attention_mask=tb.attention_mask).logits[:, -1]
+    assert torch.allclose(ref, got, atol=1e-5)
+
+
+def test_bench_peers_smoke():
+    pytest.importorskip("nnsight")
+    pytest.importorskip("steering_vectors")
+    r = _mod("bench_peers").main(["--model", "tiny-llama", "--n", "4", "--batch-size", "2", "--n-patch", "2",
+                                  "--n-gen", "2", "--max-new-tokens", "3", "--repeat", "1"])
+    assert r["collect"]["max_abs_diff_nnsight"] < 1e-5
+    assert r["patching"]["max_abs_diff_effect"] < 1e-5
+    assert r["steering"]["tokens_identical"] is True

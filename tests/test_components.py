@@ -222,3 +222,29 @@ def test_smol_batched_head_ablation_equals_loop_and_attribution_tracks_it(smol):
     att = C.head_attribution(smol, prompts, None, ["anger"], directions_mid=dirs, layers=[4],
                              progress=False)
     assert C.rank_agreement(att.mean, a.mean, k=3)["spearman"] > 0.5
+
+
+@pytest.mark.parametrize("mode", ["ablate", "enhance"])
+def test_neuron_sweep_prefix_reuse_equals_full_forwards(tiny, mode):
+    """Last-token sweeps rerun only the last token on a cached prefix: the same sums as one
+    full forward per step (padded batches of mixed lengths, s_final and s_logit, random steps)."""
+    model = tiny
+    prompts = _prompts()[:7]
+    g = torch.Generator().manual_seed(1)
+    dmu = torch.randn(model.cfg.n_layers, model.cfg.d_mlp, generator=g)
+    v_ref = torch.randn(model.cfg.d_model, generator=g)
+    metric = C._emotion_score_metric(model, "anger", None, v_ref / v_ref.norm())
+    steps = [[(0, 3)], [(1, 2), (2, 9)], [(0, 1), (1, 5), (2, 7), (2, 8)]]
+    hooks = [C._intervention_hooks(model, c, "neuron", mode, dmu, 2.0, "last") for c in steps]
+    texts = [p.text for p in prompts]
+    fast, fb = C._step_sums(model, texts, metric, hooks, 3, prefix=True, progress=False)
+    slow, sb = C._step_sums(model, texts, metric, hooks, 3, prefix=False, progress=False)
+    assert fast.shape == (3, 2)
+    assert torch.allclose(fb, sb, atol=1e-4, rtol=1e-5)
+    assert torch.allclose(fast, slow, atol=1e-4, rtol=1e-5)
+    assert (fast - fb).abs().max() > 1e-4  # the steps do change the scores
+    r = C.component_sweep(model, prompts, "anger", [(0, 3), (1, 2), (2, 9), (0, 1)], kind="neuron",
+                          ks=(1, 2), mode=mode, delta_mu=dmu if mode == "enhance" else None,
+                          strength=2.0, v_ref=v_ref, n_random=2, batch_size=3, progress=False)
+    assert torch.allclose(r.top[0].double(), (slow[0] - sb) / len(texts), atol=1e-5)  # k=1: [(0, 3)]
+    assert "KV-cached" in r.meta["reuse"]

@@ -209,3 +209,76 @@ def test_mlp_in_site_is_the_hf_mlp_input(tiny):
         h.remove()
     assert sites.hook_name(tiny, "mlp_in", 1) == "blocks.1.ln2.hook_out"
     torch.testing.assert_close(st["x"], cap["x"], atol=1e-6, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- layer sweeps
+
+
+@pytest.mark.parametrize("kind", ["source", "zero", "mean"])
+def test_layer_sweep_equals_one_patch_per_layer(tiny, kind):
+    """patch_layers (cache once, resume from the patched layer) = patch() per layer, whole site
+    and one position, for a logit metric and for a metric that reads a middle layer."""
+    clean, corrupt = _same_len_pair(tiny)
+    kw = {"source": clean} if kind == "source" else {"ablation": kind}
+    if kind == "mean":
+        kw["reference"] = TEXTS
+    for metric in (P.logit_readout_metric(tiny, "happiness"), _proj(tiny, "resid_post", 1, seed=3)):
+        for site in ("resid_pre", "z", "mlp_post"):
+            for position in (None, -1):
+                r = P.patch_layers(tiny, corrupt, site, metric, position=position, progress=False, **kw)
+                base = P.metric_values(tiny, corrupt, metric).double().mean()
+                assert r.effect.shape == (tiny.cfg.n_layers, 1)
+                for i, layer in enumerate(r.layers):
+                    ref = P.patch(tiny, corrupt, P.Loc(site, layer, None, position), metric, **kw)
+                    assert float(r.effect[i, 0]) == pytest.approx(float(ref.double().mean() - base),
+                                                                   abs=2e-5), (site, layer, position)
+
+
+def test_layer_sweep_each_position_equals_single_patches(tiny):
+    a, b = _same_len_pair(tiny)
+    clean, corrupt = [a[0], b[0]], [b[0], a[0]]  # one token length for every prompt
+    m = P.logit_readout_metric(tiny, "anger")
+    r = P.patch_layers(tiny, corrupt, "resid_post", m, source=clean, position="each", layers=[0, 2],
+                       batch_size=1, progress=False)
+    n_pos = int(tokenize(tiny, corrupt).lengths[0])
+    assert r.effect.shape == (2, n_pos) and r.axes == ("layer", "position")
+    base = P.metric_values(tiny, corrupt, m).double().mean()
+    for i, layer in enumerate([0, 2]):
+        for k in (0, n_pos // 2, n_pos - 1):
+            ref = P.patch(tiny, corrupt, P.Loc("resid_post", layer, None, k), m, source=clean)
+            assert float(r.effect[i, k]) == pytest.approx(float(ref.double().mean() - base), abs=2e-5)
+    # patching the last position of the last layer's output restores the source metric
+    assert float(r.patched[1, -1]) == pytest.approx(float(P.metric_values(tiny, clean, m).mean()), abs=1e-4)
+    with pytest.raises(ValueError, match="same token length|different token lengths"):
+        P.patch_layers(tiny, TEXTS, "z", m, ablation="zero", position="each", progress=False)
+
+
+def test_forward_from_skips_the_blocks_below_and_restores_the_model(tiny):
+    from emocircuits.activations import _decoder_stack, forward_from, forward_until
+
+    tb = tokenize(tiny, TEXTS)
+    cap = {}
+    hooks = [(sites.hook_name(tiny, "resid_pre", k), (lambda k: lambda x, hook: cap.__setitem__(k, x.clone()))(k))
+             for k in range(tiny.cfg.n_layers)]
+    full = forward_until(tiny, tb.tokens, tb.attention_mask, None, hooks)
+    calls = [0]
+    handle = tiny.blocks[0].register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    try:
+        for k in range(1, tiny.cfg.n_layers):
+            out = forward_from(tiny, cap[k], k, tb.attention_mask)
+            assert torch.allclose(out, full, atol=1e-5)
+        assert calls[0] == 0
+    finally:
+        handle.remove()
+    stack, layers = _decoder_stack(tiny)
+    n_types = len(getattr(stack.config, "layer_types", None) or layers)
+
+    def boom(x, hook):  # noqa: ARG001
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        forward_from(tiny, cap[1], 1, tb.attention_mask,
+                     fwd_hooks=[(sites.hook_name(tiny, "resid_post", 2), boom)])
+    stack2, layers2 = _decoder_stack(tiny)
+    assert len(layers2) == tiny.cfg.n_layers and len(getattr(stack2.config, "layer_types", None) or layers2) == n_types
+    assert torch.allclose(forward_until(tiny, tb.tokens, tb.attention_mask, None), full, atol=1e-6)

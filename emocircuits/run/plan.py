@@ -14,6 +14,9 @@ from .engine import Plan, RunConfigLike, Study, effective_hash, stage_dir, stage
 # 1,273 s measured for 2,270 s estimated).
 SECONDS_PER_PROMPT_FORWARD = 0.22
 SECONDS_PER_DECODE_STEP_BATCH16 = 0.083
+# One last-token rerun on a cached prompt prefix (component sweeps), as a fraction of a
+# full prompt forward (SEV prompts: ~65 tokens; the hooks and the cache reads dominate).
+LAST_TOKEN_STEP_FORWARDS = 0.05
 MODEL_COST = {"smollm2-135m-instruct": 1.0, "gemma-3-270m": 2.5, "tiny-llama": 0.02,
               "tiny-gemma": 0.02}
 

@@ -268,6 +268,8 @@ def _sweeps(ctx, model, every, prompts, emos, nc, attr, v_ref, rank_layers, timi
 
 
 def plan(cfg) -> Plan:
+    from ..run.plan import LAST_TOKEN_STEP_FORWARDS
+
     s = cfg.section("components")
     n = common.n_prompts(cfg, "train")
     if s.n_prompts_per_emotion is not None:
@@ -277,10 +279,13 @@ def plan(cfg) -> Plan:
     n_emo = len(s.sweep_emotions or cfg.emotions)
     # neurons 1 + attribution ~2 (forward + backward) + exact heads (closed form) 1
     fwd = n * 3 + nx * (1 + 2 * len(s.readouts) + (2 if nx != n else 0))
-    fwd += n_emo * len(s.sweep_runs) * n_sw * (1 + len(s.sweep_ks) * (1 + s.n_random))
+    steps = 1 + len(s.sweep_ks) * (1 + s.n_random)
+    for spec in s.sweep_runs:  # neuron sweeps: one prefix forward, then last-token steps
+        per = 1 + steps * LAST_TOKEN_STEP_FORWARDS if spec.startswith("neuron") else steps
+        fwd += n_emo * n_sw * per
     return Plan(forward=fwd, what="neuron contributions; head ablation + attribution; overlaps; "
                                   f"top-k vs random-k ({', '.join(s.sweep_runs) or 'no sweeps'})")
 
 
-STUDY = Study("components", "Local components (stage 04)", Config, run, plan, requires=("directions",),
+STUDY = Study("components", "Local components (stage 04)", Config, run, plan, version=2, requires=("directions",),
               modules=("emocircuits.components",), inputs=common.sev_inputs("train"))
