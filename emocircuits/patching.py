@@ -630,7 +630,7 @@ def patch_layers(model, target: Sequence[PromptLike], site: str, metric: Metric 
         starts = sorted({min([layer, *metric_low]) for layer in lay})
         resid: dict[int, torch.Tensor] = {}
 
-        def keep(layer: int):
+        def keep(layer: int, resid=resid):
             def fn(x, hook):  # noqa: ARG001
                 resid[layer] = x.detach().clone()
                 return x
@@ -647,7 +647,7 @@ def patch_layers(model, target: Sequence[PromptLike], site: str, metric: Metric 
             else:
                 cols = [_cols(tb, position)]
 
-            def fn(x, hook, layer=layer, cols=cols, name=hooks[i]):  # noqa: ARG001
+            def fn(x, hook, layer=layer, cols=cols, name=hooks[i], b=b, vals=vals):  # noqa: ARG001
                 x = x.clone()
                 for k, c in enumerate(cols):
                     loc = Loc(site, layer, None, k if each else position)

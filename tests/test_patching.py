@@ -258,8 +258,12 @@ def test_forward_from_skips_the_blocks_below_and_restores_the_model(tiny):
 
     tb = tokenize(tiny, TEXTS)
     cap = {}
-    hooks = [(sites.hook_name(tiny, "resid_pre", k), (lambda k: lambda x, hook: cap.__setitem__(k, x.clone()))(k))
-             for k in range(tiny.cfg.n_layers)]
+    def keep(k):
+        def fn(x, hook):  # noqa: ARG001
+            cap[k] = x.clone()
+        return fn
+
+    hooks = [(sites.hook_name(tiny, "resid_pre", k), keep(k)) for k in range(tiny.cfg.n_layers)]
     full = forward_until(tiny, tb.tokens, tb.attention_mask, None, hooks)
     calls = [0]
     handle = tiny.blocks[0].register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
