@@ -209,3 +209,14 @@ def test_report_embeds_figures_and_is_offline(tmp_path):
 def test_flatten():
     rows = dict(flatten({"a": {"b": [1, 2], "c": 3.5}, "d": list(range(40))}))
     assert rows == {"a.b[0]": 1, "a.b[1]": 2, "a.c": 3.5, "d": "[40 values]"}
+
+
+def test_report_tables_are_escaped_dataframes():
+    from emocircuits.viz.report import table_html
+
+    t = table_html(["a<b", "n"], [["x&y", 0.123456], [None, True], ["short"]], "T & U")
+    assert t.startswith("<h3>T &amp; U</h3>") and '<table class="dataframe data">' in t
+    assert "<th>a&lt;b</th>" in t and "<td>x&amp;y</td>" in t and "<td>0.1235</td>" in t
+    assert "<td>–</td>" in t and "<td>yes</td>" in t and "x&y" not in t
+    body = t[t.index("<tbody>"):]
+    assert body.count("<tr>") == 3 and body.count("<td") == 6  # the short row padded

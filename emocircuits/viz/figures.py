@@ -16,6 +16,7 @@ function                       picture
 ``probe_accuracy``             probe accuracy per layer, chance line, zero-shot baseline
 ``sweep_curves``               accuracy (and perplexity) vs α / λ
 ``method_comparison``          accuracy bars per method, controls hatched
+``va_control``                 measured vs target valence and arousal over the control grid
 ``pca_clusters``               2-D PCA of standardised activations per layer, coloured by emotion
 ``circuit_graph``              layers × (heads | neurons) grid: which components each emotion uses
 =============================  ==============================================================
@@ -54,17 +55,22 @@ def _np(x: Array) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def save_figure(fig, out: str | os.PathLike) -> Path:
-    """Write ``fig`` to ``out`` atomically (``results.atomic_write_bytes``) and close it."""
-    out = Path(out)
-    if out.suffix.lower() != ".png":
-        raise ValueError(f"figure path {out} must end in .png")
+def png_bytes(fig) -> bytes:
+    """``fig`` as PNG bytes (the figures' dpi and tight bounding box); closes it."""
     buf = io.BytesIO()
     try:
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)
-    return atomic_write_bytes(out, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_figure(fig, out: str | os.PathLike) -> Path:
+    """Write ``fig`` to ``out`` atomically (``results.atomic_write_bytes``) and close it."""
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"figure path {out} must end in .png")
+    return atomic_write_bytes(out, png_bytes(fig))
 
 
 def palette_color(i: int) -> str:
@@ -240,7 +246,8 @@ def sweep_curves(x: Sequence[float], accuracy: Mapping[str, Array], out: str | o
                  title: str = "sweep", ylabel: str = "accuracy",
                  ylim: tuple[float, float] | None = (-0.02, 1.02)) -> Path | Figure:
     """Accuracy (left panel) and perplexity (right panel, log scale) vs the strength α / λ
-    (``ylabel``/``ylim``: the left panel's axis, for other scores; ``ylim=None``: automatic)."""
+    (``ylabel``/``ylim``: the left panel's axis, for other scores; ``ylim=None``: automatic).
+    ``ylim`` is widened to every finite value, so that no point is drawn outside the axes."""
     if not accuracy:
         raise ValueError("sweep_curves: no accuracy series given")
     xs = _np(x).reshape(-1)
@@ -253,7 +260,7 @@ def sweep_curves(x: Sequence[float], accuracy: Mapping[str, Array], out: str | o
             raise ValueError(f"sweep_curves: {name!r} has {len(y)} values for {len(xs)} x values")
         ax.plot(xs, y, marker="o", color=_color(i), label=name)
     if ylim is not None:
-        ax.set_ylim(*ylim)
+        ax.set_ylim(*_widened(ylim, [_np(a) for a in accuracy.values()]))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -268,6 +275,79 @@ def sweep_curves(x: Sequence[float], accuracy: Mapping[str, Array], out: str | o
         ax2.set_ylabel("perplexity (log)")
         ax2.set_title("fluency")
         ax2.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def _widened(lim: tuple[float, float], values: Sequence[np.ndarray], pad: float = 0.05) -> tuple[float, float]:
+    """``lim`` widened to include every finite value (plus ``pad``)."""
+    finite = np.concatenate([np.asarray(v, dtype=np.float64).reshape(-1) for v in values] or [np.zeros(0)])
+    finite = finite[np.isfinite(finite)]
+    if not finite.size:
+        return lim
+    return min(lim[0], float(finite.min()) - pad), max(lim[1], float(finite.max()) + pad)
+
+
+def va_means(measured: Array, n_targets: int, name: str = "measured") -> np.ndarray:
+    """``[T, 2]`` mean (valence, arousal) per grid target from ``[T, 2]`` means or ``[T, prompt,
+    2]`` per-prompt values (non-finite values ignored; a target without any is NaN)."""
+    m = _np(measured)
+    if m.ndim == 3:
+        ok = np.isfinite(m)
+        n = ok.sum(1)
+        m = np.where(n > 0, np.where(ok, m, 0.0).sum(1) / np.maximum(n, 1), np.nan)
+    if m.ndim != 2 or m.shape != (n_targets, 2):
+        raise ValueError(f"va_control: {name} must be [{n_targets} targets, 2] or [{n_targets}, prompt, 2], "
+                         f"got {m.shape}")
+    return m
+
+
+VA_AXES = ("valence", "arousal")
+
+
+def va_control(targets: Array, measured: Array, out: str | os.PathLike | None = None, *,
+               readout: Array | None = None,
+               title: str = "valence–arousal control: target vs measured") -> Path | Figure:
+    """Measured vs target valence (one line per target arousal) and arousal (one line per target
+    valence) over a control grid, with the ideal y = x dashed.
+
+    ``targets``: ``[T, 2]`` (valence, arousal) grid targets; ``measured`` (the text judge, solid)
+    and ``readout`` (the next-token readout, dotted; optional): ``[T, 2]`` means or ``[T, prompt,
+    2]`` per-prompt values (``ControllabilityResult.text_va`` / ``readout_va``, or the
+    ``text_va_mean`` of its ``to_dict``). Non-finite values are left out and an axis without a
+    finite value gets no panel; the y range covers [-1, 1] and every point. Raises ``ValueError``
+    ("nothing to plot") when no value is finite, instead of drawing empty axes.
+    """
+    t = _np(targets)
+    if t.ndim != 2 or t.shape[1] != 2 or not len(t) or not np.isfinite(t).all():
+        raise ValueError(f"va_control: targets must be finite [T >= 1, 2] (valence, arousal), got {t.shape}")
+    series = {"text judge": va_means(measured, len(t))}
+    if readout is not None:
+        series["readout"] = va_means(readout, len(t), "readout")
+    panels = [i for i in range(2) if any(np.isfinite(m[:, i]).any() for m in series.values())]
+    if not panels:
+        raise ValueError("va_control: nothing to plot (no finite measured valence or arousal)")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, i in zip(axes[0], panels, strict=True):
+        other = 1 - i
+        lo, hi = float(t[:, i].min()), float(t[:, i].max())
+        ax.plot([lo, hi], [lo, hi], color="gray", ls="--", lw=1, label="target (ideal)", gid="ideal")
+        drawn = []
+        for j, o in enumerate(np.unique(t[:, other])):
+            sel = np.nonzero(t[:, other] == o)[0]
+            sel = sel[np.argsort(t[sel, i])]
+            for (src, m), ls in zip(series.items(), ("-", ":"), strict=False):
+                x, y = t[sel, i], m[sel, i]
+                ok = np.isfinite(y)
+                if ok.any():
+                    ax.plot(x[ok], y[ok], ls=ls, marker="o", ms=4, color=_color(j),
+                            label=f"{src} · {VA_AXES[other]} {o:+.2g}")
+                    drawn.append(y[ok])
+        ax.set_ylim(*_widened((-1.05, 1.05), drawn))
+        ax.set_xlabel(f"target {VA_AXES[i]}")
+        ax.set_ylabel(f"measured {VA_AXES[i]}")
+        ax.set_title(f"{VA_AXES[i]}")
+        ax.legend(fontsize=6)
+    fig.suptitle(title)
     return _save(fig, out)
 
 

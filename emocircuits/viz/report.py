@@ -57,7 +57,8 @@ ul.verdicts li { margin: 2px 0; }
 MAX_METRIC_ROWS = 400
 
 
-def _fmt(v: Any) -> str:
+def _cell(v: Any) -> str:
+    """A table cell's text (not escaped): yes/no, 4 significant digits, ``–`` for None."""
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):
@@ -66,7 +67,12 @@ def _fmt(v: Any) -> str:
         return f"{v:.4g}"
     if v is None:
         return "–"
-    return html.escape(str(v))
+    return str(v)
+
+
+def _fmt(v: Any) -> str:
+    """``_cell`` escaped for HTML (for the hand-written rows)."""
+    return html.escape(_cell(v))
 
 
 def flatten(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -87,11 +93,18 @@ def flatten(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def table_html(columns: list[str], rows: list[list[Any]], title: str = "") -> str:
-    """A plain HTML table (values formatted to 4 significant digits)."""
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in r) + "</tr>" for r in rows)
+    """A plain HTML table in the report's ``data`` class: ``DataFrame.to_html`` (escaped, no
+    index) of the cells formatted by ``_cell`` (4 significant digits, yes/no, ``–`` for None).
+    A row longer or shorter than ``columns`` is padded with empty cells."""
+    import pandas as pd
+
+    cols = [str(c) for c in columns]
+    width = max([len(cols), *(len(r) for r in rows)])
+    cols += [""] * (width - len(cols))
+    cells = [[_cell(v) for v in r] + [""] * (width - len(r)) for r in rows]
     cap = f"<h3>{html.escape(title)}</h3>" if title else ""
-    return f'{cap}<table class="data"><tr>{head}</tr>{body}</table>'
+    return cap + pd.DataFrame(cells, columns=cols).to_html(index=False, classes="data", escape=True,
+                                                           border=0)
 
 
 def inside(run_dir: Path, rel: Any) -> Path | None:
@@ -108,10 +121,46 @@ def _img(run_dir: Path, rel: Any, title: str) -> str:
     path = inside(run_dir, rel)
     if path is None:
         return f"<p class='status'>missing figure {html.escape(str(rel))} (not a file in the run folder)</p>"
-    b64 = base64.b64encode(path.read_bytes()).decode("ascii")
+    return _png_figure(path.read_bytes(), title)
+
+
+def _png_figure(png: bytes, title: str) -> str:
+    b64 = base64.b64encode(png).decode("ascii")
     t = html.escape(title)
     return (f'<figure><img alt="{t}" src="data:image/png;base64,{b64}">'
             f"<figcaption>{t}</figcaption></figure>")
+
+
+VA_STAGE, VA_FIGURE = "control", "va.png"  # the stage whose VA figure the report draws itself
+
+
+def _is_va_figure(fig: Mapping[str, Any]) -> bool:
+    return str(fig.get("path", "")).rsplit("/", 1)[-1] == VA_FIGURE
+
+
+def va_figure(results: Mapping[str, Any]) -> str:
+    """The control stage's valence–arousal figure, drawn from its results (the first, headline
+    ``controllability`` entry: ``targets``, ``text_va_mean``, ``readout_va_mean``) and inlined;
+    a one-line note instead when there is nothing to plot (no entry, no finite value), never
+    empty axes. Drawn here rather than embedded, so that a run whose stored ``va.png`` predates
+    ``figures.va_control`` (a fixed 0–1 y range hid negative valences) still gets a picture."""
+    from .figures import png_bytes, va_control
+
+    ctl = results.get("controllability") if isinstance(results, Mapping) else None
+    entries = [(k, v) for k, v in ctl.items() if isinstance(v, Mapping)] if isinstance(ctl, Mapping) else []
+    entries = [(k, v) for k, v in entries if v.get("targets") and isinstance(v.get("text_va_mean"), list)]
+    if not entries:
+        return ("<p class='status'>valence–arousal figure omitted: "
+                "no controllability results (targets and measured VA) in this stage</p>")
+    key, entry = entries[0]
+    readout = entry.get("readout_va_mean")
+    title = f"valence–arousal: target vs measured ({key})"
+    try:
+        fig = va_control(entry["targets"], entry["text_va_mean"],
+                         readout=readout if isinstance(readout, list) else None, title=title)
+    except (ValueError, TypeError) as e:
+        return f"<p class='status'>valence–arousal figure omitted: {html.escape(str(e))}</p>"
+    return _png_figure(png_bytes(fig), title)
 
 
 def _anchor(name: str) -> str:
@@ -142,6 +191,9 @@ def answer_section(stages: Mapping[str, Any]) -> list[str]:
             break
     else:
         return []
+    # Written by hand, not DataFrame.to_html: the method cell holds a colour swatch (raw HTML)
+    # and the accuracy is bold, while to_html's escape= is all cells or none (and Styler, which
+    # could mix them, needs jinja2, not a dependency); every value is escaped by _pct/_fmt.
     rows = []
     for r in comp["table"]:
         rows.append("<tr>" + "".join([
@@ -188,6 +240,9 @@ def examples_section(stages: Mapping[str, Any], per_emotion: int = 1) -> list[st
         for e in ex:
             if isinstance(e, Mapping) and e.get("emotion") not in emotions:
                 emotions.append(e.get("emotion"))
+    # Written by hand, not DataFrame.to_html, for the same reason as the answer table (the
+    # method's colour swatch is raw HTML) and because the text column has its own cell class
+    # (td.text: left-aligned, serif), which to_html cannot give one column; values are escaped.
     body = []
     for method, ex in evals.items():
         if method.startswith("random circuit ") and method != "random circuit 0":
@@ -253,10 +308,14 @@ def render_report(results: Mapping[str, Any], run_dir: str | os.PathLike) -> str
                         else "") + (" · cached" if st.get("cached") else "") + "</p>")
         for t in st.get("tables", []):
             parts.append(table_html(t["columns"], t["rows"], t.get("title", "")))
-        figs = st.get("figures", [])
-        if figs:
-            parts.append("<div class='figures'>" + "".join(
-                _img(run_dir, f.get("path"), f.get("title", "")) for f in figs) + "</div>")
+        figs = [f for f in st.get("figures", []) if isinstance(f, Mapping)]
+        shown = [_img(run_dir, f.get("path"), f.get("title", "")) for f in figs
+                 if not (name == VA_STAGE and _is_va_figure(f))]
+        if name == VA_STAGE:  # in place of the stored va.png (drawn from the results)
+            at = next((i for i, f in enumerate(figs) if _is_va_figure(f)), len(shown))
+            shown.insert(at, va_figure(st.get("results") or {}))
+        if shown:
+            parts.append("<div class='figures'>" + "".join(shown) + "</div>")
         for v in st.get("views", []):
             p = inside(run_dir, v.get("path"))
             if p is not None:
