@@ -199,13 +199,15 @@ def _blocks_from(model, start: int):
 
 def forward_from(model, resid_pre: Float[torch.Tensor, "batch pos d_model"], layer: int,
                  attention_mask: torch.Tensor | None, stop: int | None = None,
-                 fwd_hooks: Sequence = ()) -> torch.Tensor | None:
+                 fwd_hooks: Sequence = (), past=None) -> torch.Tensor | None:
     """Resume a forward at block ``layer`` from its input ``resid_pre`` (as captured on an
     earlier run of the same tokens and mask): blocks ``0..layer−1`` are not run at all.
 
     Same result as the whole forward whenever ``resid_pre`` is what blocks ``0..layer−1``
     produce (tested against it: equal to float32 rounding, ~1e-7). Hooks on blocks below ``layer`` never fire.
-    ``stop`` and the return value are as in ``forward_until``. No KV cache."""
+    ``stop`` and the return value are as in ``forward_until``. ``past``: an HF KV cache of the
+    earlier positions (``resid_pre`` then holds the new positions only, ``attention_mask``
+    covers all); only its layers ``layer..`` are read and extended."""
     n = model.cfg.n_layers
     if not 0 <= layer < n:
         raise ValueError(f"forward_from: layer {layer} outside [0, {n})")
@@ -215,7 +217,16 @@ def forward_from(model, resid_pre: Float[torch.Tensor, "batch pos d_model"], lay
         start_ctx = contextlib.nullcontext()
     else:
         start_ctx = _blocks_from(model, layer)
-    kw = dict(attention_mask=attention_mask, start_at_layer=layer, use_cache=False)
+    kw = dict(attention_mask=attention_mask, start_at_layer=layer, use_cache=past is not None)
+    if past is not None:
+        kw["past_key_values"] = past
+    accepts = getattr(model, "_accepts_derived_position_ids", lambda: False)
+    if attention_mask is not None and attention_mask.dim() == 2 and accepts():
+        # the bridge derives positions from the mask for token input, not for a residual:
+        # derive them the same way (left padding shifts every real token)
+        pos = attention_mask.long().cumsum(-1) - 1
+        pos = pos.masked_fill(attention_mask == 0, 1)
+        kw["position_ids"] = pos[:, attention_mask.shape[1] - resid_pre.shape[1]:]
     with start_ctx, model.hooks(fwd_hooks=list(fwd_hooks)):
         if stop is None or stop >= n:
             return model(resid_pre, logits_to_keep=1, **kw)

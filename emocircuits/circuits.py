@@ -371,6 +371,9 @@ def sublayer_influence(
             model(tokens, **kw)
         return store["s"].cpu().double().view(-1, reps, n_emo)
 
+    if use_cache:
+        return _influence_resumed(model, texts, iv, doses, v_ref, n_emo, emotions, alphas, sigma, lay,
+                                  batch_size, max_rows, progress)
     try:
         for start in range(0, n, batch_size):
             batch = tokenize(model, texts[start:start + batch_size])
@@ -389,6 +392,115 @@ def sublayer_influence(
                 s = run(toks, mask, _repeat_cache(cache, reps) if use_cache else None, chunk, reps)
                 emo_idx = torch.tensor([iv[k][0] for k in chunk])
                 sums[chunk] += s[:, torch.arange(reps), emo_idx].sum(0)
+                bar.update(1)
+    finally:
+        bar.close()
+    base = (base_sum / n).float()
+    infl = torch.zeros(n_emo, len(alphas), 2, n_layers)
+    for k, (e, a, p, L) in enumerate(iv):
+        infl[e, a, p, L] = float((sums[k] / n - base_sum[e] / n) / (alphas[a] * float(sigma[p, L])))
+    infl = infl[..., lay]
+    return InfluenceResult(emotions, alphas, lay, infl, base, v_ref, sigma.float().cpu(), n)
+
+
+def _croppable_layers(cache) -> list | None:
+    """The cache's per-layer objects when each can drop its last position (plain dynamic or
+    sliding layers below their window), else None."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return None
+    for x in layers:
+        name = type(x).__name__
+        if name == "DynamicLayer":
+            continue
+        window = getattr(x, "sliding_window", None)
+        if name == "DynamicSlidingWindowLayer" and window and x.get_seq_length() + 1 < window:
+            continue
+        return None
+    return list(layers)
+
+
+@torch.no_grad()
+def _influence_resumed(model, texts, iv, doses, v_ref, n_emo, emotions, alphas, sigma, lay,
+                       batch_size, max_rows, progress) -> InfluenceResult:
+    """``sublayer_influence`` with every intervention resumed at its own layer.
+
+    Per batch: the prompt minus its last token runs once into a KV cache; the last token runs
+    once unmodified, keeping the residual entering every block. An intervention at sublayer
+    (p, L) adds its dose at the last position only, so nothing below block L and no earlier
+    position changes: its forward starts at block L from the kept residual, on the cache
+    (repeated once per batch for the interventions that share a site), and reads s at the final
+    norm. The cache's layers ≥ L drop the appended position afterwards."""
+    from .activations import forward_from
+
+    n_layers = model.cfg.n_layers
+    n = len(texts)
+    dev = model.cfg.device
+    fn_name = S.hook_name(model, "final_norm")
+    sums = torch.zeros(len(iv), dtype=torch.float64)
+    base_sum = torch.zeros(n_emo, dtype=torch.float64)
+    by_site: dict[tuple[int, int], list[int]] = {}
+    for k, (_, _, p, L) in enumerate(iv):
+        by_site.setdefault((p, L), []).append(k)
+    per_site = max(len(v) for v in by_site.values())
+    n_b = math.ceil(n / batch_size)
+    bar = tqdm(total=n_b * len(by_site), desc="influence", disable=not progress, leave=False)
+    try:
+        for start in range(0, n, batch_size):
+            batch = tokenize(model, texts[start:start + batch_size])
+            b = len(batch)
+            reps = max(1, min(per_site, max_rows // b))
+            _, cache = model(batch.tokens[:, :-1], attention_mask=batch.attention_mask[:, :-1],
+                             return_type="logits_and_cache", use_cache=True, logits_to_keep=1)
+            store: dict = {}
+            resid: dict[int, torch.Tensor] = {}
+
+            def keep(L, resid=resid):
+                def fn(x, hook):  # noqa: ARG001
+                    resid[L] = x.detach().clone()
+                return fn
+
+            def read(x, hook, store=store):  # noqa: ARG001
+                store["s"] = x[:, -1].float() @ v_ref.T.to(x.device)
+
+            hooks = [(S.hook_name(model, "resid_pre", L), keep(L)) for L in sorted({L for _, L in by_site})]
+            base_cache = copy.deepcopy(cache)
+            with model.hooks(fwd_hooks=[*hooks, (fn_name, read)]):
+                model(batch.tokens[:, -1:], attention_mask=batch.attention_mask, past_key_values=base_cache,
+                      use_cache=True, logits_to_keep=1)
+            del base_cache
+            base_sum += store["s"].cpu().double().sum(0)
+            rep_cache = copy.deepcopy(cache)
+            if reps > 1:
+                rep_cache.batch_repeat_interleave(reps)
+            layers_c = _croppable_layers(rep_cache)
+            mask = batch.attention_mask.repeat_interleave(reps, 0)
+            for (p, L), ks in by_site.items():
+                site = S.hook_name(model, _WRITE_SITE[SUBLAYERS[p]], L)
+                for c0 in range(0, len(ks), reps):
+                    chunk = ks[c0:c0 + reps]
+                    r = len(chunk)
+                    d = torch.zeros(reps, model.cfg.d_model)
+                    d[:r] = doses[chunk]
+                    rows = d.repeat(b, 1).to(dev)  # row i*reps + j: prompt i, intervention j
+
+                    def add(x, hook, rows=rows):  # noqa: ARG001
+                        out = x.clone()
+                        out[:, -1] = out[:, -1] + rows.to(x.dtype)
+                        return out
+
+                    x0 = resid[L].repeat_interleave(reps, 0)
+                    past = rep_cache
+                    if layers_c is None:  # a cache that cannot drop a position: a fresh copy each time
+                        past = copy.deepcopy(cache)
+                        if reps > 1:
+                            past.batch_repeat_interleave(reps)
+                    forward_from(model, x0, L, mask, fwd_hooks=[(site, add), (fn_name, read)], past=past)
+                    for cache_layer in (layers_c or [])[L:]:
+                        cache_layer.crop(-1)
+                    s_ = store["s"].cpu().double().view(b, reps, n_emo)
+                    emo_idx = torch.tensor([iv[k][0] for k in chunk])
+                    sums[chunk] += s_[:, torch.arange(r), emo_idx].sum(0)
                 bar.update(1)
     finally:
         bar.close()

@@ -17,6 +17,9 @@ SECONDS_PER_DECODE_STEP_BATCH16 = 0.083
 # One last-token rerun on a cached prompt prefix (component sweeps), as a fraction of a
 # full prompt forward (SEV prompts: ~65 tokens; the hooks and the cache reads dominate).
 LAST_TOKEN_STEP_FORWARDS = 0.05
+# Sublayer influence: last-token rows (one per intervention, full depth) that cost one prompt
+# forward (batched rows on a repeated KV cache).
+INFLUENCE_ROWS_PER_FORWARD = 40
 MODEL_COST = {"smollm2-135m-instruct": 1.0, "gemma-3-270m": 2.5, "tiny-llama": 0.02,
               "tiny-gemma": 0.02}
 

@@ -235,7 +235,7 @@ def top_components(res: CircuitsResult, k: int = 4) -> dict:
 
 
 def plan(cfg) -> Plan:
-    from ..run.plan import MODEL_COST  # noqa: F401  (the cost model lives there)
+    from ..run.plan import INFLUENCE_ROWS_PER_FORWARD
 
     s = cfg.section("circuits")
     nt = common.n_prompts(cfg, "test")
@@ -245,12 +245,14 @@ def plan(cfg) -> Plan:
         n_gen += common.n_prompts(cfg, "validation") * (n_set + 1)
     n_infl = 3 * s.n_influence_scenarios
     n_layers = {"smollm2-135m-instruct": 30, "gemma-3-270m": 18}.get(cfg.model, 24)
-    # influence: one last-token rerun per (prompt, emotion, α, sublayer) ≈ 1/10 of a forward
-    infl = n_infl * len(cfg.emotions) * len(s.influence_alphas) * 2 * n_layers // 10
+    # influence: per prompt one prefix forward, then one last-token row per (emotion, α, sublayer)
+    # resumed at its layer: on average half the blocks, ~1/INFLUENCE_ROWS_PER_FORWARD of a forward
+    depth = sum((n_layers - L) / n_layers for L in range(n_layers))
+    infl = n_infl * (1 + len(cfg.emotions) * len(s.influence_alphas) * 2 * depth / INFLUENCE_ROWS_PER_FORWARD)
     return Plan(forward=common.n_prompts(cfg, "train") + infl + 2 * n_gen, generate=n_gen,
                 what="Δμ, σ, influence, allocation; λ on validation; circuit vs random circuits on test")
 
 
-STUDY = Study("circuits", "Circuits and modulation (stages 05–07)", Config, run, plan, version=3,
+STUDY = Study("circuits", "Circuits and modulation (stages 05–07)", Config, run, plan, version=4,
               requires=("directions",), optional=("components", "prompting", "steering"),
               modules=("emocircuits.circuits",), inputs=common.sev_inputs("train", "validation", "test"))
