@@ -310,7 +310,16 @@ def collect(
     With ``sort_by_length`` (default) the prompts of each shard window are batched in order of
     token length (less padding, fewer FLOPs) and the results put back in input order; the values
     equal those of input-order batching up to float rounding. Forwards run with
-    ``use_cache=False`` (no KV cache is built for a one-shot forward)."""
+    ``use_cache=False`` (no KV cache is built for a one-shot forward).
+
+    Example::
+
+        >>> acts = collect(model, prompts, ["resid_mid", "resid_post"], position="last")
+        >>> acts["resid_post"].shape                       # [prompt, layer, d_model]
+        torch.Size([12, 30, 576])
+        >>> acts["resid_post", 12].shape                   # one layer
+        torch.Size([12, 576])
+    """
     if isinstance(prompts, (str, Prompt)):
         prompts = [prompts]
     site_layers = resolve_sites(model, sites, layers)

@@ -291,6 +291,13 @@ def sublayer_influence(
 
     Or ``sublayer_influence(model, prompts, dirs, sigma=sigma)`` with ``EmotionDirections``
     (sites resid_mid and resid_post at every model layer; ``emotions`` default to its own).
+
+    Example::
+
+        >>> sigma = sublayer_sigma(model, neutral)           # [2 (mlp, attn), layer]
+        >>> infl = sublayer_influence(model, neutral, dirs, sigma=sigma, alphas=(2.0, 4.0))
+        >>> infl.influence.shape, infl.mean("anger").shape   # [emotion, α, p, layer]; mean over α
+        (torch.Size([2, 2, 2, 30]), torch.Size([2, 30]))
     """
     if isinstance(v_mid, EmotionDirections):
         if v_post is not None:
@@ -753,7 +760,17 @@ def assemble_circuit(emotion: str, influence: Float[torch.Tensor, "*alpha 2 laye
                      mlp_delta: Float[torch.Tensor, "layer d_mlp"],
                      z_delta: Float[torch.Tensor, "layer head d_head"], *, meta: dict | None = None,
                      **alloc_kw) -> EmotionCircuit:
-    """allocate_circuit -> select_components -> build_circuit, in one call."""
+    """allocate_circuit -> select_components -> build_circuit, in one call.
+
+    Example (``nc``, ``hi``, ``infl``: ``neuron_contributions``, ``head_importance``,
+    ``sublayer_influence`` over the same emotions, here ``dirs.emotions``)::
+
+        >>> i = dirs.emotions.index("anger")
+        >>> dv = difference_vectors(model, prompts, dirs.emotions)
+        >>> circuit = assemble_circuit("anger", infl.influence[i], nc.C_mean[i], hi.mean[i],
+        ...                            dv.mlp[i], dv.z[i], budget_per_sublayer=4)
+        >>> circuit.n_neurons, circuit.n_heads, len(circuit.neurons)   # an EmotionCircuit
+    """
     alloc_kw.setdefault("max_units", (neuron_scores.shape[1], head_scores.shape[1]))
     alloc = allocate_circuit(influence, **alloc_kw)
     neurons, heads = select_components(alloc, neuron_scores, head_scores)
@@ -870,7 +887,13 @@ def modulate(model, circuit: EmotionCircuit, strength: float = 1.0, *, neuron_po
              head_positions: str = "all") -> Iterator[EmotionCircuit]:
     """While active: g[:, pos, n] += λ Δμ[n] (circuit neurons, ``neuron_positions``) and
     z[:, pos, h, :] += λ Δμ_z[h] (circuit heads, ``head_positions``), in every forward call
-    (prefill and each decode step of ``generate``). Composes with ``steer`` and other hooks."""
+    (prefill and each decode step of ``generate``). Composes with ``steer`` and other hooks.
+
+    Example::
+
+        >>> with modulate(model, circuit, strength=2.0):              # λ = 2
+        ...     out = generate(model, test, max_new_tokens=25)        # modulated replies
+    """
     if not math.isfinite(float(strength)):
         raise ValueError(f"modulate: strength must be finite, got {strength}")
     ivs = circuit_interventions(model, circuit, strength, neuron_positions=neuron_positions,

@@ -236,6 +236,13 @@ def neuron_contributions(model, prompts: Sequence[PromptLike], labels: Sequence[
 
     ``labels[i]`` is prompt i's emotion (default: ``prompt.emotion``); prompts whose label is
     not in ``emotions`` are ignored; every emotion needs at least one prompt.
+
+    Example::
+
+        >>> nc = neuron_contributions(model, prompts, None, dirs)   # labels: prompt.emotion
+        >>> nc.C_mean.shape                                         # [emotion, layer, d_mlp]
+        torch.Size([2, 30, 1536])
+        >>> layer, neuron, score = nc.top("anger", k=5)[0]          # the most promoting neuron
     """
     emotions = _emotions_of(directions, emotions, "neuron_contributions")
     labels = _labels(prompts, labels)
@@ -570,7 +577,15 @@ def head_importance(model, prompts: Sequence[PromptLike], labels: Sequence[str] 
                     method: Literal["ablation", "closed_form", "attribution", "loop"] = "ablation",
                     layers: Sequence[int] | None = None, batch_size: int = 8,
                     progress: bool = True) -> HeadImportance:
-    """The paper's same-layer head importance by exact batched ablation, attribution or the loop."""
+    """The paper's same-layer head importance by exact batched ablation, attribution or the loop.
+
+    Example::
+
+        >>> hi = head_importance(model, prompts, None, dirs)   # dirs' resid_mid; exact ablation
+        >>> hi.mean.shape                                      # [emotion, layer, head]
+        torch.Size([2, 30, 9])
+        >>> hi.top("anger", k=3)                               # [(layer, head, importance), ...]
+    """
     emotions = _emotions_of(directions_mid, emotions, "head_importance")
     if method == "ablation":
         return head_ablation_importance(model, prompts, labels, directions_mid, emotions, layers=layers,

@@ -348,6 +348,12 @@ def context_agnostic(
 
     Groups are ``Prompt.group`` = (skeleton_id, valence); incomplete groups are dropped and
     listed in ``meta["dropped"]``.
+
+    Example::
+
+        >>> dirs = context_agnostic(acts, prompts, ["anger", "happiness"])   # every collected site
+        >>> dirs.sites, dirs.get("anger", "resid_post").shape                # a unit vector per layer
+        (['resid_mid', 'resid_post'], torch.Size([30, 576]))
     """
     sites = _sites(acts, sites)
     _check_rows(acts, prompts, "context_agnostic", sites)

@@ -221,6 +221,12 @@ def generate(
     back in input order. Texts are decoded without special tokens and stripped.
     ``logits_processors`` (see ``LogitsProcessor``) adjust each step's logits, e.g. the
     emotion-vocabulary bias of ``emocircuits.control``.
+
+    Example::
+
+        >>> out = generate(model, test, max_new_tokens=20)          # a GenerationResult
+        >>> len(out.texts) == len(test), out.to_dataframe().columns.tolist()
+        (True, ['text', 'n_tokens', 'prompt_length'])
     """
     from .deprecation import renamed_keyword
 

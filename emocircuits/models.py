@@ -317,6 +317,13 @@ def load_model(
     0, CPU float32; no download). Raises ``ModelLoadError`` with the fix (an install command,
     the accepted forms) when the model can not be found, and ``ValueError`` for a bad dtype or
     device string.
+
+    Example::
+
+        >>> model = load_model("smollm2-135m-instruct")   # offline; converted once, then cached
+        >>> model.cfg.n_layers, model.cfg.d_model
+        (30, 576)
+        >>> tiny = load_model("tiny-llama")                # random 3-layer test model, no download
     """
     if str(name_or_path).lower() in TINY_MODELS:
         if ((device is not None and resolve_device(device).type != "cpu")

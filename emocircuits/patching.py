@@ -423,7 +423,15 @@ def patch(model, target: Sequence[PromptLike], locs: Loc | Sequence[Loc], metric
           source: Sequence[PromptLike] | None = None, ablation: Ablation | None = None,
           reference: Sequence[PromptLike] | None = None, seed: int = 0,
           batch_size: int = 16) -> Float[torch.Tensor, "n"]:
-    """Metric per target prompt with all ``locs`` patched at once (from ``source`` or ablated)."""
+    """Metric per target prompt with all ``locs`` patched at once (from ``source`` or ablated).
+
+    Example::
+
+        >>> metric = logit_readout_metric(model, "anger")      # log P(anger words), next token
+        >>> patch(model, test, [head(20, 0), head(20, 3)], metric, ablation="mean",
+        ...       reference=neutral).shape                     # one value per target prompt
+        torch.Size([6])
+    """
     metric = as_metric(metric)
     locs = [locs] if isinstance(locs, Loc) else list(locs)
     if not locs:
@@ -585,6 +593,14 @@ def patch_layers(model, target: Sequence[PromptLike], site: str, metric: Metric 
     unpatched metric). The patched forward for layer ℓ then starts at block ℓ from that residual
     (``forward_from``): blocks below ℓ, whose output the patch cannot change, are not rerun. All
     positions of one layer go in one batched forward. Same numbers as ``patch`` per location.
+
+    Example (the last token's residual of the anger prompts into the neutral ones)::
+
+        >>> angry = emotion_prompts(model, load_sev("builtin:train")[:2], ["anger"])  # = neutral's rows
+        >>> res = patch_layers(model, site="resid_post", metric=metric, position=-1,
+        ...                    **denoising(clean=angry, corrupted=neutral))
+        >>> res.effect.shape, res.normalized().shape           # 1 = the anger metric restored
+        (torch.Size([30, 1]), torch.Size([30, 1]))
     """
     metric = as_metric(metric)
     S.check_site(site)
@@ -716,6 +732,13 @@ def attribution_patching(model, prompts: Sequence[PromptLike], metric: Metric | 
     or the ``source`` activation; heads also sum over d_head. ``positions="last"`` patches only
     the last token. Gradients are taken w.r.t. additive zero tensors at the hooks
     (``torch.autograd.grad``: no parameter gradients are accumulated).
+
+    Example::
+
+        >>> eff = attribution_patching(model, test, metric, sites=("z", "mlp_post"))
+        >>> eff["z"].effect.shape, eff["mlp_post"].effect.shape   # [layer, head], [layer, neuron]
+        (torch.Size([30, 9]), torch.Size([30, 1536]))
+        >>> eff["z"].top(3)                                        # [(layer, head, effect), ...]
     """
     metric = as_metric(metric)
     texts = texts_of(prompts)

@@ -116,7 +116,16 @@ def emotion_prompts(
     assistant_prefix: str | None = None,
     chat: bool | None = None,
 ) -> list[Prompt]:
-    """Every (record, valence, emotion) with the emotion-instructed template."""
+    """Every (record, valence, emotion) with the emotion-instructed template.
+
+    Example::
+
+        >>> prompts = emotion_prompts(model, load_sev("builtin:train")[:2], ["anger", "happiness"])
+        >>> len(prompts)                                   # 2 records × 3 valences × 2 emotions
+        12
+        >>> p = prompts[0]; p.emotion, p.valence, p.group
+        ('anger', 'positive', ('work_003', 'positive'))
+    """
     out: list[Prompt] = []
     for r in records:
         for v in valences:
@@ -137,7 +146,14 @@ def neutral_prompts(
     assistant_prefix: str | None = None,
     chat: bool | None = None,
 ) -> list[Prompt]:
-    """Every (record, valence) with the neutral template (no emotion instruction)."""
+    """Every (record, valence) with the neutral template (no emotion instruction).
+
+    Example::
+
+        >>> test = neutral_prompts(model, load_sev("builtin:test")[:2], assistant_prefix="I feel")
+        >>> len(test), test[0].emotion, test[0].text.endswith("I feel")
+        (6, None, True)
+    """
     out: list[Prompt] = []
     for r in records:
         for v in valences:

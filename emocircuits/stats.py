@@ -58,7 +58,16 @@ def _grouped(values: Sequence[float], units: Sequence) -> tuple[np.ndarray, np.n
 
 def bootstrap_mean(values: Sequence[float], units: Sequence, *, n_boot: int = 2000,
                    seed: int = 0, level: float = 0.95) -> Estimate:
-    """mean(values) with a percentile interval from resampling units with replacement."""
+    """mean(values) with a percentile interval from resampling units with replacement.
+
+    Example::
+
+        >>> est = bootstrap_mean([1, 0, 1, 1, 0, 1], ["s1", "s1", "s2", "s2", "s3", "s3"])
+        >>> print(est)
+        66.7 % [50.0, 100.0] (n = 6, 3 scenarios)
+        >>> round(est.value, 3), est.low, est.high
+        (0.667, 0.5, 1.0)
+    """
     sums, counts = _grouped(values, units)
     k = len(sums)
     rng = np.random.default_rng(seed)
@@ -76,7 +85,14 @@ def paired_difference(a: Sequence[float], b: Sequence[float], units: Sequence, *
 
     The p-value flips the sign of each unit's summed difference: exactly over all 2^k sign
     patterns when there are k ≤ ``EXACT_UNITS`` units (the smallest possible p is then
-    2 / 2^k, so 5 scenarios can never give p < 0.05), else over ``n_perm`` random patterns."""
+    2 / 2^k, so 5 scenarios can never give p < 0.05), else over ``n_perm`` random patterns.
+
+    Example::
+
+        >>> units = ["s1", "s1", "s2", "s2", "s3", "s3", "s4", "s4"]
+        >>> print(paired_difference([1, 1, 1, 0, 1, 1, 1, 1], [0, 0, 0, 0, 1, 0, 1, 1], units))
+        50.0 % [12.5, 87.5] (n = 8, 4 scenarios, p = 0.25)
+    """
     if len(a) != len(b):
         raise ValueError(f"paired_difference: {len(a)} vs {len(b)} rows")
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)

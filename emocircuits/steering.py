@@ -248,6 +248,13 @@ def steer(
 
     Yields the ``{layer: v}`` vectors in use. Built on ``interventions.intervene``: hooks are
     removed on every exit, exceptions included.
+
+    Example::
+
+        >>> with steer(model, dirs, paper_layers(model), strength=1.0, emotion="anger") as vecs:
+        ...     out = generate(model, test, max_new_tokens=25)      # steered replies
+        >>> sorted(vecs) == paper_layers(model)                      # {layer: vector added}
+        True
     """
     strength = renamed_keyword("steer", "alpha", "strength", alpha, strength, 8.0, stacklevel=4)
     ivs, vecs = steering_interventions(model, directions, layers, strength, emotion=emotion,

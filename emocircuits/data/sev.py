@@ -428,6 +428,14 @@ def load_sev(source: str | os.PathLike[str], *, name: str | None = None) -> SEVD
 
     Raises ``SEVValidationError`` listing every problem (``file:line: field: what``) when
     the file does not follow the format, ``FileNotFoundError`` when it does not exist.
+
+    Example::
+
+        >>> train = load_sev("builtin:train")              # an SEVDataset of SEVRecords
+        >>> len(train), train[0].skeleton_id
+        (160, 'work_003')
+        >>> sorted(train[0].event)                         # one event per valence
+        ['negative', 'neutral', 'positive']
     """
     if isinstance(source, str) and source.startswith("builtin:"):
         split = source.removeprefix("builtin:")

@@ -805,6 +805,13 @@ def default_judge(
     and every emotion has example sentences, else ``LexiconJudge`` (always works).
 
     ``prefer``: "auto", "hybrid", "embedding" or "lexicon"; ``kwargs`` go to that class.
+
+    Example::
+
+        >>> judge = default_judge(prefer="lexicon")      # EKMAN6; no extra packages
+        >>> res = judge.judge(["I am furious that they lied to me."], ["anger"])
+        >>> res.labels, res.match                        # a JudgeResult
+        (['anger'], [True])
     """
     names = tuple(emotions)
     if prefer == "lexicon":

@@ -174,7 +174,15 @@ def emotion_readout(
     progress: bool = False,
 ) -> ReadoutResult:
     """P(e) for each prompt and emotion (see the module docstring); a bare string or
-    ``Prompt`` is one prompt (one row)."""
+    ``Prompt`` is one prompt (one row).
+
+    Example::
+
+        >>> r = emotion_readout(model, test)             # EKMAN6 by default; prompts end in "I feel"
+        >>> r.emotions[:3], r.share.shape                # share: each row sums to 1
+        (('anger', 'sadness', 'happiness'), (6, 6))
+        >>> r.labels[0]                                  # the most likely emotion word, prompt 0
+    """
     toks = emotion_tokens(model, emotions)
     logits = last_token_logits(model, prompts, batch_size=batch_size, progress=progress)
     return readout_from_logits(logits, toks)
