@@ -131,36 +131,48 @@ def fluency(model, prompts: Sequence[str | Prompt] | str | Prompt, texts: Sequen
     if len(prompts) != len(texts):
         raise ValueError(f"fluency: {len(prompts)} prompts but {len(texts)} texts")
     tok = model.tokenizer
-    ppl: list[float] = []
-    rep: list[float] = []
-    for s in range(0, len(texts), batch_size):
-        ps = prompts[s:s + batch_size]
-        ts = texts[s:s + batch_size]
-        rows, spans = [], []
-        for j, (p, t) in enumerate(zip(ps, ts, strict=False)):
-            pid = encode(model, p.text if isinstance(p, Prompt) else p)
-            gid = (list(generated_tokens[s + j]) if generated_tokens is not None
-                   else tok(t, add_special_tokens=False)["input_ids"])
-            rows.append(pid + gid)
-            spans.append((len(pid), len(gid)))
-            rep.append(repeated_ngram_rate(gid, n))
+    # identical (prompt, continuation) pairs (e.g. the unmodified model's texts, judged against
+    # every target) are scored once; only the continuation's positions are unembedded
+    pairs: list[tuple[list[int], list[int]]] = []
+    for j, (p, t) in enumerate(zip(prompts, texts, strict=True)):
+        pid = encode(model, p.text if isinstance(p, Prompt) else p)
+        gid = (list(generated_tokens[j]) if generated_tokens is not None
+               else tok(t, add_special_tokens=False)["input_ids"])
+        pairs.append((pid, gid))
+    first: dict[tuple, int] = {}
+    uniq: list[int] = []
+    for j, (pid, gid) in enumerate(pairs):
+        key = (tuple(pid), tuple(gid))
+        if key not in first:
+            first[key] = len(uniq)
+            uniq.append(j)
+    scored: list[float] = []
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    for s in range(0, len(uniq), batch_size):
+        rows = [pairs[j][0] + pairs[j][1] for j in uniq[s:s + batch_size]]
+        spans = [(len(pairs[j][0]), len(pairs[j][1])) for j in uniq[s:s + batch_size]]
         width = max(len(r) for r in rows)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, r in enumerate(rows):
             ids[i, width - len(r):] = torch.tensor(r)
             mask[i, width - len(r):] = 1
-        logits = model(ids.to(model.cfg.device), attention_mask=mask.to(model.cfg.device))
-        logp = torch.log_softmax(logits.float(), -1).cpu()
-        for i, (plen, glen) in enumerate(spans):
+        # left padding: every continuation ends at the last column; the logits predicting it
+        # are the last glen + 1 columns but one
+        keep = min(width, max(g for _, g in spans) + 1)
+        logits = model(ids.to(model.cfg.device), attention_mask=mask.to(model.cfg.device),
+                       logits_to_keep=keep, use_cache=False)
+        off = width - logits.shape[1]  # column of logits[:, 0]
+        for i, (_, glen) in enumerate(spans):
             if glen == 0:
-                ppl.append(float("nan"))
+                scored.append(float("nan"))
                 continue
-            start = width - len(rows[i]) + plen
-            tgt = ids[i, start:start + glen]
-            lp = logp[i, start - 1:start - 1 + glen].gather(-1, tgt[:, None])[:, 0]
-            ppl.append(float(torch.exp(-lp.mean())))
+            cols = torch.arange(width - glen - 1, width - 1)
+            tgt = ids[i, width - glen:]
+            lp = torch.log_softmax(logits[i, cols - off].float(), -1).cpu().gather(-1, tgt[:, None])[:, 0]
+            scored.append(float(torch.exp(-lp.mean())))
+    ppl = [scored[first[(tuple(pid), tuple(gid))]] for pid, gid in pairs]
+    rep = [repeated_ngram_rate(gid, n) for _, gid in pairs]
     return FluencyResult(ppl, rep, n)
 
 
