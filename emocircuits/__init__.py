@@ -19,6 +19,7 @@ from . import (
     prompts,
     sites,
     steering,
+    story_directions,
 )
 from .activations import Activations, collect
 from .circuits import modulate
@@ -36,6 +37,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Activations", "EKMAN6", "EmotionSet", "collect", "GenerationConfig", "GenerationResult", "Prompt", "TokenBatch",
     "EmotionDirections", "circuits", "components", "control", "data", "directions", "elicitation",
-    "emotion_readout", "evaluate", "modulate", "patching", "probes", "steer", "steering", "emotion_set", "emotions", "generate", "judges", "load_model",
+    "emotion_readout", "evaluate", "modulate", "patching", "probes", "steer", "steering", "story_directions", "emotion_set", "emotions", "generate", "judges", "load_model",
     "progress_enabled", "prompts", "set_progress", "sites", "tokenize",
 ]
