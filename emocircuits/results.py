@@ -529,7 +529,7 @@ def _import_result_modules() -> None:
 
     for m in ("activations", "directions", "components", "circuits", "patching", "probes",
               "control", "steering", "evaluate", "elicitation", "generation", "judges",
-              "judges.readout", "interventions", "stats", "studies"):
+              "judges.readout", "interventions", "stats", "story_directions", "studies"):
         try:
             importlib.import_module(f"emocircuits.{m}")
         except ImportError:

@@ -24,6 +24,7 @@ from emocircuits import generation as G
 from emocircuits import patching as PA
 from emocircuits import probes as PR
 from emocircuits import stats as ES
+from emocircuits import story_directions as SD
 from emocircuits import steering as ST
 from emocircuits.judges import base as JB
 from emocircuits.judges import readout as JR
@@ -161,6 +162,8 @@ BUILDERS = {
         _t(2, 2, seed=1), _t(2, 2, seed=2), _t(2, 2, seed=3), _t(3, 2, 2, seed=4), {"seeds": [0, 1, 2]}),
     "DifferenceVectors": lambda _: CI.DifferenceVectors(
         EMO, _t(3, 2, 16, seed=1), _t(3, 2, 4, 4, seed=2), D.GroupInfo([("s", "positive")], {("t", "negative"): ["joy"]})),
+    "VAGeometry": lambda _: SD.va_geometry(_t(4, 2, 8, seed=5), ["anger", "fear", "happiness", "calm"],
+                                           n_permutations=50),
     "InfluenceResult": lambda _: CI.InfluenceResult(EMO, [0.1, 0.5], [0, 1, 2], _t(3, 2, 2, 3, seed=1),
                                                     _t(3, seed=2), _t(3, 8, seed=3), _t(2, 3, seed=4), 9),
     "Allocation": lambda _: CI.Allocation([3, 0, 2], [1, 1, 0], {"raw": _a(2, 3, seed=2), "ratio": 0.25}),
