@@ -17,7 +17,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..run.engine import Plan, RunResult, StageRecord, Study, run_studies, stage_hashes
-from . import circuits, components, control, directions, judge, probes, prompting, steering, views
+from . import (
+    circuits,
+    components,
+    control,
+    directions,
+    judge,
+    probes,
+    prompting,
+    steering,
+    stories,
+    views,
+)
 from .config import (
     RunConfig,
     find_preset,
@@ -28,7 +39,7 @@ from .config import (
 
 STUDIES: tuple[Study, ...] = (judge.STUDY, prompting.STUDY, directions.STUDY, steering.STUDY,
                               components.STUDY, circuits.STUDY, probes.STUDY, control.STUDY,
-                              views.STUDY)
+                              stories.STUDY, views.STUDY)
 
 
 def get_study(name: str) -> Study:
