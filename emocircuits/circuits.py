@@ -1,33 +1,38 @@
-"""Emotion circuits (PAPER_METHOD.md §6): difference vectors, σ, sublayer influence,
+"""Emotion circuits (paper stages 05–07): difference vectors, σ, sublayer influence,
 allocation, selection, ``EmotionCircuit``, modulation, ablation and faithfulness.
+
+Stage page: docs/stages/circuits.md; the method and its known flaws: docs/method.md.
 
 Stages, per emotion e (sublayer kinds p ∈ ``SUBLAYERS`` = ("mlp", "attn"), index 0 / 1):
 
-1. **Difference vectors** (§6.1, A8) at the intervention points, last prompt token of
-   emotion-instructed prompts, grouped by ``Prompt.group`` = (skeleton_id, valence):
+1. **Difference vectors** (stage 05) at the intervention points, last prompt token of
+   emotion-instructed prompts, grouped by ``Prompt.group`` = (skeleton_id, valence) (the
+   authors' code grouped by skeleton only, a known flaw):
    Δμ_e = mean_g (a_{g,e} − mean_e' a_{g,e'}) for a = ``mlp_post`` [layer, d_mlp] and
    a = ``z`` [layer, head, d_head] (``group_centered_means(normalize=False)``).
-2. **σ** (§6.2, A5, A19): σ_{p,L} = mean_x sqrt(mean_d h_L(x)_d²), h = resid_post (mlp) /
+2. **σ** (stage 06): σ_{p,L} = mean_x sqrt(mean_d h_L(x)_d²), h = resid_post (mlp) /
    resid_mid (attn) on the prompts given (the paper: emotion-instructed). The paper's last
-   "mlp" row used the final-norm output (A5): ``final_norm_last=True`` reproduces that.
-   Note (A19): σ is measured on the residual stream, the dose goes into the sublayer output.
-3. **Reference direction** (§6.3): the unit directions {v_attn(L), v_mlp(L) : L ∈ band},
+   "mlp" row used the final-norm output (a known flaw of the authors' code):
+   ``final_norm_last=True`` reproduces that. Note (a known flaw, kept): σ is
+   measured on the residual stream, the dose goes into the sublayer output.
+3. **Reference direction** (stage 06): the unit directions {v_attn(L), v_mlp(L) : L ∈ band},
    sign-aligned to the first (attn at the band's first layer), summed, normalised. The band
    is the paper's 21–25 of 28 scaled to the depth (``reference_band``).
-4. **Sublayer influence** (§6.3, A17) on neutral prompts:
+4. **Sublayer influence** (stage 06) on neutral prompts, the same for every emotion (a known
+   flaw: the paper's inputs were nearly the same for every emotion too):
    I_{p,L}(α) = (mean_x s_{α,p,L}(x) − s̄_base) / (α σ_{p,L}), s = <final_norm(x)[last], v_ref>,
    where the dose α σ_{p,L} v̂_{p,L} (v̂ sign-aligned to v_ref) is added to the sublayer's
    output (``attn_out``/``mlp_out``) at the last token only. The last token is the only one
    changed, so the prompt prefix is run once and every intervention re-runs just the last
    token from a copy of the KV cache (exact; ``use_cache=False`` repeats whole prompts).
-5. **Allocation** (§6.4, the authors' 06/5 rule): K = budget_per_sublayer × 2 n_layers,
+5. **Allocation** (the authors' 06/5 rule): K = budget_per_sublayer × 2 n_layers,
    K_mlp = round(ratio_mlp K), K_attn = K − K_mlp; per kind w = max(mean_α I, 0)/Σ, every
    layer gets the minimum quota, the rest R is shared as R·w: floor, capped at
    ⌊cap_ratio K_kind⌋ (the cap bounds the proportional share, as in the authors' code), the
    leftover by largest fractional remainder; quotas above a layer's candidates are
    truncated and the deficit backfilled to the layers with the largest quotas.
 6. **Selection**: per layer the top-k ids by score (descending; promoting units first).
-7. **Modulation** (§6.5): g[:, last, n] += λ Δμ_mlp[L, n] for circuit neurons (the last
+7. **Modulation** (stage 07): g[:, last, n] += λ Δμ_mlp[L, n] for circuit neurons (the last
    position of every forward call: the last prompt token, then each generated token), and
    z[:, :, h, :] += λ Δμ_z[L, h] for circuit heads at every position of every call.
 """
@@ -91,7 +96,7 @@ def delta_mu(acts: Float[torch.Tensor, "n layer *width"], prompts: Sequence[Prom
              emotions: Sequence[str]) -> tuple[Float[torch.Tensor, "emotion layer *width"], GroupInfo]:
     """Δμ_e = mean_g (a_{g,e} − mean_e' a_{g,e'}) of one site's last-token activations ``acts``
     (row i = ``prompts[i]``), unnormalised: ``group_centered_means`` over ``Prompt.group``
-    (skeleton_id, valence). The one definition of the difference vectors (§6.1).
+    (skeleton_id, valence). The one definition of the difference vectors (stage 05).
 
     Every prompt must carry an emotion and a skeleton id (a missing id would merge all
     scenarios of a valence into one group)."""
@@ -142,8 +147,9 @@ def sigma_from_acts(resid_post: Float[torch.Tensor, "n layer d_model"],
 
 def sublayer_sigma(model, prompts: Sequence[str | Prompt], *, final_norm_last: bool = False,
                    batch_size: int = 16, progress: bool = True) -> Float[torch.Tensor, "2 layer"]:
-    """σ per sublayer over ``prompts`` (§6.2). ``final_norm_last``: use the final-norm output
-    for the last layer's mlp σ, as the authors' code did (A5)."""
+    """σ per sublayer over ``prompts`` (stage 06). ``final_norm_last``: use the final-norm output
+    for the last layer's mlp σ, as the authors' code did (a known flaw: there the last layer's
+    residual slot held the final norm's output)."""
     sites = ("resid_post", "resid_mid") + (("final_norm",) if final_norm_last else ())
     acts = collect(model, prompts, sites, "last", batch_size=batch_size, progress=progress)
     post = acts["resid_post"].clone()
@@ -285,9 +291,10 @@ def sublayer_influence(
     """I[e, α, p, L] (module docstring, step 4), batched over prompts AND interventions.
 
     ``v_mid``/``v_post`` are unit directions indexed by model layer, ``[layer, d_model]`` or
-    ``[emotion, layer, d_model]`` (all emotions share the neutral inputs, A17). Every
-    (emotion, α, p, L) is one intervention; up to ``max_rows`` (prompt × intervention) rows go
-    in one forward. ``v_ref`` defaults to ``reference_direction`` over ``band``.
+    ``[emotion, layer, d_model]`` (all emotions share the neutral inputs, as the paper's nearly
+    did: see the known flaws on the method page). Every (emotion, α, p, L) is one intervention;
+    up to ``max_rows`` (prompt × intervention) rows go in one forward. ``v_ref`` defaults to
+    ``reference_direction`` over ``band``.
 
     Or ``sublayer_influence(model, prompts, dirs, sigma=sigma)`` with ``EmotionDirections``
     (sites resid_mid and resid_post at every model layer; ``emotions`` default to its own).
@@ -918,7 +925,7 @@ def ablate(model, circuit: EmotionCircuit, *, neuron_positions: str = "all",
 def neuron_scores_from_acts(mlp_post: Float[torch.Tensor, "n layer d_mlp"],
                             W_out: Float[torch.Tensor, "layer d_mlp d_model"],
                             v_post: Float[torch.Tensor, "layer d_model"]) -> Float[torch.Tensor, "layer d_mlp"]:
-    """Deprecated alias of ``components.neuron_scores_from_acts`` (the one C_mean, §5.1)."""
+    """Deprecated alias of ``components.neuron_scores_from_acts`` (the one C_mean)."""
     from .components import neuron_scores_from_acts as scores
 
     warn_deprecated("circuits.neuron_scores_from_acts", "emocircuits.components.neuron_scores_from_acts")

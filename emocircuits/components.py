@@ -1,6 +1,8 @@
-"""Local emotion components (PAPER_METHOD.md §5): MLP neurons and attention heads.
+"""Local emotion components (paper stage 04): MLP neurons and attention heads.
 
-**Neuron contribution** (§5.1). For emotion e, layer l, neuron n, with v̂_e^l the unit
+Stage page: docs/stages/components.md; the method and its known flaws: docs/method.md.
+
+**Neuron contribution** (the paper's). For emotion e, layer l, neuron n, with v̂_e^l the unit
 resid_post direction of the same layer and g^l = mlp_post at the last prompt token:
 
     β_{e,n}^l = (W_out^l v̂_e^l)_n          c_{e,n}^l(x) = g_n^l(x) · β_{e,n}^l
@@ -8,9 +10,10 @@ resid_post direction of the same layer and g^l = mlp_post at the last prompt tok
 aggregated over the prompts of emotion e: ``C_mean`` = mean c, ``C_pos`` = mean max(c, 0),
 ``C_neg`` = mean max(−c, 0), ``H_mean`` = mean g. Since β does not depend on x these are
 computed exactly from mean g, mean max(g, 0) and mean max(−g, 0) (one batched collect).
-Promoting neurons rank by C_mean descending, suppressing ones ascending (§10 A7).
+Promoting neurons rank by C_mean descending, suppressing ones ascending (the paper ranks by
+signed C_mean, so its circuits hold only promoting neurons: a known flaw).
 
-**Head ablation importance** (§5.2): zero head h's z at layer l at every position and read
+**Head ablation importance** (the paper's): zero head h's z at layer l at every position and read
 
     s_l = ⟨x̃_l[last], v̂_{attn,e}^l⟩,   x̃_l = RMSNorm₂(resid_mid_l)·γ₂ (``blocks.l.ln2.hook_out``)
 
@@ -201,7 +204,7 @@ def neuron_betas_from_weights(W_out: Float[torch.Tensor, "layer d_mlp d_model"],
                               v_post: Float[torch.Tensor, "*emotion layer d_model"]
                               ) -> Float[torch.Tensor, "*emotion layer d_mlp"]:
     """β[..., l, n] = (W_out[l] v̂[..., l])_n, v̂ = v / ‖v‖ (float64): the one definition of the
-    neuron alignment β (§5.1), behind ``neuron_betas``, ``neuron_scores_from_acts`` and
+    neuron alignment β (the paper's), behind ``neuron_betas``, ``neuron_scores_from_acts`` and
     ``neuron_contributions``."""
     v = v_post.detach().double().cpu()
     v = v / (v.norm(dim=-1, keepdim=True) + EPS)
@@ -212,7 +215,7 @@ def neuron_scores_from_acts(mlp_post: Float[torch.Tensor, "n layer d_mlp"],
                             W_out: Float[torch.Tensor, "layer d_mlp d_model"],
                             v_post: Float[torch.Tensor, "layer d_model"]) -> Float[torch.Tensor, "layer d_mlp"]:
     """C_mean[l, n] = mean_x g_n(x) · β[l, n] from collected last-token ``mlp_post`` of one
-    emotion's prompts (§5.1; equals ``neuron_contributions(...).C_mean`` of that emotion)."""
+    emotion's prompts (the paper's; equals ``neuron_contributions(...).C_mean`` of that emotion)."""
     return (mlp_post.double().mean(0) * neuron_betas_from_weights(W_out, v_post)).float()
 
 
@@ -513,7 +516,7 @@ def head_ablation_scores_from_acts(
         v_mid: Float[torch.Tensor, "*n layer d_model"], *,
         layers: Sequence[int] | None = None) -> tuple[Float[torch.Tensor, "n layer head"],
                                                       Float[torch.Tensor, "n layer"]]:
-    """The one head score (§5.2, the paper's): exact same-layer zero-ablation importance
+    """The one head score (the paper's): exact same-layer zero-ablation importance
     I_{l,h}(x) = s_l(base) − s_l(head h zeroed), s_l = ⟨ln2(resid_mid_l)[last], v_mid_l⟩, from
     collected last-token ``resid_pre``, ``attn_o_out`` and ``z`` at ``layers`` (default all;
     the layer axis of every input). ``v_mid``: unit directions ``[layer, d]`` for every row or
@@ -822,7 +825,9 @@ def component_sweep(model, prompts: Sequence[PromptLike], emotion: str,
                     emotions: Sequence[str] | None = None, layers: Sequence[int] | None = None,
                     batch_size: int = 16, progress: bool = True,
                     lam: float | None = None) -> ComponentSweep:
-    """Top-k vs random-k ablation/enhancement curves (paper Sec. 6; no released code, §10 A18).
+    """Top-k vs random-k ablation/enhancement curves (paper Sec. 6). The authors released no
+    code for it (a known flaw), so the emotion score below and the default ``ks`` are this
+    project's choices.
 
     Emotion score, per prompt, at the last prompt token: s_final = ⟨final_norm[last], v_ref,e⟩
     (NaN without ``v_ref``) and s_logit = log Σ_{t∈T_e} p(t) (the emotion's next-token word

@@ -1,4 +1,4 @@
-"""Emotion directions (PAPER_METHOD.md §3) — the group-centred core.
+"""Emotion directions (paper stage 02; docs/stages/directions.md) — the group-centred core.
 
 For complete scenario–event groups g (every emotion present) and emotions e:
 
@@ -8,7 +8,7 @@ For complete scenario–event groups g (every emotion present) and emotions e:
     u_e = c_e − (1/|E|) Σ_e' c_e'        (global mean removed; a no-op for complete groups)
     v_e = u_e / (‖u_e‖₂ + 1e-12)         (unit direction, per layer)
 
-``group_centered_means`` returns u (``normalize=False``: the difference vectors Δμ of §6.1)
+``group_centered_means`` returns u (``normalize=False``: the circuits' difference vectors Δμ)
 or v (``normalize=True``) for any feature shape (e.g. ``[layer, d_model]``, ``[layer, d_mlp]``).
 
 On top of it, from ``collect(model, emotion_prompts(...), sites)`` output (one position per
@@ -21,11 +21,13 @@ prompt), each returning ``EmotionDirections`` (``vectors[site]``: unit ``[emotio
 * ``reply_directions`` — group-centred means over the *generated reply* tokens.
 
 Validity checks: ``nearest_centroid_accuracy`` (held-out scenarios, centred and un-centred),
-``keyword_control`` (the same with colour words instead of emotions: flaw A3). Geometry:
+``keyword_control`` (the same with colour words instead of emotions: the prompts contain the
+emotion word, so the directions may encode the word itself, a known flaw). Geometry:
 ``cosine_across_layers`` (the paper's Attn0, MLP0, ... matrix) and ``cosine_across_emotions``.
 
-A5: ``resid_post`` at the last layer is the true residual stream here; the paper's last
-"MLP" direction is the final-norm output — use site ``final_norm`` to reproduce it.
+At the last layer ``resid_post`` is the true residual stream here; the paper's last "MLP"
+direction is the final-norm output (a known flaw of the authors' code) — use site
+``final_norm`` to reproduce it.
 """
 
 from __future__ import annotations
@@ -344,7 +346,7 @@ def context_agnostic(
     *,
     sites: Sequence[str] | str | None = None,
 ) -> EmotionDirections:
-    """The paper's directions (§3.2): v_e = unit(mean_g (h_{g,e} − μ_g) − c̄), per site and layer.
+    """The paper's directions (stage 02): v_e = unit(mean_g (h_{g,e} − μ_g) − c̄), per site and layer.
 
     Groups are ``Prompt.group`` = (skeleton_id, valence); incomplete groups are dropped and
     listed in ``meta["dropped"]``.
@@ -679,7 +681,8 @@ def nearest_centroid_accuracy(
 
 @dataclass
 class KeywordControlResult(Result):
-    """Decodability of the emotion instruction vs the same instruction with control words (A3)."""
+    """Decodability of the emotion instruction vs the same instruction with control words
+    (does the direction encode the instruction word itself?)."""
 
     emotion: Decodability
     control: Decodability
@@ -737,8 +740,9 @@ def keyword_control(
     """Same extraction and decoding with "Always reply in {word}." for non-emotion words.
 
     If the control words decode as well as the emotions, decodability says little beyond the
-    keyword's identity (flaw A3). ``emotion_acts`` reuses already collected emotion activations
-    (rows in ``emotion_prompts(model, records, emotions)`` order).
+    keyword's identity (a known flaw: the prompts contain the emotion word). ``emotion_acts``
+    reuses already collected emotion activations (rows in
+    ``emotion_prompts(model, records, emotions)`` order).
     """
     from .prompts import emotion_prompts
 

@@ -1,6 +1,7 @@
 """Prompt-based emotion elicitation (paper stage 01), its judging, and the readout beside it.
 
-PAPER_METHOD.md §2.4–2.7, Appendix A.
+Templates, generation settings, judging, accuracy tables and the record layout are the
+paper's stage 01 (stage page: docs/stages/prompting.md).
 
 * ``elicit``: greedy generation for every (scenario, valence, emotion) with the
   emotion-instructed template (system ``"Always reply in {emotion}.\\nKeep the reply to at
@@ -12,11 +13,11 @@ PAPER_METHOD.md §2.4–2.7, Appendix A.
   (``"I feel"`` for chat models, ``"I felt"`` after the plain rendering for base models),
   is argmax_e P(e) == target, where P(e) is the next-token mass of emotion e's words?
 
-Caveat (PAPER_METHOD.md §10, A3): an instructed prompt contains the target emotion's
-name, so the readout on it is partly the model copying the keyword. ``readout_accuracy``
-therefore also reports the same accuracy with the instruction word's own first token taken
-out of its emotion's token set (``table_no_keyword``), and the readout on NEUTRAL prompts
-(no instruction) per valence as the no-instruction reference.
+Caveat (a known flaw, see the method page, docs/method.md): an instructed prompt contains
+the target emotion's name, so the readout on it is partly the model copying the keyword.
+``readout_accuracy`` therefore also reports the same accuracy with the instruction word's
+own first token taken out of its emotion's token set (``table_no_keyword``), and the readout
+on NEUTRAL prompts (no instruction) per valence as the no-instruction reference.
 """
 
 from __future__ import annotations
@@ -423,7 +424,8 @@ class ReadoutAccuracy(Result):
     ``table``: argmax_e P(e) == target on "Always reply in {target}" prompts + prefix.
     ``table_no_keyword``: the same with the first token of " {target}" (the instruction
     word itself) removed from the target's token set: a partial control for keyword
-    copying (A3); related words (e.g. "angry" for "anger") stay.
+    copying (the instruction word is in the prompt, a known flaw); related words (e.g.
+    "angry" for "anger") stay.
     ``target_share[e]``: mean share of e on prompts instructed with e;
     ``neutral_target_share[e]``: mean share of e on the NEUTRAL prompt (no instruction) of
     the same scenario and event; the difference is what the instruction adds.

@@ -1,6 +1,6 @@
 """Prompt builders (the paper's templates exactly) and left-padded token batches.
 
-Paper templates (PAPER_METHOD.md §2.4):
+Paper templates (exactly as in the authors' code; stage page: docs/stages/prompting.md):
 
 * emotion-instructed: system ``"Always reply in {emotion}.\\nKeep the reply to at most two
   sentences."``, user ``"{scenario}\\n{event}"``;

@@ -1,4 +1,10 @@
-"""Activation steering with emotion directions (PAPER_METHOD.md §4, A2, A12).
+"""Activation steering with emotion directions (the paper's stage 03; docs/stages/steering.md).
+
+Two known flaws of the original protocol apply (see the method page, docs/method.md): the
+paper says it steers the last token of the user input, but the authors' code steers the last
+token of the whole templated prompt and then every generated token (``"last"`` below); and
+α = 8 is the authors' code's value (the paper's own was not recoverable), set while looking
+at the evaluation data.
 
 At each steered layer l (hook ``site`` of block l) and each chosen position t:
 

@@ -10,7 +10,7 @@ comes from arguments or the environment:
   ``repr`` or error messages);
 * model: ``EMOCIRCUITS_JUDGE_MODEL`` (default ``gpt-4o-mini``).
 
-Each text is rated with the paper's system + user prompt (PAPER_METHOD §2.6, stage 01
+Each text is rated with the paper's system + user prompt (the authors' stage 01
 wording) at temperature 0. Transient failures (HTTP 5xx, 429, timeouts, connection errors)
 are retried with exponential backoff, ``delay_i = min(max_backoff, backoff · 2^i)·(1+U/4)``
 (``Retry-After`` honoured); other 4xx are not. An unparseable reply is re-requested
@@ -77,8 +77,8 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 _OPENER = urllib.request.build_opener(_NoRedirect)
 
-# The paper's judge prompt (PAPER_METHOD §2.6), lines joined by "\n"; placeholders are
-# substituted with str.replace so braces in the generated text are left alone.
+# The paper's judge prompt (the authors' stage 01 wording), lines joined by "\n";
+# placeholders are substituted with str.replace so braces in the generated text are left alone.
 SYSTEM_TEMPLATE = "\n".join([
     "You are a careful rater.",
     "Given a target emotion and a text,",
