@@ -24,8 +24,8 @@ from emocircuits import generation as G
 from emocircuits import patching as PA
 from emocircuits import probes as PR
 from emocircuits import stats as ES
-from emocircuits import story_directions as SD
 from emocircuits import steering as ST
+from emocircuits import story_directions as SD
 from emocircuits.judges import base as JB
 from emocircuits.judges import readout as JR
 from emocircuits.results import (

@@ -15,11 +15,13 @@ from .engine import Plan, RunConfigLike, Study, effective_hash, stage_dir, stage
 SECONDS_PER_PROMPT_FORWARD = 0.22
 SECONDS_PER_DECODE_STEP_BATCH16 = 0.083
 # One last-token rerun on a cached prompt prefix (component sweeps), as a fraction of a
-# full prompt forward (SEV prompts: ~65 tokens; the hooks and the cache reads dominate).
-LAST_TOKEN_STEP_FORWARDS = 0.05
+# full prompt forward. SEV prompts have ~65 tokens, but a one-token step of 16 rows is bound by
+# reading the weights and the hooks: measured 0.17 (benchmarks/bench_reuse.py, 2026-12-02).
+LAST_TOKEN_STEP_FORWARDS = 0.17
 # Sublayer influence: last-token rows (one per intervention, full depth) that cost one prompt
-# forward (batched rows on a repeated KV cache).
-INFLUENCE_ROWS_PER_FORWARD = 40
+# forward (batched rows on a repeated KV cache); bench_reuse.py measured ~10 at 12 rows per
+# forward, more rows per forward are cheaper per row (a rough value: 15).
+INFLUENCE_ROWS_PER_FORWARD = 15
 MODEL_COST = {"smollm2-135m-instruct": 1.0, "gemma-3-270m": 2.5, "tiny-llama": 0.02,
               "tiny-gemma": 0.02}
 
