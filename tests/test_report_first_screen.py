@@ -34,6 +34,9 @@ def _comparison():
 
 
 def _examples(method):
+    if method == "none":  # the unmodified model: one text, judged against every target
+        return [{"emotion": e, "valence": "neutral", "text": "<none> the same text", "match": False,
+                 "perplexity": 3.1} for e in ("anger", "fear")]
     return [{"emotion": e, "valence": "neutral", "text": f"<{method}> text for {e} & more",
              "match": i % 2 == 0, "perplexity": 4.2} for i, e in enumerate(("anger", "fear"))]
 
@@ -74,6 +77,7 @@ def test_report_first_screen_is_the_answer(tmp_path):
     ex = body[body.index("id='examples'"):body.index('id="stage-directions"')]
     assert "&lt;circuit&gt; text for anger &amp; more" in ex  # escaped
     assert "random circuit 0" in ex and "random circuit 1" not in ex  # one random control shown
+    assert ex.count("&lt;none&gt; the same text") == 1 and "every target" in ex  # shown once
     # one colour per method, the same in the report and the figures
     assert F.method_color("circuit") in answer and F.method_color("random circuit 3") == F.method_color("random circuit")
     assert F.method_color("circuit B=3 λ=2") == F.method_color("circuit") != F.method_color("steering")

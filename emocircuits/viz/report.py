@@ -247,13 +247,21 @@ def examples_section(stages: Mapping[str, Any], per_emotion: int = 1) -> list[st
     for method, ex in evals.items():
         if method.startswith("random circuit ") and method != "random circuit 0":
             continue
+        # one row per distinct text: the unmodified model's text, judged against every target,
+        # is shown once with the targets it was judged against
+        rows: dict[str, list] = {}
         for emo in emotions:
             picks = [e for e in ex if isinstance(e, Mapping) and e.get("emotion") == emo][:per_emotion]
             for e in picks:
-                ok = "✓" if e.get("match") else "✗"
-                body.append(f"<tr><td>{_method_badge(method)}</td><td>{html.escape(str(emo))}</td>"
-                            f"<td class='text'>{html.escape(str(e.get('text', '')))}</td>"
-                            f"<td>{ok}</td><td>{_fmt(e.get('perplexity'))}</td></tr>")
+                rows.setdefault(str(e.get("text", "")), []).append((emo, e))
+        for text, hits in rows.items():
+            targets = ", ".join(str(emo) for emo, _ in hits) if len(hits) < len(emotions) or len(hits) == 1 \
+                else "every target"
+            ok = " ".join("✓" if e.get("match") else "✗" for _, e in hits) if len(hits) < 4 else \
+                f"{sum(bool(e.get('match')) for _, e in hits)} of {len(hits)}"
+            body.append(f"<tr><td>{_method_badge(method)}</td><td>{html.escape(targets)}</td>"
+                        f"<td class='text'>{html.escape(text)}</td>"
+                        f"<td>{ok}</td><td>{_fmt(hits[0][1].get('perplexity'))}</td></tr>")
     head = "<tr><th>method</th><th>target</th><th>generated text</th><th>judged as target</th><th>perplexity</th></tr>"
     return ["<h2 id='examples'>Generated examples</h2>",
             "<p class='status'>the first test text per method and target emotion (judged as the target: ✓)</p>",
