@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -221,7 +222,9 @@ def main(argv=None) -> dict:
 
     model = C.load(args.model, args.device)
     hf = plain_hf(model)
-    lm = LanguageModel(hf, tokenizer=model.tokenizer)
+    with warnings.catch_warnings():  # 0.8 renames it TransformersModel, which loads by repo id
+        warnings.filterwarnings("ignore", message="LanguageModel is deprecated")
+        lm = LanguageModel(hf, tokenizer=model.tokenizer)
     only = set(args.only.split(","))
     res = {"benchmark": "peers", "model": args.model, "peers": {
         "nnsight": C._dist_version("nnsight"), "steering-vectors": C._dist_version("steering-vectors")}}

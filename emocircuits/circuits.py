@@ -263,6 +263,15 @@ class InfluenceResult(Result):
                        for i, e in enumerate(self.emotions)})
 
 
+def _influence_result(sums, base_sum, n, iv, emotions, alphas, sigma, lay, v_ref) -> InfluenceResult:
+    """I[e, α, p, L] = (mean s under the intervention − mean s unmodified) / (α σ[p, L])."""
+    infl = torch.zeros(len(emotions), len(alphas), 2, sigma.shape[1])
+    for k, (e, a, p, L) in enumerate(iv):
+        infl[e, a, p, L] = float((sums[k] / n - base_sum[e] / n) / (alphas[a] * float(sigma[p, L])))
+    return InfluenceResult(emotions, alphas, lay, infl[..., lay], (base_sum / n).float(), v_ref,
+                           sigma.float().cpu(), n)
+
+
 def _repeat_cache(cache, k: int):
     c = copy.deepcopy(cache)
     if k > 1:
@@ -409,12 +418,7 @@ def sublayer_influence(
                 bar.update(1)
     finally:
         bar.close()
-    base = (base_sum / n).float()
-    infl = torch.zeros(n_emo, len(alphas), 2, n_layers)
-    for k, (e, a, p, L) in enumerate(iv):
-        infl[e, a, p, L] = float((sums[k] / n - base_sum[e] / n) / (alphas[a] * float(sigma[p, L])))
-    infl = infl[..., lay]
-    return InfluenceResult(emotions, alphas, lay, infl, base, v_ref, sigma.float().cpu(), n)
+    return _influence_result(sums, base_sum, n, iv, emotions, alphas, sigma, lay, v_ref)
 
 
 def _croppable_layers(cache) -> list | None:
@@ -447,7 +451,6 @@ def _influence_resumed(model, texts, iv, doses, v_ref, n_emo, emotions, alphas, 
     norm. The cache's layers ≥ L drop the appended position afterwards."""
     from .activations import forward_from
 
-    n_layers = model.cfg.n_layers
     n = len(texts)
     dev = model.cfg.device
     fn_name = S.hook_name(model, "final_norm")
@@ -518,12 +521,7 @@ def _influence_resumed(model, texts, iv, doses, v_ref, n_emo, emotions, alphas, 
                 bar.update(1)
     finally:
         bar.close()
-    base = (base_sum / n).float()
-    infl = torch.zeros(n_emo, len(alphas), 2, n_layers)
-    for k, (e, a, p, L) in enumerate(iv):
-        infl[e, a, p, L] = float((sums[k] / n - base_sum[e] / n) / (alphas[a] * float(sigma[p, L])))
-    infl = infl[..., lay]
-    return InfluenceResult(emotions, alphas, lay, infl, base, v_ref, sigma.float().cpu(), n)
+    return _influence_result(sums, base_sum, n, iv, emotions, alphas, sigma, lay, v_ref)
 
 
 # ============================================================================ 4. allocation
