@@ -2,6 +2,7 @@
 
 from emocircuits.data.sev import (
     VALENCES,
+    DataProblem,
     EmotionWordHit,
     SEVDataset,
     SEVProblem,
@@ -34,6 +35,7 @@ __all__ = [
     "VALENCES",
     "EmotionWordHit",
     "SEVDataset",
+    "DataProblem",
     "SEVProblem",
     "SEVRecord",
     "SEVValidationError",

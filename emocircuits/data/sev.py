@@ -38,6 +38,7 @@ __all__ = [
     "VALENCES",
     "EmotionWordHit",
     "SEVDataset",
+    "DataProblem",
     "SEVProblem",
     "SEVRecord",
     "SEVValidationError",
@@ -96,8 +97,8 @@ class SEVValidationError(ValueError):
 
 
 @dataclass(frozen=True)
-class SEVProblem:
-    """One defect in a SEV file: where (file, 1-based line, field) and what."""
+class DataProblem:
+    """One defect in a data file (SEV, stories): where (file, 1-based line, field) and what."""
 
     file: str
     line: int
@@ -106,6 +107,10 @@ class SEVProblem:
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}: {self.field}: {self.message}"
+
+
+SEVProblem = DataProblem
+"""A defect in a SEV file (the name SEV loading has always used)."""
 
 
 def _text_problem(value: Any) -> str | None:

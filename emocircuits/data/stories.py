@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from emocircuits.data.sev import EXTRA_BANNED_WORDS
+from emocircuits.data.sev import EXTRA_BANNED_WORDS, DataProblem
 from emocircuits.emotions import EKMAN6, EMOTION_WORDS, NEUTRAL
 
 __all__ = [
@@ -189,17 +189,8 @@ class Story:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class StoryProblem:
-    """One defect in a story file: where (file, 1-based line, field) and what."""
-
-    file: str
-    line: int
-    field: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.field}: {self.message}"
+StoryProblem = DataProblem
+"""One defect in a story file: where (file, 1-based line, field) and what."""
 
 
 class StoryFormatError(ValueError):
