@@ -23,8 +23,9 @@ Stages, per emotion e (sublayer kinds p ∈ ``SUBLAYERS`` = ("mlp", "attn"), ind
    I_{p,L}(α) = (mean_x s_{α,p,L}(x) − s̄_base) / (α σ_{p,L}), s = <final_norm(x)[last], v_ref>,
    where the dose α σ_{p,L} v̂_{p,L} (v̂ sign-aligned to v_ref) is added to the sublayer's
    output (``attn_out``/``mlp_out``) at the last token only. The last token is the only one
-   changed, so the prompt prefix is run once and every intervention re-runs just the last
-   token from a copy of the KV cache (exact; ``use_cache=False`` repeats whole prompts).
+   changed, so the prompt prefix is run once into a KV cache and every intervention re-runs
+   just the last token, from its own layer L on (blocks below L cannot change); equal to the
+   full forwards to float rounding (``use_cache=False`` runs them, for reference).
 5. **Allocation** (the authors' 06/5 rule): K = budget_per_sublayer × 2 n_layers,
    K_mlp = round(ratio_mlp K), K_attn = K − K_mlp; per kind w = max(mean_α I, 0)/Σ, every
    layer gets the minimum quota, the rest R is shared as R·w: floor, capped at
@@ -272,13 +273,6 @@ def _influence_result(sums, base_sum, n, iv, emotions, alphas, sigma, lay, v_ref
                            sigma.float().cpu(), n)
 
 
-def _repeat_cache(cache, k: int):
-    c = copy.deepcopy(cache)
-    if k > 1:
-        c.batch_repeat_interleave(k)
-    return c
-
-
 @torch.no_grad()
 def sublayer_influence(
     model,
@@ -353,16 +347,18 @@ def sublayer_influence(
     doses = torch.stack([alphas[a] * float(sigma[p, L]) * vhat[e, p, L] for e, a, p, L in iv])
     texts = texts_of(prompts)
     n = len(texts)
+    if use_cache:
+        return _influence_resumed(model, texts, iv, doses, v_ref, n_emo, emotions, alphas, sigma, lay,
+                                  batch_size, max_rows, progress)
+    # the straightforward path: one full forward per (prompt batch, chunk of interventions)
     dev = model.cfg.device
     sums = torch.zeros(len(iv), dtype=torch.float64)
     base_sum = torch.zeros(n_emo, dtype=torch.float64)
     fn_name = S.hook_name(model, "final_norm")
     k_per = max(1, max_rows // max(1, min(batch_size, n)))
     total = math.ceil(n / batch_size) * math.ceil(len(iv) / k_per)
-    bar = tqdm(total=total, desc="influence", disable=not progress, leave=False)
-    cache = last = None
 
-    def run(tokens, mask, cache, iv_chunk, reps):
+    def run(tokens, mask, iv_chunk, reps):
         """Forward ``tokens`` (repeated ``reps`` times per prompt) with interventions
         ``iv_chunk`` (indices into iv, one per repeat) and return s [b, reps, emotion]."""
         store = {}
@@ -387,32 +383,22 @@ def sublayer_influence(
         def read(x, hook):  # noqa: ARG001
             store["s"] = x[:, -1].float() @ v_ref.T.to(x.device)
         hooks.append((fn_name, read))
-        kw = dict(attention_mask=mask, logits_to_keep=1)
-        if cache is not None:
-            kw.update(past_key_values=cache, use_cache=True)
         with model.hooks(fwd_hooks=hooks):
-            model(tokens, **kw)
+            model(tokens, attention_mask=mask, logits_to_keep=1, use_cache=False)
         return store["s"].cpu().double().view(-1, reps, n_emo)
 
-    if use_cache:
-        return _influence_resumed(model, texts, iv, doses, v_ref, n_emo, emotions, alphas, sigma, lay,
-                                  batch_size, max_rows, progress)
+    bar = tqdm(total=total, desc="influence", disable=not progress, leave=False)
     try:
         for start in range(0, n, batch_size):
             batch = tokenize(model, texts[start:start + batch_size])
-            if use_cache:
-                _, cache = model(batch.tokens[:, :-1], attention_mask=batch.attention_mask[:, :-1],
-                                 return_type="logits_and_cache", use_cache=True, logits_to_keep=1)
-                last = batch.tokens[:, -1:]
-            s0 = run(last if use_cache else batch.tokens, batch.attention_mask,
-                     _repeat_cache(cache, 1) if use_cache else None, [], 1)
+            s0 = run(batch.tokens, batch.attention_mask, [], 1)
             base_sum += s0[:, 0].sum(0)
             for c0 in range(0, len(iv), k_per):
                 chunk = list(range(c0, min(c0 + k_per, len(iv))))
                 reps = len(chunk)
-                toks = (last if use_cache else batch.tokens).repeat_interleave(reps, 0)
+                toks = batch.tokens.repeat_interleave(reps, 0)
                 mask = batch.attention_mask.repeat_interleave(reps, 0)
-                s = run(toks, mask, _repeat_cache(cache, reps) if use_cache else None, chunk, reps)
+                s = run(toks, mask, chunk, reps)
                 emo_idx = torch.tensor([iv[k][0] for k in chunk])
                 sums[chunk] += s[:, torch.arange(reps), emo_idx].sum(0)
                 bar.update(1)

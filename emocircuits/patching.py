@@ -632,49 +632,51 @@ def patch_layers(model, target: Sequence[PromptLike], site: str, metric: Metric 
     effect = torch.zeros(len(lay), n_pos if each else 1, dtype=torch.float64)
     base_sum, src_sum = 0.0, 0.0
     bar = tqdm(total=len(lay) * len(texts), desc=f"patch layers {site}", disable=not progress, leave=False)
-    for s0 in range(0, len(texts), batch_size):
-        rows = slice(s0, s0 + batch_size)
-        tb = tokenize(model, texts[rows])
-        b = len(tb)
-        ridx = torch.arange(s0, s0 + b)
-        hooks = [S.hook_name(model, site, layer) for layer in lay]
-        vals = _batch_values(model, kind, src, means, rows, tb, hooks, locs_all, "patch_layers")
-        if each and vals.batch is not None:
-            _check_aligned(tb, vals.batch, "patch_layers(position='each')")
-        if kind == "source" and source is not None:
-            src_sum += float(forward_metric(model, vals.batch, metric, ridx).double().sum())
-        starts = sorted({min([layer, *metric_low]) for layer in lay})
-        resid: dict[int, torch.Tensor] = {}
+    try:
+        for s0 in range(0, len(texts), batch_size):
+            rows = slice(s0, s0 + batch_size)
+            tb = tokenize(model, texts[rows])
+            b = len(tb)
+            ridx = torch.arange(s0, s0 + b)
+            hooks = [S.hook_name(model, site, layer) for layer in lay]
+            vals = _batch_values(model, kind, src, means, rows, tb, hooks, locs_all, "patch_layers")
+            if each and vals.batch is not None:
+                _check_aligned(tb, vals.batch, "patch_layers(position='each')")
+            if kind == "source" and source is not None:
+                src_sum += float(forward_metric(model, vals.batch, metric, ridx).double().sum())
+            starts = sorted({min([layer, *metric_low]) for layer in lay})
+            resid: dict[int, torch.Tensor] = {}
 
-        def keep(layer: int, resid=resid):
-            def fn(x, hook):  # noqa: ARG001
-                resid[layer] = x.detach().clone()
-                return x
-            return fn
+            def keep(layer: int, resid=resid):
+                def fn(x, hook):  # noqa: ARG001
+                    resid[layer] = x.detach().clone()
+                    return x
+                return fn
 
-        grab = [(S.hook_name(model, "resid_pre", k), keep(k)) for k in starts]
-        base = forward_metric(model, tb, metric, ridx, grab, stop_early=False).double().cpu()
-        base_sum += float(base.sum())
-        for i, layer in enumerate(lay):
-            start = min([layer, *metric_low])
-            reps = n_pos if each else 1
-            if each:
-                cols = [_cols(tb, k) for k in range(n_pos)]
-            else:
-                cols = [_cols(tb, position)]
+            grab = [(S.hook_name(model, "resid_pre", k), keep(k)) for k in starts]
+            base = forward_metric(model, tb, metric, ridx, grab, stop_early=False).double().cpu()
+            base_sum += float(base.sum())
+            for i, layer in enumerate(lay):
+                start = min([layer, *metric_low])
+                reps = n_pos if each else 1
+                if each:
+                    cols = [_cols(tb, k) for k in range(n_pos)]
+                else:
+                    cols = [_cols(tb, position)]
 
-            def fn(x, hook, layer=layer, cols=cols, name=hooks[i], b=b, vals=vals):  # noqa: ARG001
-                x = x.clone()
-                for k, c in enumerate(cols):
-                    loc = Loc(site, layer, None, k if each else position)
-                    _put(x, slice(k * b, (k + 1) * b), c, None, vals.get(name, loc))
-                return x
+                def fn(x, hook, layer=layer, cols=cols, name=hooks[i], b=b, vals=vals):  # noqa: ARG001
+                    x = x.clone()
+                    for k, c in enumerate(cols):
+                        loc = Loc(site, layer, None, k if each else position)
+                        _put(x, slice(k * b, (k + 1) * b), c, None, vals.get(name, loc))
+                    return x
 
-            m = forward_metric(model, tb, metric, ridx, [(hooks[i], fn)], repeat=reps,
-                               resume=(start, resid[start])).double().cpu()
-            effect[i] += (m.view(reps, b) - base).sum(1)
-            bar.update(b)
-    bar.close()
+                m = forward_metric(model, tb, metric, ridx, [(hooks[i], fn)], repeat=reps,
+                                   resume=(start, resid[start])).double().cpu()
+                effect[i] += (m.view(reps, b) - base).sum(1)
+                bar.update(b)
+    finally:
+        bar.close()
     n = len(texts)
     return PatchingResult((effect / n).float(), ("layer", "position" if each else "all"), lay,
                           base_sum / n, src_sum / n if source is not None else None,
