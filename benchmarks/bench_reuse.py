@@ -11,8 +11,9 @@ timed in the same run (interleaved, min over repeats), with the largest differen
 * ``patch_layers``: a whole-layer sweep of mlp_out from a source. Straightforward: ``patch``
   once per layer (source and target rerun for every layer, every block run). Fast:
   ``patch_layers`` (source and target once, each patched forward resumed at its layer).
-* ``decode``: tokens per second of greedy generation at several batch sizes (same prompts,
-  min = max new tokens): what ``generation.batch_size`` buys on this machine.
+* ``decode``: tokens per second of greedy generation at several batch sizes and dtypes (same
+  prompts, min = max new tokens): what ``generation.batch_size`` and ``generation.dtype`` buy
+  on this machine, and the share of rows whose tokens equal the first setting's.
 
 ``forwards_equivalent`` counts prompt-forwards of work (a last-token row = 1/T of one,
 a resumed forward from layer L = (n − L)/n of one).
@@ -129,18 +130,30 @@ def bench_decode(model, args) -> dict:
     from emocircuits.generation import GenerationConfig, generate
 
     sizes = [int(x) for x in args.decode_batches.split(",")]
+    dtypes = [d or None for d in args.decode_dtypes.split(",")]
     prompts = [p.text for p in C.sev_prompts(model, max(sizes))]
-    res = {}
-    for bsz in sizes:
-        cfg = GenerationConfig(max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens,
-                               batch_size=bsz)
-        t = C.timeit(lambda cfg=cfg: generate(model, prompts, cfg, progress=False), repeat=1, warmup=0,
-                     device=args.device)
-        n_tok = len(prompts) * args.decode_tokens
-        res[str(bsz)] = {"seconds": t["min_s"], "tokens_per_s": n_tok / t["min_s"]}
-    first = res[str(sizes[0])]["tokens_per_s"]
-    return {"n_prompts": len(prompts), "new_tokens": args.decode_tokens, "by_batch_size": res,
-            "throughput_vs_first": {k: v["tokens_per_s"] / first for k, v in res.items()}}
+    res, toks = {}, {}
+    for dt in dtypes:
+        for bsz in sizes:
+            cfg = GenerationConfig(max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens,
+                                   batch_size=bsz, dtype=dt)
+            out = {}
+
+            def run(cfg=cfg, out=out):
+                out["g"] = generate(model, prompts, cfg, progress=False)
+
+            t = C.timeit(run, repeat=1, warmup=0, device=args.device)
+            n_tok = len(prompts) * args.decode_tokens
+            key = f"{dt or 'float32'}@{bsz}"
+            res[key] = {"seconds": t["min_s"], "tokens_per_s": n_tok / t["min_s"],
+                        "seconds_per_text": t["min_s"] / len(prompts)}
+            toks[key] = out["g"].tokens
+    keys = list(res)
+    first = res[keys[0]]["tokens_per_s"]
+    same = {k: sum(a == b for a, b in zip(toks[k], toks[keys[0]], strict=True)) / len(prompts) for k in keys}
+    return {"n_prompts": len(prompts), "new_tokens": args.decode_tokens, "by_setting": res,
+            "throughput_vs_first": {k: v["tokens_per_s"] / first for k, v in res.items()},
+            "rows_identical_to_first": same}
 
 
 def main(argv=None) -> dict:
@@ -152,6 +165,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--n-patch", type=int, default=8)
     ap.add_argument("--decode-batches", default="16,32,64")
     ap.add_argument("--decode-tokens", type=int, default=24)
+    ap.add_argument("--decode-dtypes", default="float32,bfloat16",
+                    help="generation dtypes (GenerationConfig.dtype; bfloat16 needs CPU/GPU support)")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--only", default="sweep,influence,patch_layers,decode")
     args = ap.parse_args(argv)

@@ -258,13 +258,25 @@ def evaluate_intervention(
 
     When ``make_ctx`` (and ``logits_processors``) return None for every emotion, the texts are
     generated once and judged against every target (the unmodified model's floor).
+    ``gen_config.dtype`` (e.g. "bfloat16") is the precision of all three.
     """
-    from contextlib import nullcontext
-
-    from .generation import GenerationConfig, generate
-    from .judges.readout import emotion_readout
+    from .generation import GenerationConfig
+    from .models import compute_dtype
 
     cfg = gen_config or GenerationConfig(max_new_tokens=30)
+    with compute_dtype(model, cfg.dtype):  # generation, readout and fluency in one precision
+        return _evaluate_intervention(model, prompts, emotions, make_ctx, judge, cfg, method=method,
+                                      readout_prompts=readout_prompts, with_fluency=with_fluency,
+                                      n_examples=n_examples, logits_processors=logits_processors)
+
+
+def _evaluate_intervention(model, prompts, emotions, make_ctx, judge, cfg, *, method, readout_prompts,
+                           with_fluency, n_examples, logits_processors) -> MethodEvaluation:
+    from contextlib import nullcontext
+
+    from .generation import generate
+    from .judges.readout import emotion_readout
+
     allp, texts, toks, targets, ro_rows = [], [], [], [], []
     cache: dict[str, object] = {}
     for e in emotions:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .models import compute_dtype
 from .progress import tqdm
 from .prompts import Prompt, TokenBatch, check_context, texts_of, tokenize
 from .results import Result
@@ -56,8 +57,15 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     batch_size: int = 16
+    # compute dtype while generating (e.g. "bfloat16"); None: the model's own. The model's
+    # parameters are cast for the call and restored exactly (models.compute_dtype).
+    dtype: str | None = None
 
     def __post_init__(self) -> None:
+        if self.dtype is not None:
+            from .models import resolve_dtype
+
+            resolve_dtype(self.dtype)  # raises on an unknown name
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
@@ -246,14 +254,15 @@ def generate(
     t0 = time.perf_counter()
     bar = tqdm(total=len(texts), desc="generate", disable=not progress, leave=False)
     try:
-        for s in range(0, len(order), cfg.batch_size):
-            idx = order[s:s + cfg.batch_size]
-            batch = tokenize(model, [texts[i] for i in idx])
-            gen = _generate_batch(model, batch, cfg, eos_ids, logits_processors)
-            for j, i in enumerate(idx):
-                out_tokens[i] = gen[j]
-                prompt_lengths[i] = int(batch.lengths[j])
-            bar.update(len(idx))
+        with compute_dtype(model, cfg.dtype):
+            for s in range(0, len(order), cfg.batch_size):
+                idx = order[s:s + cfg.batch_size]
+                batch = tokenize(model, [texts[i] for i in idx])
+                gen = _generate_batch(model, batch, cfg, eos_ids, logits_processors)
+                for j, i in enumerate(idx):
+                    out_tokens[i] = gen[j]
+                    prompt_lengths[i] = int(batch.lengths[j])
+                bar.update(len(idx))
     finally:
         bar.close()
     decoded = [model.tokenizer.decode(t, skip_special_tokens=True).strip() for t in out_tokens]

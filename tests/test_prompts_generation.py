@@ -129,3 +129,56 @@ def test_smollm2_generation_equals_hf(smol):
         res = generate(smol, texts, cfg, progress=False)
         for t, got in zip(texts, res.tokens, strict=False):
             assert got == _hf_greedy(smol, t, cfg)
+
+
+def test_compute_dtype_restores_parameters_bitwise_also_on_error(tiny_llama):
+    from emocircuits.models import compute_dtype
+
+    before = {n: p.detach().clone() for n, p in tiny_llama.named_parameters()}
+    ids_before = {n: id(p) for n, p in tiny_llama.named_parameters()}
+    with pytest.raises(RuntimeError, match="inside"):
+        with compute_dtype(tiny_llama, "bfloat16"):
+            assert all(p.dtype == torch.bfloat16 for p in tiny_llama.parameters())
+            raise RuntimeError("inside")
+    for n, p in tiny_llama.named_parameters():
+        assert p.dtype == torch.float32 and id(p) == ids_before[n]
+        assert torch.equal(p, before[n]), n
+
+
+def test_bf16_generation_equals_hf_generate_of_a_bf16_model(tiny):
+    """GenerationConfig(dtype="bfloat16") = HF greedy generate of the same weights cast to bf16."""
+    cfg = GenerationConfig(max_new_tokens=10, min_new_tokens=3, repetition_penalty=1.2,
+                           no_repeat_ngram_size=2, batch_size=4, dtype="bfloat16")
+    texts = ["Hello", "Tell me a story about a dragon and a knight.", "Why?"]
+    res = generate(tiny, texts, cfg, progress=False)
+    assert next(tiny.parameters()).dtype == torch.float32
+    hf = tiny.original_model
+    saved = {k: v.clone() for k, v in hf.state_dict(keep_vars=False).items()}
+    bufs = {n: b.clone() for n, b in hf.named_buffers()}
+    try:
+        hf.to(torch.bfloat16)  # torch's own cast: the independent reference
+        want = [_hf_greedy(tiny, t, cfg) for t in texts]
+    finally:
+        hf.to(torch.float32)
+        hf.load_state_dict(saved, strict=False)
+        for n, b in hf.named_buffers():
+            b.copy_(bufs[n])
+    assert res.tokens == want
+
+
+def test_bf16_generation_with_a_steering_hook(tiny_llama):
+    """An intervention built in float32 is applied in the activation dtype (no dtype error)."""
+    from emocircuits.interventions import Intervention, intervene
+
+    v = torch.randn(tiny_llama.cfg.d_model, generator=torch.Generator().manual_seed(1))
+    iv = Intervention(site="resid_post", layer=1, value=v, strength=4.0)
+    texts = ["Hello there", "Another prompt"]
+    base = generate(tiny_llama, texts, max_new_tokens=8, dtype="bfloat16", progress=False).tokens
+    with intervene(tiny_llama, [iv]):
+        steered = generate(tiny_llama, texts, max_new_tokens=8, dtype="bfloat16", progress=False).tokens
+    assert steered != base
+
+
+def test_generation_config_rejects_an_unknown_dtype():
+    with pytest.raises(ValueError, match="unknown dtype"):
+        GenerationConfig(dtype="float7")

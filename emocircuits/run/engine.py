@@ -63,12 +63,21 @@ class RunLockedError(RunError):
 
 @dataclass(frozen=True)
 class Plan:
-    """What a stage will do, for dry runs: forwards, generated texts, a line of text."""
+    """What a stage will do, for dry runs.
+
+    ``forward``: analysis prompt forwards (the model's dtype); ``generate``: texts generated with
+    the run's ``[generation]`` settings (its batch size, dtype and max_new_tokens);
+    ``eval_forward``: prompt forwards that score those texts (fluency, logit readout; in the
+    generation dtype); ``decode_tokens``: row-tokens generated with other settings (float32,
+    their own short lengths, e.g. zero-shot labels), each with one prompt forward counted in
+    ``forward``."""
 
     forward: float = 0
     generate: float = 0
     what: str = ""
     extra_seconds: float = 0.0
+    eval_forward: float = 0
+    decode_tokens: float = 0
 
 
 @dataclass(frozen=True)

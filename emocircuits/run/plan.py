@@ -9,29 +9,56 @@ from pathlib import Path
 
 from .engine import Plan, RunConfigLike, Study, effective_hash, stage_dir, stage_hashes
 
-# Per-model cost on the 2-core CPU, calibrated on an idle run of experiments/06_circuits.toml
-# on SmolLM2-135M (2026-12-01: every stage took 0.51–0.57 × the former constants 0.4 / 0.15;
-# 1,273 s measured for 2,270 s estimated).
+# Per-model cost on the 2-core CPU (SmolLM2-135M = 1; others scale by MODEL_COST).
+# Prompt forwards: calibrated on an idle run of experiments/06_circuits.toml (2026-12-01:
+# 1,273 s measured for 2,270 s estimated with the former constants).
 SECONDS_PER_PROMPT_FORWARD = 0.22
-SECONDS_PER_DECODE_STEP_BATCH16 = 0.083
-# One last-token rerun on a cached prompt prefix (component sweeps), as a fraction of a
-# full prompt forward. SEV prompts have ~65 tokens, but a one-token step of 16 rows is bound by
-# reading the weights and the hooks: measured 0.17 (benchmarks/bench_reuse.py, 2026-12-02).
-LAST_TOKEN_STEP_FORWARDS = 0.17
+# Greedy decoding, per generated row-token: ROW_TOKEN_SECONDS[dtype] + DECODE_STEP_SECONDS / batch
+# (the fixed per-step part: logits processors, hooks, the bridge's wrappers). Fitted on
+# benchmarks/bench_reuse.py --only decode (2026-12-02, SEV neutral prompts, 100 new tokens): float32
+# 1.00 / 0.73 s per text at batch 16 / 64, bfloat16 0.41 s at batch 64.
+DECODE_STEP_SECONDS = 0.060
+ROW_TOKEN_SECONDS = {"float32": 0.00447, "bfloat16": 0.00256, "float16": 0.00447}
+# A prompt forward in bfloat16 costs this fraction of float32 (prefill: 3.67 s vs 11.4 s, 64 prompts).
+FORWARD_DTYPE_FACTOR = {"float32": 1.0, "bfloat16": 0.32, "float16": 1.0}
+# One last-token rerun on a cached prompt prefix (component sweeps), as a fraction of a full
+# prompt forward, per row: 25 neuron-ablation steps on 16 SEV prompts took 4.2 s including the
+# prefix forward (2026-12-02), i.e. ~50 ms a step of 16 rows, 0.015 of a prompt forward per row.
+# (bench_reuse.py's 0.17 timed 7 steps, where the prefix forward dominates.)
+LAST_TOKEN_STEP_FORWARDS = 0.015
 # Sublayer influence: last-token rows (one per intervention, full depth) that cost one prompt
 # forward (batched rows on a repeated KV cache); bench_reuse.py measured ~10 at 12 rows per
-# forward, more rows per forward are cheaper per row (a rough value: 15).
-INFLUENCE_ROWS_PER_FORWARD = 15
+# forward; with 24 interventions per site (6 emotions × 4 doses, 128 rows per forward) one prompt
+# costs 3.8 s = 17 forwards (2026-12-02, 24 SEV prompts), i.e. ~45 rows per forward.
+INFLUENCE_ROWS_PER_FORWARD = 45
 MODEL_COST = {"smollm2-135m-instruct": 1.0, "gemma-3-270m": 2.5, "tiny-llama": 0.02,
               "tiny-gemma": 0.02}
 
 
-def estimate_seconds(plan: Plan, model: str, max_new_tokens: int) -> float:
-    """forward·0.4 s + ⌈generate/16⌉·max_new_tokens·0.15 s (+ prefill), × the model's factor."""
+def _dtype_key(dtype) -> str:
+    from ..models import resolve_dtype
+
+    return str(resolve_dtype(dtype)).removeprefix("torch.") if dtype is not None else "float32"
+
+
+def estimate_seconds(plan: Plan, model: str, generation) -> float:
+    """A rough CPU time for ``plan``: analysis forwards · 0.22 s; each generated text one prefill
+    plus max_new_tokens row-tokens at (ROW_TOKEN_SECONDS + DECODE_STEP_SECONDS / batch), its
+    scoring forwards in the generation dtype; all × the model's factor.
+
+    ``generation``: the run's ``[generation]`` section (or an int max_new_tokens: float32,
+    batch 16)."""
+    if isinstance(generation, (int, float)):
+        max_new, batch, dt = int(generation), 16, "float32"
+    else:
+        max_new, batch, dt = generation.max_new_tokens, generation.batch_size, _dtype_key(generation.dtype)
     f = MODEL_COST.get(str(model), 1.0)
-    fwd = float(plan.forward) + float(plan.generate)
-    dec = math.ceil(float(plan.generate) / 16) * max_new_tokens * SECONDS_PER_DECODE_STEP_BATCH16
-    return f * (fwd * SECONDS_PER_PROMPT_FORWARD + dec) + float(plan.extra_seconds)
+    fwd_dt = FORWARD_DTYPE_FACTOR.get(dt, 1.0)
+    row_tok = ROW_TOKEN_SECONDS.get(dt, ROW_TOKEN_SECONDS["float32"]) + DECODE_STEP_SECONDS / max(1, batch)
+    gen = float(plan.generate) * (fwd_dt * SECONDS_PER_PROMPT_FORWARD + max_new * row_tok)
+    other = float(plan.decode_tokens) * (ROW_TOKEN_SECONDS["float32"] + DECODE_STEP_SECONDS / 16)
+    fwd = (float(plan.forward) + fwd_dt * float(plan.eval_forward)) * SECONDS_PER_PROMPT_FORWARD
+    return f * (fwd + gen + other) + float(plan.extra_seconds)
 
 
 def dry_run(cfg: RunConfigLike, run_dir: str | os.PathLike, studies: Sequence[Study], *,
@@ -60,7 +87,7 @@ def dry_run(cfg: RunConfigLike, run_dir: str | os.PathLike, studies: Sequence[St
             state, est = f"to run [{h[:8]}]", estimate(plan)
             model_needed = True
         total += est
-        lines.append(f"{st.name:<16} {state:<28} {plan.forward:>7.0f} {plan.generate:>6.0f} "
+        lines.append(f"{st.name:<16} {state:<28} {plan.forward + plan.eval_forward:>7.0f} {plan.generate:>6.0f} "
                      f"{est:>7.0f}s  {plan.what}")
     if model_needed:
         total += load_seconds

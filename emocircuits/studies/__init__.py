@@ -161,7 +161,7 @@ def dry_run(config: RunConfig | Mapping[str, Any], run_dir: str | os.PathLike, *
               f"train={d.n_train}, validation={d.n_validation}, test={d.n_test}; "
               f"max_new_tokens={cfg.generation.max_new_tokens}"]
     return _dry(cfg, run_dir, studies, header=header, only=_only(cfg, only),
-                estimate=lambda p: estimate_seconds(p, cfg.model, cfg.generation.max_new_tokens),
+                estimate=lambda p: estimate_seconds(p, cfg.model, cfg.generation),
                 load_seconds=10 * MODEL_COST.get(cfg.model, 1.0))
 
 

@@ -239,17 +239,21 @@ def plan(cfg) -> Plan:
 
     s = cfg.section("circuits")
     nt = common.n_prompts(cfg, "test")
-    n_gen = nt * (1 + s.random_controls)
+    e = len(cfg.emotions)
+    # the unmodified model's texts come from the steering stage when it runs
+    reuse = cfg.run.stages is None or "steering" in cfg.run.stages
+    n_gen = nt * (1 + s.random_controls) + (0 if reuse else nt / e)
     n_set = len(s.lambdas) * (len(s.budgets) if s.budgets is not None else 1)
     if n_set > 1:
-        n_gen += common.n_prompts(cfg, "validation") * (n_set + 1)
+        nv = common.n_prompts(cfg, "validation")
+        n_gen += nv * n_set + (0 if reuse else nv / e)
     n_infl = 3 * s.n_influence_scenarios
     n_layers = {"smollm2-135m-instruct": 30, "gemma-3-270m": 18}.get(cfg.model, 24)
     # influence: per prompt one prefix forward, then one last-token row per (emotion, α, sublayer)
     # resumed at its layer: on average half the blocks, ~1/INFLUENCE_ROWS_PER_FORWARD of a forward
     depth = sum((n_layers - L) / n_layers for L in range(n_layers))
     infl = n_infl * (1 + len(cfg.emotions) * len(s.influence_alphas) * 2 * depth / INFLUENCE_ROWS_PER_FORWARD)
-    return Plan(forward=common.n_prompts(cfg, "train") + infl + 2 * n_gen, generate=n_gen,
+    return Plan(forward=common.n_prompts(cfg, "train") + infl, generate=n_gen, eval_forward=2 * n_gen,
                 what="Δμ, σ, influence, allocation; λ on validation; circuit vs random circuits on test")
 
 

@@ -88,6 +88,7 @@ class GenerationSection:
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     batch_size: int = 16
+    dtype: str | None = None  # e.g. "bfloat16": generation, readout and fluency in it (absent: the model's)
 
     def __post_init__(self) -> None:  # the checks live once, in GenerationConfig
         try:

@@ -265,7 +265,9 @@ def plan(cfg) -> Plan:
 
     fwd = n * (1 + s.mean_pool + s.in_context_probe) + rows(s.persistence_n) + 3 * rows(s.malleability_n) * (
         1 + s.in_context_probe) + 6 * s.sev_n + 2 * rows(s.zero_shot_n)
-    return Plan(forward=fwd, generate=rows(s.zero_shot_n) + rows(s.persistence_n),
+    # zero-shot labels (12 new tokens) and persistence continuations decode with their own settings
+    tok = rows(s.zero_shot_n) * 12 + rows(s.persistence_n) * s.persistence_tokens
+    return Plan(forward=fwd + rows(s.zero_shot_n) + rows(s.persistence_n), decode_tokens=tok,
                 what="probes per layer; zero-shot; persistence"
                      + ("; malleability" if s.malleability_n else "") + ("; SEV check" if s.sev_n else ""))
 

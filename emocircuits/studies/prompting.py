@@ -150,7 +150,7 @@ def plan(cfg) -> Plan:
     what = [w for w, on in (("generate + judge instructed replies", s.elicit),
                             ("readout (instructed, keyword removed)", s.readout),
                             ("readout on neutral prompts", s.neutral_readout)) if on]
-    return Plan(forward=fwd, generate=n if s.elicit else 0, what="; ".join(what))
+    return Plan(eval_forward=fwd, generate=n if s.elicit else 0, what="; ".join(what))
 
 
 STUDY = Study("prompting", "Prompt-based elicitation (stage 01)", Config, run, plan,

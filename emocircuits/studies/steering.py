@@ -176,8 +176,9 @@ def plan(cfg) -> Plan:
     n_set = n_b * len(s.strengths)
     nv = common.n_prompts(cfg, "validation") if n_set > 1 else 0
     nt = common.n_prompts(cfg, "test")
-    gen = nv * (n_set + 1) / 1 + nt * (2 + (s.reference_strength is not None))
-    return Plan(generate=gen, forward=2 * gen,
+    e = len(cfg.emotions)  # the unmodified model's texts are generated once for every target
+    gen = nv / e + nv * n_set + nt / e + nt * (1 + (s.reference_strength is not None))
+    return Plan(generate=gen, eval_forward=2 * gen,  # fluency + readout per text
                 what=(f"sweep {n_set} settings on validation; best on test" if n_set > 1
                       else "one setting (no sweep); steered vs unsteered on test"))
 
