@@ -186,6 +186,44 @@ def test_resume_after_injected_exception_gives_identical_results(tiny_llama, tmp
     assert (tmp_path / "run" / "report.html").exists()
 
 
+def _checkpointed(calls: dict, fail_at: str | None = None):
+    """A stage of three units of work, each a checkpoint; it raises before the unit ``fail_at``."""
+    def fn(ctx):
+        v = ctx.upstream("directions").directions.vectors["resid_mid"]
+        out = []
+        for k in ("a", "b", "c"):
+            if k == fail_at:
+                raise RuntimeError(f"stopped before {k}")
+
+            def unit(k=k):
+                calls[k] = calls.get(k, 0) + 1
+                return Numbers(v.norm(dim=-1) * (ord(k) - 96) + torch.rand(1), k)  # random: a rerun differs
+            out.append(ctx.checkpoint(f"unit/{k}", unit))
+        return Numbers(torch.cat([o.x for o in out]), ",".join(o.note for o in out))
+    return Study("chk", "chk", NoConfig, fn, requires=("directions",))
+
+
+def test_checkpoints_resume_an_interrupted_stage_without_recomputing(tiny_llama, tmp_path):
+    cfg, dirs, calls = tiny_cfg(), get_study("directions"), {}
+    with pytest.raises(RunError, match="stopped before c"):
+        run_pipeline(cfg, tmp_path, studies=[dirs, _checkpointed(calls, fail_at="c")], keep_going=False,
+                     progress=False, model=tiny_llama, report=False)
+    partial = [p for p in (tmp_path / "stages").iterdir() if p.name.startswith(".partial-chk-")]
+    assert len(partial) == 1 and len(list(partial[0].glob("*.json"))) == 2  # a and b kept
+    first_a = Numbers.load(next(partial[0].glob("unit_a-*.json"))).x
+    r = run_pipeline(cfg, tmp_path, studies=[dirs, _checkpointed(calls)], progress=False,
+                     model=tiny_llama, report=False)
+    assert calls == {"a": 1, "b": 1, "c": 1}  # a and b loaded, not recomputed
+    res = r.result("chk")
+    assert res.note == "a,b,c" and torch.equal(res.x[: first_a.shape[0]], first_a)
+    assert "2 checkpoint(s)" in r.results["stages"]["chk"]["notes"]["resumed"]
+    assert not any(p.name.startswith(".partial-") for p in (tmp_path / "stages").iterdir())
+    with pytest.raises(RunError, match="not a Result"):
+        bad = Study("bad", "bad", NoConfig, lambda ctx: ctx.checkpoint("x", lambda: {"x": 1}))
+        run_pipeline(cfg, tmp_path / "b", studies=[bad], keep_going=False, progress=False,
+                     model=tiny_llama, report=False)
+
+
 def test_config_or_version_change_reruns_exactly_that_stage_and_after(tiny_llama, tmp_path):
     from dataclasses import replace
 

@@ -22,9 +22,11 @@ Nothing in a run folder is unpickled: results load through :mod:`emocircuits.res
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -35,7 +37,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from ..progress import tqdm
 from ..results import (
@@ -48,6 +50,8 @@ from ..results import (
     load_result,
 )
 from .config import file_sha, section_dict, sha
+
+R = TypeVar("R", bound=Result)
 
 
 class RunError(RuntimeError):
@@ -179,10 +183,41 @@ class StageContext:
     tables: list[dict] = field(default_factory=list)
     views: list[dict] = field(default_factory=list)
     notes: dict[str, str] = field(default_factory=dict)
+    hash: str = ""  # the stage's key: checkpoints of an interrupted run are kept under it
+    resumed: list[str] = field(default_factory=list)  # checkpoint keys loaded instead of computed
 
     @property
     def model(self):
         return self.model_handle.get()
+
+    @property
+    def partial_dir(self) -> Path:
+        """Where this stage's checkpoints live until it finishes: ``stages/.partial-<name>-<hash>``."""
+        return self.run_dir / "stages" / f".partial-{self.study.name}-{self.hash}"
+
+    def checkpoint(self, key: str, compute: Callable[[], R]) -> R:
+        """``compute()``'s :class:`Result`, kept across an interrupted run: saved (safetensors +
+        JSON, atomically) as soon as it returns; the same stage with the same key hash, run
+        again after a crash or a stopped session, loads it instead of computing it again. The
+        checkpoints are removed when the stage finishes. ``key`` names one unit of work
+        uniquely within the stage (e.g. ``"test/circuit"``)."""
+        safe = re.sub(r"[^A-Za-z0-9_.=-]+", "_", key).strip("_")[:80]
+        stem = self.partial_dir / f"{safe}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+        if stem.with_suffix(".json").is_file():
+            try:
+                out = load_result(stem)
+            except Exception as e:  # a damaged checkpoint is recomputed, and said so
+                self.notes[f"checkpoint {key}"] = f"recomputed (could not load: {type(e).__name__}: {e})"
+            else:
+                self.resumed.append(key)
+                return out  # type: ignore[return-value]
+        out = compute()
+        if not isinstance(out, Result):
+            raise RunError(f"stage {self.study.name!r}: checkpoint {key!r} computed "
+                           f"{type(out).__name__}, not a Result")
+        self.partial_dir.mkdir(parents=True, exist_ok=True)
+        out.save(stem)
+        return out
 
     def upstream(self, name: str) -> Any:
         """The typed result of upstream stage ``name`` (None when an optional one is absent)."""
@@ -476,7 +511,7 @@ def _run_stage(st: Study, h: str, cfg: RunConfigLike, run_dir: Path, records: di
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{st.name}-{h}-", dir=stages_dir))
     try:
         ups = {r: records[r] for r in (*st.requires, *st.optional) if r in records}
-        ctx = StageContext(st, cfg, cfg.section(st.name), run_dir, tmp, ups, handle, progress)
+        ctx = StageContext(st, cfg, cfg.section(st.name), run_dir, tmp, ups, handle, progress, hash=h)
         t = time.perf_counter()
         result = st.run(ctx)
         seconds = time.perf_counter() - t
@@ -484,6 +519,9 @@ def _run_stage(st: Study, h: str, cfg: RunConfigLike, run_dir: Path, records: di
             raise RunError(f"stage {st.name!r} returned {type(result).__name__}, not a Result")
         result.save(tmp / "result")
         headline = result.headline() if hasattr(result, "headline") else {}
+        if ctx.resumed:
+            ctx.notes["resumed"] = (f"{len(ctx.resumed)} checkpoint(s) of an interrupted run loaded, not "
+                                    f"recomputed; seconds counts this run only: {', '.join(ctx.resumed)}")
         output = {"stage": st.name, "hash": h, "version": st.version, "seconds": round(seconds, 2),
                   "result_type": type(result).__name__, "results": compact_json(jsonable(result.to_dict())),
                   "headline": jsonable(headline), "notes": ctx.notes, "figures": ctx.figures,
@@ -494,6 +532,7 @@ def _run_stage(st: Study, h: str, cfg: RunConfigLike, run_dir: Path, records: di
         if final.exists():  # a broken folder of the same key (named when it was read)
             shutil.rmtree(final)
         os.replace(tmp, final)
+        shutil.rmtree(ctx.partial_dir, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

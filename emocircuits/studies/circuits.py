@@ -104,9 +104,9 @@ def run(ctx: StageContext) -> CircuitsResult:
     v_mid, v_post = dirs.vectors["resid_mid"], dirs.vectors["resid_post"]
     infl_recs = common.records(ctx, "train", s.n_influence_scenarios)
     infl_prompts = common.accepted(ctx, neutral_prompts(model, infl_recs), "circuits.n_influence_scenarios")
-    infl = C.sublayer_influence(model, infl_prompts, v_mid, v_post, sigma,
-                                alphas=tuple(s.influence_alphas), emotions=emos, batch_size=bs,
-                                progress=ctx.progress)
+    infl = ctx.checkpoint("influence", lambda: C.sublayer_influence(
+        model, infl_prompts, v_mid, v_post, sigma, alphas=tuple(s.influence_alphas), emotions=emos,
+        batch_size=bs, progress=ctx.progress))
     comp = ctx.upstream("components")
     if s.score_source == "components":
         if comp is None:
@@ -136,11 +136,13 @@ def run(ctx: StageContext) -> CircuitsResult:
                  for b in budgets}
     judge, gen = common.judge(ctx), common.gen_config(ctx)
 
-    def evaluate(recs, make, name):
-        p = neutral_prompts(model, recs)
-        ro = neutral_prompts(model, recs, assistant_prefix=READOUT_PREFIX) if s.readout else None
-        return evaluate_intervention(model, p, emos, make, judge, gen, method=name,
-                                     readout_prompts=ro, n_examples=s.n_examples)
+    def evaluate(recs, make, name, split):
+        def compute():
+            p = neutral_prompts(model, recs)
+            ro = neutral_prompts(model, recs, assistant_prefix=READOUT_PREFIX) if s.readout else None
+            return evaluate_intervention(model, p, emos, make, judge, gen, method=name,
+                                         readout_prompts=ro, n_examples=s.n_examples)
+        return ctx.checkpoint(f"{split}/{name}", compute)  # an interrupted run resumes per method
 
     def modulated(cs, lam):
         return lambda e: C.modulate(model, cs[e], lam)
@@ -152,13 +154,13 @@ def run(ctx: StageContext) -> CircuitsResult:
         val = common.records(ctx, "validation")
         steered = ctx.upstream("steering")  # same prompts, decoding and judge: reuse its baseline
         base = (steered.validation_unsteered if steered is not None and steered.validation_unsteered
-                is not None else evaluate(val, lambda e: None, "none"))
+                is not None else evaluate(val, lambda e: None, "none", "validation"))
         ref = base.fluency["perplexity_geomean"]
         rows.append(summary_row("none", base, base, s.ppl_guard, s.max_repeat, strength=0.0, passes_guard=True))
         grid = {}
         for b, x in settings:
             name = f"B={b} λ={x}" if len(budgets) > 1 else f"λ={x}"
-            ev = evaluate(val, modulated(by_budget[b], x), f"circuit {name}")
+            ev = evaluate(val, modulated(by_budget[b], x), f"circuit {name}", "validation")
             grid[(b, x)] = ev
             rows.append(summary_row(name, ev, base, s.ppl_guard, s.max_repeat, strength=x, budget=b,
                                     passes_guard=passes_fluency_guard(
@@ -173,15 +175,16 @@ def run(ctx: StageContext) -> CircuitsResult:
     test = common.records(ctx, "test")
     evals: dict[str, MethodEvaluation] = {}
     steer_res, prompt_res = ctx.upstream("steering"), ctx.upstream("prompting")
-    evals["none"] = steer_res.test_unsteered if steer_res is not None else evaluate(test, lambda e: None, "none")
+    evals["none"] = (steer_res.test_unsteered if steer_res is not None
+                     else evaluate(test, lambda e: None, "none", "test"))
     if prompt_res is not None and prompt_res.evaluation is not None:  # prompting.elicit = false
         evals["prompting"] = prompt_res.evaluation
     if steer_res is not None:
         evals["steering"] = steer_res.test
-    evals["circuit"] = evaluate(test, modulated(circuits, lam), "circuit")
+    evals["circuit"] = evaluate(test, modulated(circuits, lam), "circuit", "test")
     for r in range(s.random_controls):
         rc = {e: C.random_circuit(circuits[e], dv.mlp[i], dv.z[i], seed=r) for i, e in enumerate(emos)}
-        evals[f"random circuit {r}"] = evaluate(test, modulated(rc, lam), f"random circuit {r}")
+        evals[f"random circuit {r}"] = evaluate(test, modulated(rc, lam), f"random circuit {r}", "test")
     faith = {}
     if s.faithfulness:
         frecs = common.records(ctx, "test", s.faithfulness_scenarios)

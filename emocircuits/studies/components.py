@@ -148,24 +148,23 @@ def run(ctx: StageContext) -> ComponentsResult:
     timing = _Timer()
 
     with timing("neuron_contributions"):
-        nc = K.neuron_contributions(model, prompts, None, v_post, emos, batch_size=bs,
-                                    progress=ctx.progress)
+        nc = ctx.checkpoint("neuron_contributions", lambda: K.neuron_contributions(
+            model, prompts, None, v_post, emos, batch_size=bs, progress=ctx.progress))
     with timing("head_attribution"):
-        attr = K.head_attribution(model, prompts, None, emos, readout="same_layer",
-                                  directions_mid=v_mid, batch_size=bs, progress=ctx.progress)
+        attr = ctx.checkpoint("head_attribution", lambda: K.head_attribution(
+            model, prompts, None, emos, readout="same_layer", directions_mid=v_mid, batch_size=bs,
+            progress=ctx.progress))
     attr_x = attr
     if not same_prompts:
         with timing("head_attribution_exact_prompts"):
-            attr_x = K.head_attribution(model, exact_prompts, None, emos, readout="same_layer",
-                                        directions_mid=v_mid, batch_size=bs, progress=ctx.progress)
+            attr_x = ctx.checkpoint("head_attribution_exact_prompts", lambda: K.head_attribution(
+                model, exact_prompts, None, emos, readout="same_layer", directions_mid=v_mid,
+                batch_size=bs, progress=ctx.progress))
     with timing(f"head_exact_{s.exact_method}"):
-        if s.exact_method == "closed_form":
-            abl = K.head_ablation_importance_closed_form(model, exact_prompts, None, v_mid, emos,
-                                                         layers=abl_layers, batch_size=bs,
-                                                         progress=ctx.progress)
-        else:
-            abl = K.head_ablation_importance(model, exact_prompts, None, v_mid, emos, layers=abl_layers,
-                                             batch_size=bs, progress=ctx.progress)
+        exact = (K.head_ablation_importance_closed_form if s.exact_method == "closed_form"
+                 else K.head_ablation_importance)
+        abl = ctx.checkpoint(f"head_exact_{s.exact_method}", lambda: exact(
+            model, exact_prompts, None, v_mid, emos, layers=abl_layers, batch_size=bs, progress=ctx.progress))
     k_top = s.top_k
     on_abl = [attr_x.layers.index(layer) for layer in abl.layers]
     agree = {}
@@ -259,11 +258,13 @@ def _sweeps(ctx, model, every, prompts, emos, nc, attr, v_ref, rank_layers, timi
         for spec in s.sweep_runs:
             kind, mode = spec.split(":")
             with timing(f"sweep_{e}_{kind}_{mode}"):
-                out[e][spec] = K.component_sweep(
-                    model, ps, e, rankings[kind], kind=kind, ks=ks, mode=mode,
-                    delta_mu=dmu[kind][ei] if mode == "enhance" else None, strength=s.sweep_lambda,
-                    n_random=s.n_random, seed=0, v_ref=v_ref[ei], emotions=emos, batch_size=bs,
-                    progress=ctx.progress)
+                def sweep(e=e, ei=ei, ps=ps, kind=kind, mode=mode, ranking=rankings[kind]):
+                    return K.component_sweep(
+                        model, ps, e, ranking, kind=kind, ks=ks, mode=mode,
+                        delta_mu=dmu[kind][ei] if mode == "enhance" else None, strength=s.sweep_lambda,
+                        n_random=s.n_random, seed=0, v_ref=v_ref[ei], emotions=emos, batch_size=bs,
+                        progress=ctx.progress)
+                out[e][spec] = ctx.checkpoint(f"sweep_{e}_{spec}", sweep)
     return out
 
 

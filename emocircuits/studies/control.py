@@ -203,7 +203,10 @@ def _compare(ctx: StageContext, dirs, notes: list[str]) -> dict:
             lam = float(circ.chosen["lambda"]) if s.circuit_strength is None else s.circuit_strength
             make = lambda e, lam=lam: modulate(model, circ.circuits[e], lam)  # noqa: E731
             setting = {"strength": lam}
-        ev = evaluate_intervention(model, prompts, emos, make, judge, gen, method=m, logits_processors=procs)
+        def compute(make=make, procs=procs, m=m):
+            return evaluate_intervention(model, prompts, emos, make, judge, gen, method=m, logits_processors=procs)
+        # resumable per method, except schedules whose α history is read from this run's objects
+        ev = compute() if m == "decaying_steering" else ctx.checkpoint(f"test/{m}", compute)
         texts, targets = [r["text"] for r in ev.rows], [r["emotion"] for r in ev.rows]
         hist: dict[str, list[float]] = {}
         for e, sch in schedules.items():  # α_k of the first batch (k restarts at 0 with each batch)
@@ -232,8 +235,9 @@ def _vocabulary_strength(ctx: StageContext, biased, judge, gen) -> tuple[float, 
     st = ctx.upstream("steering")  # same prompts, decoding and judge: reuse its unsteered texts
     base = (st.validation_unsteered if st is not None and st.validation_unsteered is not None
             else evaluate_intervention(model, val, emos, lambda e: None, judge, gen, method="none"))
-    grid = {a: evaluate_intervention(model, val, emos, lambda e: None, judge, gen, method=f"vocabulary_bias {a:g}",
-                                     logits_processors=biased(a)) for a in grid_values}
+    grid = {a: ctx.checkpoint(f"validation/vocabulary_bias {a:g}", lambda a=a: evaluate_intervention(
+        model, val, emos, lambda e: None, judge, gen, method=f"vocabulary_bias {a:g}", logits_processors=biased(a)))
+        for a in grid_values}
     a, ok = choose_setting(grid, base, max_ratio=s.ppl_guard, max_repeat=s.max_repeat)
     rows = [summary_row("none", base, base, s.ppl_guard, s.max_repeat, strength=0.0)]
     rows += [summary_row(f"bias={x:g}", ev, base, s.ppl_guard, s.max_repeat, strength=x) for x, ev in grid.items()]

@@ -106,22 +106,24 @@ def run(ctx: StageContext) -> SteeringResult:
     def ctx_for(band, a):
         return lambda e: steer(model, dirs, band, a, emotion=e, site=s.site)
 
-    def evaluate(recs, make, name):
-        p = neutral_prompts(model, recs)
-        ro = neutral_prompts(model, recs, assistant_prefix=READOUT_PREFIX) if s.readout else None
-        return evaluate_intervention(model, p, emos, make, judge, gen, method=name,
-                                     readout_prompts=ro, n_examples=s.n_examples)
+    def evaluate(recs, make, name, split):
+        def compute():
+            p = neutral_prompts(model, recs)
+            ro = neutral_prompts(model, recs, assistant_prefix=READOUT_PREFIX) if s.readout else None
+            return evaluate_intervention(model, p, emos, make, judge, gen, method=name,
+                                         readout_prompts=ro, n_examples=s.n_examples)
+        return ctx.checkpoint(f"{split}/{name}", compute)  # an interrupted run resumes per setting
 
     settings = [(b, float(a)) for b in bs for a in s.strengths]
     grid, rows, ref = {}, [], None
     if len(settings) > 1:
         val = common.records(ctx, "validation")
-        base = evaluate(val, lambda e: None, "none")
+        base = evaluate(val, lambda e: None, "none", "validation")
         ref = base.fluency["perplexity_geomean"]
         rows.append(summary_row("none", base, base, s.ppl_guard, s.max_repeat, layers="none", strength=0.0,
                                 passes_guard=True))
         for b, a in settings:
-            ev = evaluate(val, ctx_for(b, a), f"steering {band_name(b)} α={a}")
+            ev = evaluate(val, ctx_for(b, a), f"steering {band_name(b)} α={a}", "validation")
             grid[(band_name(b), a)] = ev
             rows.append(summary_row(f"{band_name(b)} α={a}", ev, base, s.ppl_guard, s.max_repeat,
                                     layers=band_name(b), strength=a,
@@ -132,8 +134,8 @@ def run(ctx: StageContext) -> SteeringResult:
     else:
         (band, alpha), ok = settings[0], None
     test = common.records(ctx, "test")
-    ev = evaluate(test, ctx_for(band, alpha), "steering")
-    ev0 = evaluate(test, lambda e: None, "none")
+    ev = evaluate(test, ctx_for(band, alpha), "steering", "test")
+    ev0 = evaluate(test, lambda e: None, "none", "test")
     chosen = {"layers": band_name(band), "strength": alpha, "site": s.site,
               "swept": len(settings) > 1, "passes_fluency_guard": ok, "chosen_on": "validation"}
     res = SteeringResult(rows, chosen, ev, ev0, ref, ev.examples,
@@ -145,7 +147,7 @@ def run(ctx: StageContext) -> SteeringResult:
         res.reference = {"layers": band_name(pl), "strength": a_ref, "site": s.site,
                          "same_as_chosen": same}
         if not same:
-            res.test_reference = evaluate(test, ctx_for(pl, a_ref), "steering (reference)")
+            res.test_reference = evaluate(test, ctx_for(pl, a_ref), "steering (reference)", "test")
             shown.insert(1, (f"steering {band_name(pl)} α={a_ref:g} (reference)", res.test_reference))
     ctx.table("steering on the test set (setting chosen on validation)",
               ["method", "judge", "readout", "readout share", "perplexity", *emos, "n"],
