@@ -327,6 +327,10 @@ def collect(
     if len(prompts) == 0:
         raise ValueError("collect: no prompts")
     lay = sorted({layer for s, ls in site_layers.items() if s != "final_norm" for layer in ls})
+    if isinstance(position, str) and position == "last" and out_dir is None:
+        hit = _from_shared(model, prompts, site_layers)
+        if hit is not None:
+            return hit
     if isinstance(position, torch.Tensor):
         position = position.long().cpu()
         if position.dim() == 2 and position.shape[0] != len(prompts):
@@ -453,6 +457,50 @@ def collect(
         lengths = None
     return Activations(acts, site_layers, position if isinstance(position, str) else "index",
                        lengths, meta)
+
+
+_SHARED_ATTR = "_emocircuits_shared_activations"
+
+
+@contextlib.contextmanager
+def shared_activations(model, acts: Activations, prompts: Sequence[str | Prompt]):
+    """Inside the block, ``collect(model, ps, sites, "last", layers=...)`` on any prompts ``ps``
+    among ``prompts`` (the rows of ``acts``, a last-token collection) and any sites and layers
+    that ``acts`` holds is answered from ``acts`` (rows picked by prompt text) instead of new
+    forwards. The values equal a fresh collection up to float rounding (batch composition).
+    Nested blocks: the innermost that covers a request answers it. Removed on every exit."""
+    if acts.position != "last":
+        raise ValueError(f"shared_activations needs a last-token collection, got position {acts.position!r}")
+    texts = texts_of(prompts)
+    if len(texts) != len(acts):
+        raise ValueError(f"shared_activations: {len(texts)} prompts for {len(acts)} rows")
+    index: dict[str, int] = {}
+    for i, t in enumerate(texts):
+        index.setdefault(t, i)
+    stack = list(getattr(model, _SHARED_ATTR, ()))
+    object.__setattr__(model, _SHARED_ATTR, (*stack, (acts, index)))
+    try:
+        yield acts
+    finally:
+        object.__setattr__(model, _SHARED_ATTR, tuple(stack))
+
+
+def _from_shared(model, prompts, site_layers: dict[str, list[int]]) -> Activations | None:
+    for acts, index in reversed(getattr(model, _SHARED_ATTR, ())):
+        if not all(s in acts.acts and set(ls) <= set(acts.layers[s]) for s, ls in site_layers.items()):
+            continue
+        rows = [index.get(t) for t in texts_of(prompts)]
+        if any(r is None for r in rows):
+            continue
+        idx = torch.tensor(rows, dtype=torch.long)
+        out = {}
+        for s, ls in site_layers.items():
+            cols = torch.tensor([acts.layers[s].index(layer) for layer in ls], dtype=torch.long)
+            out[s] = acts.acts[s].index_select(0, idx).index_select(1, cols)
+        meta = {"prompts_hash": prompts_hash(prompts), "n": len(rows), "model": acts.meta.get("model", ""),
+                "shared": True}
+        return Activations(out, {s: list(ls) for s, ls in site_layers.items()}, "last", None, meta)
+    return None
 
 
 def _left_align(t: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -104,3 +104,45 @@ def test_forward_until_logits_stop_and_hook_removal(tiny_llama):
         with pytest.raises(RuntimeError, match="boom"):
             forward_until(tiny_llama, b.tokens, b.attention_mask, 1, [(name, boom)])
         forward_until(tiny_llama, b.tokens, b.attention_mask, 1)  # the failing hook is gone
+
+
+def test_shared_activations_answer_subsets_without_forwards_and_equal_a_fresh_collect(tiny):
+    from emocircuits.activations import shared_activations
+
+    texts = ["Short.", "A somewhat longer prompt with more tokens in it.", "Mid length text.",
+             "Another one, of its own length.", "x y z"]
+    sites = ("resid_pre", "resid_mid", "mlp_post", "z")
+    big = collect(tiny, texts, sites, "last", batch_size=2, progress=False)
+    want = collect(tiny, [texts[3], texts[0]], ("mlp_post", "z"), "last", layers=[1, 2], progress=False)
+    calls = []
+    with shared_activations(tiny, big, texts):
+        with tiny.hooks(fwd_hooks=[(S.hook_name(tiny, "resid_pre", 0), lambda x, hook: calls.append(1))]):
+            got = collect(tiny, [texts[3], texts[0]], ("mlp_post", "z"), "last", layers=[1, 2], progress=False)
+            assert calls == []  # answered from the shared collection
+            miss = collect(tiny, ["not shared"], "resid_post", "last", progress=False)  # not covered: a forward
+            assert calls and miss["resid_post"].shape[0] == 1
+    assert got.layers == want.layers and got.meta["shared"]
+    for s in ("mlp_post", "z"):
+        assert got[s].shape == want[s].shape
+        assert torch.allclose(got[s], want[s], atol=1e-5), s
+    # gone after the block, also after an exception
+    with pytest.raises(RuntimeError, match="inside"):
+        with shared_activations(tiny, big, texts):
+            raise RuntimeError("inside")
+    calls.clear()
+    with tiny.hooks(fwd_hooks=[(S.hook_name(tiny, "resid_pre", 0), lambda x, hook: calls.append(1))]):
+        collect(tiny, [texts[0]], "z", "last", progress=False)
+    assert calls
+
+
+def test_shared_activations_rejects_mismatched_inputs(tiny_llama):
+    from emocircuits.activations import shared_activations
+
+    acts = collect(tiny_llama, ["a b", "c d e"], "resid_post", "last", progress=False)
+    with pytest.raises(ValueError, match="2 rows"):
+        with shared_activations(tiny_llama, acts, ["a b"]):
+            pass
+    every = collect(tiny_llama, ["a b"], "resid_post", "all", progress=False)
+    with pytest.raises(ValueError, match="last-token"):
+        with shared_activations(tiny_llama, every, ["a b"]):
+            pass

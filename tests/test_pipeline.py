@@ -42,7 +42,7 @@ def test_presets_parse_into_typed_sections():
         assert cfg.section("steering").strengths and isinstance(cfg.section("steering").strengths, tuple)
     q, f = load_config("quick").data, load_config("full").data
     assert q.n_train <= 8 and q.n_test <= 6
-    assert (f.n_train, f.n_validation, f.n_test) == (160, 40, 40)
+    assert (f.n_train, f.n_validation, f.n_test) == (160, 12, 40)  # grids on 12 of the 40 validation scenarios
     # every default is filled in and in config.json's dict
     d = load_config("quick").to_dict()
     assert set(d) == {"run", "data", "generation", "judge", *(s.name for s in STUDIES)}
@@ -470,3 +470,27 @@ def test_every_default_stage_runs_on_a_tiny_model(tiny_llama, tmp_path):
     assert cli.main(["figures", str(tmp_path), "--out", str(tmp_path / "figs")]) == 0
     names = {p.name for p in (tmp_path / "figs").iterdir()}
     assert {"probes_depth.png", f"{tmp_path.name}_methods.png"} <= names
+
+
+def test_shared_train_activations_give_the_same_stage_results_with_fewer_forwards(tiny_llama, tmp_path):
+    """directions → components → circuits with one shared last-token collection (default) equal
+    the same stages each collecting their own (run.share_activations = false)."""
+    from emocircuits.activations import Activations
+
+    studies = [get_study(n) for n in ("directions", "components", "circuits")]
+    over = ["circuits.random_controls=1", "circuits.faithfulness=false"]
+    on = run_pipeline(tiny_cfg(*over), tmp_path / "on", studies=studies, progress=False, model=tiny_llama,
+                      report=False)
+    off = run_pipeline(tiny_cfg(*over, "run.share_activations=false"), tmp_path / "off", studies=studies,
+                       progress=False, model=tiny_llama, report=False)
+    shared = list((tmp_path / "on" / "shared").glob("train-last-*.json"))
+    assert len(shared) == 1 and not (tmp_path / "off" / "shared").exists()
+    assert set(Activations.load(shared[0]).acts) >= {"mlp_post", "z", "resid_mid", "resid_post"}
+    for name in ("directions", "components", "circuits"):  # same key: the flag is not hashed
+        assert on.results["stages"][name]["config_hash"] == off.results["stages"][name]["config_hash"]
+    a, b = on.result("components"), off.result("components")
+    assert torch.allclose(a.neurons.C_mean, b.neurons.C_mean, atol=1e-5)
+    assert torch.allclose(a.heads_exact.mean, b.heads_exact.mean, atol=1e-5)
+    ca, cb = on.result("circuits"), off.result("circuits")
+    assert torch.allclose(ca.difference_vectors.mlp, cb.difference_vectors.mlp, atol=1e-5)
+    assert {e: c.n_heads for e, c in ca.circuits.items()} == {e: c.n_heads for e, c in cb.circuits.items()}

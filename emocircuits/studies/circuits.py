@@ -81,6 +81,16 @@ class CircuitsResult(Result):
 
 
 def run(ctx: StageContext) -> CircuitsResult:
+    """The stage, with the run's shared last-token collection of the train prompts active."""
+    from ..prompts import emotion_prompts
+
+    prompts = common.accepted(ctx, emotion_prompts(ctx.model, common.records(ctx, "train"), ctx.config.emotions),
+                              "circuits")
+    with common.shared_train_activations(ctx, prompts):
+        return _run(ctx)
+
+
+def _run(ctx: StageContext) -> CircuitsResult:
     import torch
 
     from .. import circuits as C
@@ -256,7 +266,8 @@ def plan(cfg) -> Plan:
     # resumed at its layer: on average half the blocks, ~1/INFLUENCE_ROWS_PER_FORWARD of a forward
     depth = sum((n_layers - L) / n_layers for L in range(n_layers))
     infl = n_infl * (1 + len(cfg.emotions) * len(s.influence_alphas) * 2 * depth / INFLUENCE_ROWS_PER_FORWARD)
-    return Plan(forward=common.n_prompts(cfg, "train") + infl, generate=n_gen, eval_forward=2 * n_gen,
+    own = 0 if cfg.run.share_activations else common.n_prompts(cfg, "train")  # Δμ, σ: the shared collection
+    return Plan(forward=own + infl, generate=n_gen, eval_forward=2 * n_gen,
                 what="Δμ, σ, influence, allocation; λ on validation; circuit vs random circuits on test")
 
 

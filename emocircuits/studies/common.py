@@ -124,3 +124,46 @@ def check_layers(layers: Sequence[int] | None, n_layers: int, where: str) -> lis
             raise ValueError(f"{where}: layer {x} out of range for a {n_layers}-layer model")
         out.append(int(x) % n_layers)
     return out
+
+
+# The last-token sites the train-prompt analyses read: directions (resid_mid/resid_post), neuron
+# contributions (mlp_post), the closed-form head score (resid_pre, attn_o_out, z), Δμ and σ.
+SHARED_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_o_out", "mlp_post", "z")
+
+
+def shared_train_activations(ctx: StageContext, prompts: Sequence[Any]):
+    """A context in which every last-token ``collect`` of these prompts (or a subset) at
+    ``SHARED_SITES`` is answered from ONE collection per run (``activations.shared_activations``)
+    instead of new forwards: the directions, components and circuits stages share it.
+
+    The collection is kept in ``<run>/shared/train-last-<key>.safetensors`` (+ ``.json``; the
+    key hashes the model, its dtype and the prompt texts), so a run resumed in a new process
+    reuses it. ``[run] share_activations = false``: a no-op (each stage collects its own)."""
+    from contextlib import nullcontext
+
+    from ..activations import Activations, collect, shared_activations
+    from ..prompts import texts_of
+
+    if not getattr(ctx.config.run, "share_activations", True) or not prompts:
+        return nullcontext()
+    import hashlib
+
+    model = ctx.model
+    texts = texts_of(prompts)
+    key = hashlib.sha256("\n".join([str(ctx.config.model), str(ctx.config.run.dtype), *texts])
+                         .encode()).hexdigest()[:16]
+    stem = ctx.run_dir / "shared" / f"train-last-{key}"
+    acts = None
+    if stem.with_suffix(".json").is_file():
+        try:
+            acts = Activations.load(stem)
+        except Exception as e:  # a damaged file is collected again, and said so
+            ctx.notes["shared activations"] = f"collected again ({type(e).__name__}: {e})"
+        if acts is not None and (len(acts) != len(texts) or not set(SHARED_SITES) <= set(acts.acts)):
+            acts = None
+    if acts is None:
+        acts = collect(model, list(prompts), SHARED_SITES, "last", batch_size=batch_size(ctx),
+                       progress=ctx.progress)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        acts.save(stem)
+    return shared_activations(model, acts, prompts)

@@ -123,6 +123,16 @@ class _Timer(dict):
 
 
 def run(ctx: StageContext) -> ComponentsResult:
+    """The stage, with the run's shared last-token collection of the train prompts active."""
+    from ..prompts import emotion_prompts
+
+    prompts = common.accepted(ctx, emotion_prompts(ctx.model, common.records(ctx, "train"), ctx.config.emotions),
+                              "components")
+    with common.shared_train_activations(ctx, prompts):
+        return _run(ctx)
+
+
+def _run(ctx: StageContext) -> ComponentsResult:
     from .. import components as K
     from ..circuits import reference_direction
     from ..prompts import emotion_prompts
@@ -278,8 +288,10 @@ def plan(cfg) -> Plan:
     nx = n if s.exact_prompts_per_emotion is None else min(n, s.exact_prompts_per_emotion * len(cfg.emotions))
     n_sw = n // len(cfg.emotions) if s.sweep_prompts_per_emotion is None else s.sweep_prompts_per_emotion
     n_emo = len(s.sweep_emotions or cfg.emotions)
-    # neurons 1 + attribution ~2 (forward + backward) + exact heads (closed form) 1
-    fwd = n * 3 + nx * (1 + 2 * len(s.readouts) + (2 if nx != n else 0))
+    # neurons 1 + attribution ~2 (forward + backward) + exact heads (closed form) 1; neurons and
+    # the closed form read the run's shared collection (made by the directions stage) when on
+    shared = cfg.run.share_activations and s.exact_method == "closed_form"
+    fwd = n * (2 if shared else 3) + nx * ((0 if shared else 1) + 2 * len(s.readouts) + (2 if nx != n else 0))
     steps = 1 + len(s.sweep_ks) * (1 + s.n_random)
     for spec in s.sweep_runs:  # neuron sweeps: one prefix forward, then last-token steps
         per = 1 + steps * LAST_TOKEN_STEP_FORWARDS if spec.startswith("neuron") else steps

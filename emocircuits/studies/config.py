@@ -22,7 +22,7 @@ PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"
 TINY_MODELS = {"tiny-llama": "llama", "tiny-gemma": "gemma"}
 DTYPES = ("float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16")
 # keys of [run] that do not change any number (left out of the stage keys)
-UNHASHED_RUN_KEYS = ("preset", "stages", "keep_going")
+UNHASHED_RUN_KEYS = ("preset", "stages", "keep_going", "share_activations")
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,9 @@ class RunSection:
     preset: str | None = None
     stages: tuple[str, ...] | None = None  # None: every stage
     keep_going: bool = True
+    # one last-token collection of the train prompts shared by directions, components and
+    # circuits (kept in <run>/shared/); same numbers up to float rounding, fewer forwards
+    share_activations: bool = True
 
     def __post_init__(self) -> None:
         if not self.model.strip():

@@ -161,8 +161,9 @@ def run(ctx: StageContext) -> DirectionsResult:
 
         groups, n_groups = accepted_groups(ctx, recs)
         prompts = keep_groups(prompts, groups)
-    acts = collect(model, prompts, sites, position="last", progress=ctx.progress,
-                   batch_size=common.batch_size(ctx))
+    with common.shared_train_activations(ctx, prompts):  # one collection for this and later stages
+        acts = collect(model, prompts, sites, position="last", progress=ctx.progress,
+                       batch_size=common.batch_size(ctx))
     dirs = directions_by_method(s.methods[0], model, acts, prompts, emos, sites, recs, ctx)
     others = {m: directions_by_method(m, model, acts, prompts, emos, sites, recs, ctx)
               for m in s.methods[1:]}

@@ -66,6 +66,15 @@ class PromptingResult(Result):
 
 
 def run(ctx: StageContext) -> PromptingResult:
+    """Every evaluation here (generation, fluency, readouts) in ``generation.dtype``, as for the
+    other methods (``evaluate_intervention``)."""
+    from ..models import compute_dtype
+
+    with compute_dtype(ctx.model, ctx.config.generation.dtype):
+        return _run(ctx)
+
+
+def _run(ctx: StageContext) -> PromptingResult:
     from ..elicitation import (
         elicit,
         elicitation_timing,
@@ -153,5 +162,5 @@ def plan(cfg) -> Plan:
     return Plan(eval_forward=fwd, generate=n if s.elicit else 0, what="; ".join(what))
 
 
-STUDY = Study("prompting", "Prompt-based elicitation (stage 01)", Config, run, plan,
+STUDY = Study("prompting", "Prompt-based elicitation (stage 01)", Config, run, plan, version=2,
               modules=("emocircuits.elicitation",), inputs=common.sev_inputs("test"))
