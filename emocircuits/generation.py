@@ -146,21 +146,49 @@ LogitsProcessor = Callable[[int, list[list[int]], torch.Tensor], torch.Tensor]
 generated); called before the built-in processors, in order, at every step."""
 
 
+class _NgramBans:
+    """No-repeat n-gram bans, kept incrementally: for each row, (n−1)-gram prefix -> the
+    tokens that followed it. ``banned(i)`` = the tokens that would complete an n-gram already
+    in row i (what ``_banned_ngram_tokens`` recomputes from scratch; equal, tested)."""
+
+    def __init__(self, rows: list[list[int]], n: int):
+        self.n = n
+        self.rows = rows
+        self.seen: list[dict[tuple[int, ...], set[int]]] = [{} for _ in rows]
+        for i, ids in enumerate(rows):
+            for j in range(len(ids) - n + 1):
+                self.seen[i].setdefault(tuple(ids[j:j + n - 1]), set()).add(ids[j + n - 1])
+
+    def add(self, i: int, token: int) -> None:
+        ids = self.rows[i]  # token already appended
+        if len(ids) >= self.n:
+            self.seen[i].setdefault(tuple(ids[len(ids) - self.n:-1]), set()).add(token)
+
+    def banned(self, i: int) -> list[int]:
+        ids = self.rows[i]
+        if len(ids) + 1 < self.n:
+            return []
+        return sorted(self.seen[i].get(tuple(ids[len(ids) - self.n + 1:]) if self.n > 1 else (), ()))
+
+
 @torch.no_grad()
 def _generate_batch(model, batch: TokenBatch, cfg: GenerationConfig, eos_ids: set[int],
                     processors: Sequence[LogitsProcessor] = ()):
     tok = model.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     b = batch.tokens.shape[0]
-    vocab = model.cfg.d_vocab
     device = batch.tokens.device
     rows = [batch.tokens[i, batch.tokens.shape[1] - int(batch.lengths[i]):].tolist() for i in range(b)]
-    seen = torch.zeros(b, vocab, dtype=torch.bool, device=device)
-    if cfg.repetition_penalty != 1.0:
-        for i, r in enumerate(rows):
-            seen[i, torch.tensor(r, device=device)] = True
+    # the repetition penalty acts on every id seen in the row: a [b, T] id table (padding slots
+    # repeat the row's first id) gathered and scattered back, as HF does, instead of a [b, vocab] mask
+    penalise = cfg.repetition_penalty != 1.0
+    if penalise:
+        width = max(len(r) for r in rows)
+        seen_ids = torch.tensor([[r[0]] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)
+    bans = _NgramBans(rows, cfg.no_repeat_ngram_size) if cfg.no_repeat_ngram_size > 0 else None
     generated: list[list[int]] = [[] for _ in range(b)]
-    done = torch.zeros(b, dtype=torch.bool, device=device)
+    done = [False] * b
+    done_t = torch.zeros(b, dtype=torch.bool, device=device)
     mask = batch.attention_mask
     eos_t = torch.tensor(sorted(eos_ids), device=device)
     with _phase(model, False):
@@ -170,27 +198,37 @@ def _generate_batch(model, batch: TokenBatch, cfg: GenerationConfig, eos_ids: se
         nxt_logits = logits[:, -1, :].float()
         for proc in processors:
             nxt_logits = proc(step, rows, nxt_logits)
-        nxt_logits = _apply_repetition_penalty(nxt_logits, seen, cfg.repetition_penalty)
-        if cfg.no_repeat_ngram_size > 0:
-            for i, banned in enumerate(_banned_ngram_tokens(rows, cfg.no_repeat_ngram_size)):
+        if penalise:
+            sc = nxt_logits.gather(1, seen_ids)
+            sc = torch.where(sc > 0, sc / cfg.repetition_penalty, sc * cfg.repetition_penalty)
+            nxt_logits = nxt_logits.scatter(1, seen_ids, sc)
+        if bans is not None:
+            for i in range(b):
+                banned = bans.banned(i)
                 if banned:
                     nxt_logits[i, banned] = -float("inf")
         if step < cfg.min_new_tokens:
             nxt_logits[:, eos_t] = -float("inf")
         nxt = nxt_logits.argmax(dim=-1)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        for i in range(b):
-            if not done[i]:
-                t = int(nxt[i])
-                if t in eos_ids:
-                    done[i] = True
-                else:
-                    generated[i].append(t)
-                    rows[i].append(t)
-                    seen[i, t] = True
-        if bool(done.all()) or step == cfg.max_new_tokens - 1:
+        nxt = torch.where(done_t, torch.full_like(nxt, pad_id), nxt)
+        picked = nxt.tolist()
+        for i, t in enumerate(picked):
+            if done[i]:
+                continue
+            if t in eos_ids:
+                done[i] = True
+            else:
+                generated[i].append(t)
+                rows[i].append(t)
+                if bans is not None:
+                    bans.add(i, t)
+        if all(done) or step == cfg.max_new_tokens - 1:
             break
-        mask = torch.cat([mask, (~done).long().unsqueeze(1)], dim=1)
+        done_t = torch.tensor(done, dtype=torch.bool, device=device)
+        if penalise:  # finished rows repeat their first id (no effect: they are masked and padded)
+            col = torch.where(done_t, seen_ids[:, 0], nxt)
+            seen_ids = torch.cat([seen_ids, col.unsqueeze(1)], dim=1)
+        mask = torch.cat([mask, (~done_t).long().unsqueeze(1)], dim=1)
         with _phase(model, True):
             logits, cache = model(nxt.unsqueeze(1), attention_mask=mask, past_key_values=cache,
                                   return_type="logits_and_cache", use_cache=True)

@@ -182,3 +182,25 @@ def test_bf16_generation_with_a_steering_hook(tiny_llama):
 def test_generation_config_rejects_an_unknown_dtype():
     with pytest.raises(ValueError, match="unknown dtype"):
         GenerationConfig(dtype="float7")
+
+
+def test_incremental_ngram_bans_and_gathered_penalty_equal_the_from_scratch_versions():
+    from emocircuits.generation import _apply_repetition_penalty, _banned_ngram_tokens, _NgramBans
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 3, 4):
+        rows = [torch.randint(0, 6, (int(k),), generator=g).tolist() for k in (1, 3, 8, 12)]
+        bans = _NgramBans(rows, n)
+        for _ in range(15):
+            for i in range(len(rows)):
+                assert bans.banned(i) == sorted(set(_banned_ngram_tokens([rows[i]], n)[0])), (n, rows[i])
+                t = int(torch.randint(0, 6, (1,), generator=g))
+                rows[i].append(t)
+                bans.add(i, t)
+    logits = torch.randn(3, 50, generator=g) * 3
+    ids = torch.randint(0, 50, (3, 9), generator=g)
+    seen = torch.zeros(3, 50, dtype=torch.bool)
+    seen.scatter_(1, ids, True)
+    sc = logits.gather(1, ids)
+    got = logits.scatter(1, ids, torch.where(sc > 0, sc / 1.3, sc * 1.3))
+    assert torch.equal(got, _apply_repetition_penalty(logits, seen, 1.3))
