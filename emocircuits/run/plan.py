@@ -9,9 +9,13 @@ from pathlib import Path
 from .engine import Plan, RunConfigLike, Study, effective_hash, stage_dir, stage_hashes
 
 # Per-model cost on the 2-core CPU (SmolLM2-135M = 1; others scale by MODEL_COST).
-# Prompt forwards: calibrated on an idle run of experiments/06_circuits.toml (2026-12-01:
-# 1,273 s measured for 2,270 s estimated with the former constants).
-SECONDS_PER_PROMPT_FORWARD = 0.22
+# A prompt forward (an SEV chat prompt, ~65 tokens) in float32 at batch size b (the stages run
+# their forwards at generation.batch_size): FORWARD_SECONDS + FORWARD_SECONDS_PER_BATCH / b.
+# Calibrated on idle runs: 0.22 s at b = 16 (experiments/06_circuits.toml, 2026-12-01) and
+# 0.11 s at b = 64 (the full preset's directions stage: 5,760 forwards in 638 s, 2026-12-02).
+FORWARD_SECONDS = 0.073
+FORWARD_SECONDS_PER_BATCH = 2.35
+SECONDS_PER_PROMPT_FORWARD = FORWARD_SECONDS + FORWARD_SECONDS_PER_BATCH / 16  # at batch 16 (0.22)
 # Greedy decoding, per generated row-token: ROW_TOKEN_SECONDS[dtype] + DECODE_STEP_SECONDS / batch
 # (the fixed per-step part: logits processors, hooks, the bridge's wrappers). Fitted on
 # benchmarks/bench_reuse.py --only decode (2026-12-02, SEV neutral prompts, 100 new tokens): float32
@@ -30,6 +34,9 @@ LAST_TOKEN_STEP_FORWARDS = 0.015
 # forward; with 24 interventions per site (6 emotions × 4 doses, 128 rows per forward) one prompt
 # costs 3.8 s = 17 forwards (2026-12-02, 24 SEV prompts), i.e. ~45 rows per forward.
 INFLUENCE_ROWS_PER_FORWARD = 45
+# The probes stage's forwards run short utterances (not SEV chat prompts): one costs this
+# fraction of a prompt forward (the full preset's probes stage: 187 s measured, 2026-12-02).
+UTTERANCE_FORWARD = 0.07
 MODEL_COST = {"smollm2-135m-instruct": 1.0, "gemma-3-270m": 2.5, "tiny-llama": 0.02,
               "tiny-gemma": 0.02}
 
@@ -41,7 +48,7 @@ def _dtype_key(dtype) -> str:
 
 
 def estimate_seconds(plan: Plan, model: str, generation) -> float:
-    """A rough CPU time for ``plan``: analysis forwards · 0.22 s; each generated text one prefill
+    """A rough CPU time for ``plan``: analysis forwards at the batch's cost; each generated text one prefill
     plus max_new_tokens row-tokens at (ROW_TOKEN_SECONDS + DECODE_STEP_SECONDS / batch), its
     scoring forwards in the generation dtype; all × the model's factor.
 
@@ -53,10 +60,11 @@ def estimate_seconds(plan: Plan, model: str, generation) -> float:
         max_new, batch, dt = generation.max_new_tokens, generation.batch_size, _dtype_key(generation.dtype)
     f = MODEL_COST.get(str(model), 1.0)
     fwd_dt = FORWARD_DTYPE_FACTOR.get(dt, 1.0)
+    s_fwd = FORWARD_SECONDS + FORWARD_SECONDS_PER_BATCH / max(1, batch)
     row_tok = ROW_TOKEN_SECONDS.get(dt, ROW_TOKEN_SECONDS["float32"]) + DECODE_STEP_SECONDS / max(1, batch)
-    gen = float(plan.generate) * (fwd_dt * SECONDS_PER_PROMPT_FORWARD + max_new * row_tok)
+    gen = float(plan.generate) * (fwd_dt * s_fwd + max_new * row_tok)
     other = float(plan.decode_tokens) * (ROW_TOKEN_SECONDS["float32"] + DECODE_STEP_SECONDS / 16)
-    fwd = (float(plan.forward) + fwd_dt * float(plan.eval_forward)) * SECONDS_PER_PROMPT_FORWARD
+    fwd = (float(plan.forward) + fwd_dt * float(plan.eval_forward)) * s_fwd
     return f * (fwd + gen + other) + float(plan.extra_seconds)
 
 

@@ -267,7 +267,7 @@ def plan(cfg) -> Plan:
     depth = sum((n_layers - L) / n_layers for L in range(n_layers))
     infl = n_infl * (1 + len(cfg.emotions) * len(s.influence_alphas) * 2 * depth / INFLUENCE_ROWS_PER_FORWARD)
     own = 0 if cfg.run.share_activations else common.n_prompts(cfg, "train")  # Δμ, σ: the shared collection
-    return Plan(forward=own + infl, generate=n_gen, eval_forward=2 * n_gen,
+    return Plan(forward=own + infl, generate=n_gen, eval_forward=common.text_forwards(cfg) * n_gen,
                 what="Δμ, σ, influence, allocation; λ on validation; circuit vs random circuits on test")
 
 

@@ -57,6 +57,15 @@ def accepted(ctx: StageContext, prompts: Sequence[Any], where: str) -> list[Any]
     return kept
 
 
+PROMPT_TOKENS = 65  # a chat-templated SEV prompt, about
+
+
+def text_forwards(cfg: RunConfig) -> float:
+    """Scoring one generated text, in prompt forwards: the fluency forward over prompt + up to
+    max_new_tokens, plus the logit readout's prompt forward (dry-run estimates)."""
+    return 1.0 + (PROMPT_TOKENS + cfg.generation.max_new_tokens) / PROMPT_TOKENS
+
+
 def n_scenarios(cfg: RunConfig, split: str) -> int:
     return getattr(cfg.data, f"n_{split}") or DEFAULT_SIZES[split]
 

@@ -360,7 +360,7 @@ def plan(cfg) -> Plan:
     what = f"VA grid controllability ({', '.join(s.va_methods)})"
     if s.methods:
         what += "; " + ", ".join(s.methods)
-    return Plan(generate=g + cmp, forward=fwd - 2 * g, eval_forward=2 * g + 2 * cmp, what=what)
+    return Plan(generate=g + cmp, forward=fwd - 2 * g, eval_forward=2 * g + common.text_forwards(cfg) * cmp, what=what)
 
 
 STUDY = Study("control", "Valence–arousal control and the method comparison", Config, run, plan, version=2,

@@ -267,7 +267,9 @@ def plan(cfg) -> Plan:
         1 + s.in_context_probe) + 6 * s.sev_n + 2 * rows(s.zero_shot_n)
     # zero-shot labels (12 new tokens) and persistence continuations decode with their own settings
     tok = rows(s.zero_shot_n) * 12 + rows(s.persistence_n) * s.persistence_tokens
-    return Plan(forward=fwd + rows(s.zero_shot_n) + rows(s.persistence_n), decode_tokens=tok,
+    from ..run.plan import UTTERANCE_FORWARD
+
+    return Plan(forward=UTTERANCE_FORWARD * (fwd + rows(s.zero_shot_n) + rows(s.persistence_n)), decode_tokens=tok,
                 what="probes per layer; zero-shot; persistence"
                      + ("; malleability" if s.malleability_n else "") + ("; SEV check" if s.sev_n else ""))
 

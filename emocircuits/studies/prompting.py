@@ -154,7 +154,7 @@ def plan(cfg) -> Plan:
     s = cfg.section("prompting")
     n = common.n_prompts(cfg, "test")
     n_neutral = common.n_prompts(cfg, "test", per_emotion=False)
-    fwd = (n if s.elicit and s.fluency else 0) + ((n + n_neutral) if s.readout else 0) \
+    fwd = ((common.text_forwards(cfg) - 1) * n if s.elicit and s.fluency else 0) + ((n + n_neutral) if s.readout else 0) \
         + (n_neutral if s.neutral_readout else 0)
     what = [w for w, on in (("generate + judge instructed replies", s.elicit),
                             ("readout (instructed, keyword removed)", s.readout),

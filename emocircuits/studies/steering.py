@@ -180,7 +180,7 @@ def plan(cfg) -> Plan:
     nt = common.n_prompts(cfg, "test")
     e = len(cfg.emotions)  # the unmodified model's texts are generated once for every target
     gen = nv / e + nv * n_set + nt / e + nt * (1 + (s.reference_strength is not None))
-    return Plan(generate=gen, eval_forward=2 * gen,  # fluency + readout per text
+    return Plan(generate=gen, eval_forward=common.text_forwards(cfg) * gen,  # fluency + readout per text
                 what=(f"sweep {n_set} settings on validation; best on test" if n_set > 1
                       else "one setting (no sweep); steered vs unsteered on test"))
 
