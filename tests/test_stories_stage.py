@@ -178,7 +178,24 @@ def test_the_dry_run_lists_the_stage(tmp_path):
     ('stories.sites=["z"]', "stories.sites"),
     ("stories.denoise_share=1.5", "denoise_share"),
     ("stories.max_per_emotion=0", "max_per_emotion"),
+    ("stories.steering_strengths=[0.0]", "steering_strengths"),
 ])
 def test_bad_settings_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         cfg(override)
+
+
+def test_steering_side_by_side_chooses_on_validation_and_compares_on_test(tiny_llama, tmp_path):
+    r = run(cfg("stories.steering_strengths=[1.0, 4.0]"), tmp_path, tiny_llama)
+    st = r.result("stories").steering
+    assert set(st["chosen"]) == {"paper", "stories"}
+    assert all(c["chosen_on"] == "validation" and c["strength"] in (1.0, 4.0) for c in st["chosen"].values())
+    assert [row["setting"] for row in st["grid"]] == ["none", "paper α=1", "paper α=4", "stories α=1", "stories α=4"]
+    methods = [row["method"] for row in st["comparison"]["table"]]
+    assert methods == ["none", "steering (paper)", "steering (stories)"]
+    n_test = 2 * 3 * len(EMOS)  # scenarios × events × targets
+    assert all(row["n"] == n_test for row in st["comparison"]["table"])
+    assert any(v.startswith("steering (stories)") for v in st["comparison"]["verdicts"])
+    titles = [t["title"] for t in r.results["stages"]["stories"]["tables"]]
+    assert any(t.startswith("steering with each kind on the test set") for t in titles)
+    assert not any(p.name.startswith(".partial-") for p in (tmp_path / "stages").iterdir())

@@ -38,8 +38,10 @@ question this stage answers (the result always has it, and its default sites fol
 paper's), and the directions stage is cheap (one forward per train prompt) and runs first
 when a preset asks only for ``stories``.
 
-Steering and circuits with the story directions are a later step (pass
-``StoriesResult.directions`` to ``steer`` / the steering stage); this stage does not run them.
+With ``steering_strengths``, this stage also steers with each kind of directions (the paper's
+layer band, resid_post; α per kind chosen on validation by fluent accuracy) and compares them
+on test with paired intervals (``StoriesResult.steering``). Circuits assembled from story
+directions are not built here yet (pass ``StoriesResult.directions`` to the circuit functions).
 """
 
 from __future__ import annotations
@@ -81,6 +83,11 @@ class Config:
     seed: int = 0  # the topic split and the permutation / bootstrap draws
     n_permutations: int = 10000  # the geometry's permutation test
     sev_scenarios: int | None = None  # SEV test scenarios for the valence AUC (None: data.n_test; 0: off)
+    # steering with each kind of directions (the paper's layer band, resid_post): α chosen per
+    # kind on validation by fluent accuracy, both on test with paired intervals; () = off
+    steering_strengths: tuple[float, ...] = ()
+    ppl_guard: float = 3.0  # fluent: perplexity ≤ this × the unsteered texts' median
+    max_repeat: float = 0.3  # fluent: repeated-3-gram rate below this
 
     def __post_init__(self) -> None:
         from ..data.stories import STORY_EMOTIONS
@@ -105,6 +112,8 @@ class Config:
             raise ValueError("stories.max_neutral must be >= 1 (denoise_share = 0 turns denoising off)")
         if self.n_permutations < 1:
             raise ValueError("stories.n_permutations must be >= 1")
+        if any(a <= 0 for a in self.steering_strengths):
+            raise ValueError(f"stories.steering_strengths must be > 0, got {list(self.steering_strengths)}")
         if self.sev_scenarios is not None and self.sev_scenarios < 0:
             raise ValueError("stories.sev_scenarios must be >= 0")
 
@@ -144,6 +153,9 @@ class StoriesResult(Result):
     n_sev: dict = field(default_factory=dict)  # {"positive": n, "negative": n}
     n_forwards: int = 0
     notes: list = field(default_factory=list)
+    # steering with each kind: {"grid": [row per kind × α], "chosen": {kind: α}, "layers": band,
+    # "comparison": MethodComparison.to_dict(), "examples": {method: [...]}} (empty: not run)
+    steering: dict = field(default_factory=dict)
 
     def headline(self) -> dict:
         out: dict = {}
@@ -377,8 +389,62 @@ def run(ctx: StageContext) -> StoriesResult:
             notes.append(f"valence AUC: not run; needs {POSITIVE_EMOTION!r} and a negative emotion "
                          f"among the shared emotions {shared}")
     res.n_forwards = n_fwd
+    if s.steering_strengths and shared:
+        res.steering = _steering_side_by_side(ctx, paper, dirs, shared)
     _report(ctx, res, figures)
     return res
+
+
+def _steering_side_by_side(ctx: StageContext, paper, story, emotions: list[str]) -> dict:
+    """Steer with the paper's and the story directions on the paper's layer band (resid_post):
+    each kind's α from ``stories.steering_strengths`` chosen on validation by fluent accuracy
+    (``evaluate.choose_setting``), then both and the unsteered model on test, compared with
+    paired 95 % intervals over scenarios (``evaluate.compare_methods``)."""
+    from ..evaluate import (
+        choose_setting,
+        compare_methods,
+        evaluate_intervention,
+        passes_fluency_guard,
+    )
+    from ..prompts import neutral_prompts
+    from ..steering import band_name, paper_layers, steer
+    from .steering import READOUT_PREFIX, summary_row
+
+    model, s = ctx.model, ctx.settings
+    band = list(paper_layers(model))
+    judge, gen = common.judge(ctx), common.gen_config(ctx)
+
+    def evaluate(recs, make, name, split):
+        def compute():
+            p = neutral_prompts(model, recs)
+            ro = neutral_prompts(model, recs, assistant_prefix=READOUT_PREFIX)
+            return evaluate_intervention(model, p, emotions, make, judge, gen, method=name, readout_prompts=ro)
+        return ctx.checkpoint(f"steering/{split}/{name}", compute)
+
+    def steered(d, a):
+        return lambda e: steer(model, d, band, a, emotion=e, site="resid_post")
+
+    val, test = common.records(ctx, "validation"), common.records(ctx, "test")
+    base = evaluate(val, lambda e: None, "none", "validation")
+    ref = base.fluency["perplexity_geomean"]
+    rows = [summary_row("none", base, base, s.ppl_guard, s.max_repeat, kind="none", strength=0.0)]
+    chosen, evals = {}, {"none": evaluate(test, lambda e: None, "none", "test")}
+    for kind, d in (("paper", paper), ("stories", story)):
+        grid = {}
+        for a in s.steering_strengths:
+            ev = evaluate(val, steered(d, float(a)), f"{kind} α={a:g}", "validation")
+            grid[float(a)] = ev
+            rows.append(summary_row(f"{kind} α={a:g}", ev, base, s.ppl_guard, s.max_repeat, kind=kind,
+                                    strength=float(a), passes_guard=passes_fluency_guard(
+                                        ev, ref, max_ratio=s.ppl_guard, max_repeat=s.max_repeat)))
+        a, ok = choose_setting(grid, base, max_ratio=s.ppl_guard, max_repeat=s.max_repeat)
+        chosen[kind] = {"strength": a, "passes_fluency_guard": ok, "chosen_on": "validation"}
+        evals[f"steering ({kind})"] = evaluate(test, steered(d, a), f"steering ({kind})", "test")
+    cmp = compare_methods(evals, focus="steering (stories)", against=["steering (paper)", "none"],
+                          max_ratio=s.ppl_guard, max_repeat=s.max_repeat)
+    return {"grid": rows, "chosen": chosen, "layers": band_name(band), "site": "resid_post",
+            "emotions": list(emotions), "comparison": cmp.to_dict(),
+            "examples": {m: ev.examples for m, ev in evals.items()}}
 
 
 def _decode(ctx, res, sel, dirs, paper, both, li_s, li_p) -> None:
@@ -501,6 +567,24 @@ def _report(ctx: StageContext, res: StoriesResult, figures) -> None:
         ctx.figure("valence read-out AUC on SEV test events per layer", "valence_auc.png", figures.sweep_curves,
                    res.layers, {f"{k} {site}": res.valence_auc[k][site] for k, site in cols},
                    xlabel="layer", ylabel="AUC", title="AUC positive vs negative event", ylim=(0.0, 1.02))
+    st = res.steering
+    if st:
+        pct = lambda v: None if v is None else round(100 * v, 1)  # noqa: E731
+        ctx.table(f"steering with each kind of directions ({st['layers']}, {st['site']}): validation grid",
+                  ["setting", "fluent", "judge", "readout", "perplexity", "rep3", "passes guard", "n"],
+                  [[r["setting"], r["fluent_accuracy"], r["judge_accuracy"], r["readout_accuracy"], r["perplexity"],
+                    r["repeated_3gram"], r.get("passes_guard"), r["n"]] for r in st["grid"]])
+        cmp = st["comparison"]
+        ctx.table("steering with each kind on the test set (α chosen on validation), 95 % intervals over scenarios",
+                  ["method", "α", "fluent accuracy %", "95 % interval", "raw accuracy %", "readout %",
+                   "perplexity (median)", "n", "scenarios"],
+                  [[r["method"], st["chosen"].get(r["method"].removeprefix("steering (").rstrip(")"), {}).get("strength"),
+                    pct(r["fluent_accuracy"]), f"[{pct(r['fluent_low'])}, {pct(r['fluent_high'])}]",
+                    pct(r["accuracy"]), pct(r["readout_accuracy"]), r["perplexity_median"], r["n"], r["n_scenarios"]]
+                   for r in cmp["table"]])
+        if cmp["verdicts"]:
+            ctx.table("steering verdicts (paired by scenario, event and target; permutation p)", ["verdict"],
+                      [[v] for v in cmp["verdicts"]])
     for i, n in enumerate(res.notes):
         ctx.notes[f"note {i + 1}"] = n
     if res.notes:
@@ -517,7 +601,12 @@ def _at(geo, axis: str, what: str):
 def plan(cfg) -> Plan:
     s = cfg.section("stories")
     sel = select(s, cfg.emotions)
-    return Plan(forward=_forwards(sel, s, _n_sev(cfg, s)),
+    gen = 0.0
+    if s.steering_strengths:  # unsteered once per split, each kind × α on validation, each kind on test
+        e = len(cfg.emotions)
+        nv, nt = common.n_prompts(cfg, "validation"), common.n_prompts(cfg, "test")
+        gen = nv / e + 2 * len(s.steering_strengths) * nv + nt / e + 2 * nt
+    return Plan(forward=_forwards(sel, s, _n_sev(cfg, s)), generate=gen, eval_forward=common.text_forwards(cfg) * gen,
                 what=f"story directions ({len(sel.emotions)} emotions, {len(sel.train)} train stories"
                      + (f"; {len(sel.concepts)} concepts" if sel.concepts else "")
                      + "); VA geometry; cosine, held-out decoding and SEV valence AUC vs the paper's")
