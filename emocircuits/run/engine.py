@@ -74,7 +74,8 @@ class Plan:
     ``eval_forward``: prompt forwards that score those texts (fluency, logit readout; in the
     generation dtype); ``decode_tokens``: row-tokens generated with other settings (float32,
     their own short lengths, e.g. zero-shot labels), each with one prompt forward counted in
-    ``forward``."""
+    ``forward``; ``work_seconds``: work costed directly in SmolLM2 seconds (the sublayer
+    influence); ``extra_seconds``: fixed seconds (not scaled by the model)."""
 
     forward: float = 0
     generate: float = 0
@@ -82,6 +83,7 @@ class Plan:
     extra_seconds: float = 0.0
     eval_forward: float = 0
     decode_tokens: float = 0
+    work_seconds: float = 0.0  # measured directly on SmolLM2 (scaled by the model's factor)
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,15 @@ FORWARD_DTYPE_FACTOR = {"float32": 1.0, "bfloat16": 0.32, "float16": 1.0}
 # prefix forward (2026-12-02), i.e. ~50 ms a step of 16 rows, 0.015 of a prompt forward per row.
 # (bench_reuse.py's 0.17 timed 7 steps, where the prefix forward dominates.)
 LAST_TOKEN_STEP_FORWARDS = 0.015
-# Sublayer influence: last-token rows (one per intervention, full depth) that cost one prompt
-# forward (batched rows on a repeated KV cache); bench_reuse.py measured ~10 at 12 rows per
-# forward; with 24 interventions per site (6 emotions × 4 doses, 128 rows per forward) one prompt
-# costs 3.8 s = 17 forwards (2026-12-02, 24 SEV prompts), i.e. ~45 rows per forward.
-INFLUENCE_ROWS_PER_FORWARD = 45
+# Sublayer influence (circuits), per prompt: one prefix forward, then one last-token row per
+# (emotion, dose, sublayer) resumed at its layer, INFLUENCE_ROW_SECONDS per row and full depth.
+# The influence runs at INFLUENCE_BATCH prompts × up to INFLUENCE_MAX_ROWS rows per forward
+# whatever the generation batch: 24 SEV prompts × 1,440 interventions took 3.4 s per prompt at
+# (8, 192), 3.8 s at (16, 128), 4.5 s at (24, 576); the full run's 64 prompts per batch 5.2 s
+# (2026-12-02). (3.4 − 0.22) / (1,440 rows × 0.52 mean depth) = 4.3 ms.
+INFLUENCE_ROW_SECONDS = 0.0043
+INFLUENCE_BATCH = 8
+INFLUENCE_MAX_ROWS = 192
 # The probes stage's forwards run short utterances (not SEV chat prompts): one costs this
 # fraction of a prompt forward (the full preset's probes stage: 187 s measured, 2026-12-02).
 UTTERANCE_FORWARD = 0.07
@@ -65,7 +69,7 @@ def estimate_seconds(plan: Plan, model: str, generation) -> float:
     gen = float(plan.generate) * (fwd_dt * s_fwd + max_new * row_tok)
     other = float(plan.decode_tokens) * (ROW_TOKEN_SECONDS["float32"] + DECODE_STEP_SECONDS / 16)
     fwd = (float(plan.forward) + fwd_dt * float(plan.eval_forward)) * s_fwd
-    return f * (fwd + gen + other) + float(plan.extra_seconds)
+    return f * (fwd + gen + other + float(plan.work_seconds)) + float(plan.extra_seconds)
 
 
 def dry_run(cfg: RunConfigLike, run_dir: str | os.PathLike, studies: Sequence[Study], *,

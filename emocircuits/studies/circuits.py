@@ -114,9 +114,12 @@ def _run(ctx: StageContext) -> CircuitsResult:
     v_mid, v_post = dirs.vectors["resid_mid"], dirs.vectors["resid_post"]
     infl_recs = common.records(ctx, "train", s.n_influence_scenarios)
     infl_prompts = common.accepted(ctx, neutral_prompts(model, infl_recs), "circuits.n_influence_scenarios")
+    from ..run.plan import INFLUENCE_BATCH, INFLUENCE_MAX_ROWS
+
+    # its own batch: one-token rows on repeated caches run fastest at ~8 prompts × 192 rows here
     infl = ctx.checkpoint("influence", lambda: C.sublayer_influence(
         model, infl_prompts, v_mid, v_post, sigma, alphas=tuple(s.influence_alphas), emotions=emos,
-        batch_size=bs, progress=ctx.progress))
+        batch_size=min(bs, INFLUENCE_BATCH), max_rows=INFLUENCE_MAX_ROWS, progress=ctx.progress))
     comp = ctx.upstream("components")
     if s.score_source == "components":
         if comp is None:
@@ -248,7 +251,7 @@ def top_components(res: CircuitsResult, k: int = 4) -> dict:
 
 
 def plan(cfg) -> Plan:
-    from ..run.plan import INFLUENCE_ROWS_PER_FORWARD
+    from ..run.plan import INFLUENCE_ROW_SECONDS, SECONDS_PER_PROMPT_FORWARD
 
     s = cfg.section("circuits")
     nt = common.n_prompts(cfg, "test")
@@ -262,12 +265,13 @@ def plan(cfg) -> Plan:
         n_gen += nv * n_set + (0 if reuse else nv / e)
     n_infl = 3 * s.n_influence_scenarios
     n_layers = {"smollm2-135m-instruct": 30, "gemma-3-270m": 18}.get(cfg.model, 24)
-    # influence: per prompt one prefix forward, then one last-token row per (emotion, α, sublayer)
-    # resumed at its layer: on average half the blocks, ~1/INFLUENCE_ROWS_PER_FORWARD of a forward
+    # influence: per prompt one prefix forward (batch 8), then one last-token row per (emotion, α,
+    # sublayer) resumed at its layer: on average half the blocks
     depth = sum((n_layers - L) / n_layers for L in range(n_layers))
-    infl = n_infl * (1 + len(cfg.emotions) * len(s.influence_alphas) * 2 * depth / INFLUENCE_ROWS_PER_FORWARD)
+    rows = len(cfg.emotions) * len(s.influence_alphas) * 2 * depth
+    infl_s = n_infl * (SECONDS_PER_PROMPT_FORWARD + rows * INFLUENCE_ROW_SECONDS)
     own = 0 if cfg.run.share_activations else common.n_prompts(cfg, "train")  # Δμ, σ: the shared collection
-    return Plan(forward=own + infl, generate=n_gen, eval_forward=common.text_forwards(cfg) * n_gen,
+    return Plan(forward=own, work_seconds=infl_s, generate=n_gen, eval_forward=common.text_forwards(cfg) * n_gen,
                 what="Δμ, σ, influence, allocation; λ on validation; circuit vs random circuits on test")
 
 
