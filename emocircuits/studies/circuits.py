@@ -96,7 +96,7 @@ def _run(ctx: StageContext) -> CircuitsResult:
     from .. import circuits as C
     from .. import sites as S
     from ..activations import collect
-    from ..evaluate import choose_setting, evaluate_intervention, passes_fluency_guard
+    from ..evaluate import choose_setting, passes_fluency_guard
     from ..prompts import emotion_prompts, neutral_prompts
     from ..viz import figures
 
@@ -147,15 +147,8 @@ def _run(ctx: StageContext) -> CircuitsResult:
     by_budget = {b: {e: C.assemble_circuit(e, infl.influence[i], nscores[i], hscores[i], dv.mlp[i],
                                            dv.z[i], budget_per_sublayer=b) for i, e in enumerate(emos)}
                  for b in budgets}
-    judge, gen = common.judge(ctx), common.gen_config(ctx)
 
-    def evaluate(recs, make, name, split):
-        def compute():
-            p = neutral_prompts(model, recs)
-            ro = neutral_prompts(model, recs, assistant_prefix=READOUT_PREFIX) if s.readout else None
-            return evaluate_intervention(model, p, emos, make, judge, gen, method=name,
-                                         readout_prompts=ro, n_examples=s.n_examples)
-        return ctx.checkpoint(f"{split}/{name}", compute)  # an interrupted run resumes per method
+    evaluate = common.evaluator(ctx, emos, readout=s.readout, n_examples=s.n_examples)  # resumable per method
 
     def modulated(cs, lam):
         return lambda e: C.modulate(model, cs[e], lam)

@@ -176,3 +176,26 @@ def shared_train_activations(ctx: StageContext, prompts: Sequence[Any]):
         stem.parent.mkdir(parents=True, exist_ok=True)
         acts.save(stem)
     return shared_activations(model, acts, prompts)
+
+
+def evaluator(ctx: StageContext, emotions: Sequence[str], *, readout: bool = True, n_examples: int = 12,
+              key_prefix: str = ""):
+    """``evaluate(records, make_ctx, name, split) -> MethodEvaluation``: generate on the records'
+    neutral prompts under ``make_ctx(emotion)`` for every emotion, judge, score fluency and (with
+    ``readout``) the "I feel" logit readout (``evaluate.evaluate_intervention`` with the run's
+    judge and generation settings), kept as the checkpoint ``{key_prefix}{split}/{name}`` so an
+    interrupted run resumes per method and setting."""
+    from ..evaluate import evaluate_intervention
+    from ..prompts import neutral_prompts
+    from .steering import READOUT_PREFIX
+
+    model, the_judge, gen = ctx.model, judge(ctx), gen_config(ctx)
+
+    def evaluate(recs, make, name: str, split: str):
+        def compute():
+            p = neutral_prompts(model, recs)
+            ro = neutral_prompts(model, recs, assistant_prefix=READOUT_PREFIX) if readout else None
+            return evaluate_intervention(model, p, list(emotions), make, the_judge, gen, method=name,
+                                         readout_prompts=ro, n_examples=n_examples)
+        return ctx.checkpoint(f"{key_prefix}{split}/{name}", compute)
+    return evaluate

@@ -92,8 +92,7 @@ def summary_row(name: str, ev: MethodEvaluation, base: MethodEvaluation | None =
 
 
 def run(ctx: StageContext) -> SteeringResult:
-    from ..evaluate import choose_setting, evaluate_intervention, passes_fluency_guard
-    from ..prompts import neutral_prompts
+    from ..evaluate import choose_setting, passes_fluency_guard
     from ..steering import band_name, steer
 
     model, emos, s = ctx.model, ctx.config.emotions, ctx.settings
@@ -101,18 +100,11 @@ def run(ctx: StageContext) -> SteeringResult:
     if s.site not in dirs.sites:
         raise ValueError(f"steering.site {s.site!r}: the directions have sites {dirs.sites}")
     bs = bands(model, s.layer_bands)
-    judge, gen = common.judge(ctx), common.gen_config(ctx)
 
     def ctx_for(band, a):
         return lambda e: steer(model, dirs, band, a, emotion=e, site=s.site)
 
-    def evaluate(recs, make, name, split):
-        def compute():
-            p = neutral_prompts(model, recs)
-            ro = neutral_prompts(model, recs, assistant_prefix=READOUT_PREFIX) if s.readout else None
-            return evaluate_intervention(model, p, emos, make, judge, gen, method=name,
-                                         readout_prompts=ro, n_examples=s.n_examples)
-        return ctx.checkpoint(f"{split}/{name}", compute)  # an interrupted run resumes per setting
+    evaluate = common.evaluator(ctx, emos, readout=s.readout, n_examples=s.n_examples)  # resumable per setting
 
     settings = [(b, float(a)) for b in bs for a in s.strengths]
     grid, rows, ref = {}, [], None

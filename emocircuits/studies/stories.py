@@ -403,23 +403,15 @@ def _steering_side_by_side(ctx: StageContext, paper, story, emotions: list[str])
     from ..evaluate import (
         choose_setting,
         compare_methods,
-        evaluate_intervention,
         passes_fluency_guard,
     )
-    from ..prompts import neutral_prompts
     from ..steering import band_name, paper_layers, steer
-    from .steering import READOUT_PREFIX, summary_row
+    from .steering import summary_row
 
     model, s = ctx.model, ctx.settings
     band = list(paper_layers(model))
-    judge, gen = common.judge(ctx), common.gen_config(ctx)
 
-    def evaluate(recs, make, name, split):
-        def compute():
-            p = neutral_prompts(model, recs)
-            ro = neutral_prompts(model, recs, assistant_prefix=READOUT_PREFIX)
-            return evaluate_intervention(model, p, emotions, make, judge, gen, method=name, readout_prompts=ro)
-        return ctx.checkpoint(f"steering/{split}/{name}", compute)
+    evaluate = common.evaluator(ctx, emotions, key_prefix="steering/")
 
     def steered(d, a):
         return lambda e: steer(model, d, band, a, emotion=e, site="resid_post")
