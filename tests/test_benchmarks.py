@@ -149,7 +149,7 @@ def test_end_to_end_estimates_without_run():
     u = r["unit_costs"]
     assert u["s_per_prompt_forward"] > 0 and u["s_per_decode_step_b16"] > 0
     full = r["estimate_full_builtin_240_scenarios"]
-    assert full["plan"]["data"] == {"n_train": 160, "n_validation": 40, "n_test": 40}
+    assert full["plan"]["data"] == {"n_train": 160, "n_validation": 12, "n_test": 40}  # the full preset
     assert full["total_s"] > r["estimate_preset"]["total_s"] > 0
 
 
