@@ -236,14 +236,15 @@ def story_token_means(
     progress: bool = True,
     desc: str = "story means",
 ) -> tuple[dict[str, Float[torch.Tensor, "n layer d"]], list[int], torch.Tensor]:
-    """``({site: [n, layer, d] float64 story means}, model layers, token lengths [n])``.
+    """``({site: [n, layer, *width] float64 story means}, model layers, token lengths [n])``
+    (width ``d`` of a vector site; ``head, d_head`` for ``z``).
 
     ``texts``: strings, ``Story`` objects or mappings with a ``text``. The texts are grouped by
     token length into batches of ``batch_size``; each batch is one ``collect(...,
     position="all")`` call whose left-aligned activations are averaged by ``token_means`` and
     dropped (memory: one batch's ``[b, layer, max_len, d]`` at a time); rows come back in
     input order. Every site must be a per-layer vector site (``resid_*``, ``attn_out``,
-    ``mlp_out``, ...) collected at the same layers."""
+    ``mlp_out``, ``mlp_post``, ...) or ``z``, collected at the same layers."""
     strs = [_text_of(t) for t in texts]
     if not strs:
         raise ValueError("story_token_means: no texts")
@@ -251,9 +252,9 @@ def story_token_means(
         sites = [sites]
     sites = [S.check_site(s) for s in sites]
     for s in sites:
-        if s not in S.PER_LAYER or len(S.site_width(model, s)) != 1:
-            raise ValueError(f"story_token_means: site {s!r} is not a per-layer vector site "
-                             "(use resid_pre/resid_mid/resid_post/attn_out/mlp_out/...)")
+        if s not in S.PER_LAYER or (len(S.site_width(model, s)) != 1 and s != "z"):
+            raise ValueError(f"story_token_means: site {s!r} is not a per-layer vector site or z "
+                             "(use resid_pre/resid_mid/resid_post/attn_out/mlp_out/mlp_post/z)")
     if batch_size < 1:
         raise ValueError(f"story_token_means: batch_size must be >= 1, got {batch_size}")
     lens = [len(encode(model, t)) for t in strs]
@@ -287,6 +288,48 @@ def story_token_means(
             bad = (~torch.isfinite(v.reshape(v.shape[0], -1))).any(1).nonzero()[:5, 0].tolist()
             raise ValueError(f"story_token_means: activations at {s!r} contain NaN/inf (texts {bad}...)")
     return out, list(got_layers or []), lengths
+
+
+@dataclass
+class StoryDifferenceVectors(Result):
+    """Δμ from stories at the circuit's intervention points (``story_difference_vectors``):
+    ``difference`` a ``circuits.DifferenceVectors`` (``mlp`` [emotion, layer, d_mlp], ``z``
+    [emotion, layer, head, d_head]); ``mlp_means`` the un-centred per-emotion means of
+    ``mlp_post`` (C_mean of the neuron scores is ``mlp_means[e] · β_e``)."""
+
+    emotions: list[str]
+    difference: Any  # circuits.DifferenceVectors
+    mlp_means: Float[torch.Tensor, "emotion layer d_mlp"]
+    n_stories: dict = field(default_factory=dict)
+    from_token: int = DEFAULT_FROM_TOKEN
+
+
+def story_difference_vectors(model, stories: Sequence[Any], emotions: Sequence[str] | None = None, *,
+                             from_token: int = DEFAULT_FROM_TOKEN, batch_size: int = 16,
+                             progress: bool = True) -> StoryDifferenceVectors:
+    """Δμ_e = c_e − (1/|E|) Σ_e' c_e' at ``mlp_post`` and ``z``, with c_e the mean over emotion
+    e's stories of each story's token mean from ``from_token`` (``token_means``): the circuit
+    modulation's difference vectors read from stories that never name the emotion, beside the
+    paper's ``circuits.delta_mu`` (last token of prompts that do). Float32 results."""
+    from .circuits import DifferenceVectors
+
+    stories = list(stories)
+    labels = [str(_field(s, "emotion", "")) for s in stories]
+    emos = _emotion_order([e for e in labels if e and e != NEUTRAL], emotions)
+    if len(emos) < 2:
+        raise ValueError(f"story_difference_vectors: need at least 2 emotions to centre over, got {emos}")
+    keep = [i for i, e in enumerate(labels) if e in emos]
+    missing = [e for e in emos if not any(labels[i] == e for i in keep)]
+    if missing:
+        raise ValueError(f"story_difference_vectors: no stories of {missing}")
+    means, _, _ = story_token_means(model, [stories[i] for i in keep], ("mlp_post", "z"), from_token=from_token,
+                                    batch_size=batch_size, progress=progress, desc="story Δμ")
+    y = torch.tensor([emos.index(labels[i]) for i in keep])
+    per = {s: torch.stack([means[s][y == k].mean(0) for k in range(len(emos))]) for s in means}
+    diff = DifferenceVectors(list(emos), centre_over_emotions(per["mlp_post"]).float(),
+                             centre_over_emotions(per["z"]).float())
+    return StoryDifferenceVectors(list(emos), diff, per["mlp_post"].float(),
+                                  {e: int((y == k).sum()) for k, e in enumerate(emos)}, int(from_token))
 
 
 def _emotion_order(found: Sequence[str], emotions: Sequence[str] | None) -> list[str]:
@@ -349,6 +392,10 @@ def story_directions(
     if isinstance(sites, str):
         sites = [sites]
     sites = list(dict.fromkeys(sites))
+    flat = [s for s in sites if S.check_site(s) in S.PER_LAYER and len(S.site_width(model, s)) != 1]
+    if flat:
+        raise ValueError(f"story_directions: site {flat[0]!r} is not a per-layer vector site "
+                         "(use resid_pre/resid_mid/resid_post/attn_out/mlp_out/...)")
     stories = list(stories)
     labels = [str(_field(s, "emotion", "")) for s in stories]
     emos = _emotion_order([e for e in labels if e and e != NEUTRAL], emotions)

@@ -179,6 +179,9 @@ def test_the_dry_run_lists_the_stage(tmp_path):
     ("stories.denoise_share=1.5", "denoise_share"),
     ("stories.max_per_emotion=0", "max_per_emotion"),
     ("stories.steering_strengths=[0.0]", "steering_strengths"),
+    ("stories.circuit_lambdas=[-1.0]", "circuit_lambdas"),
+    ("stories.circuit_budget=0", "circuit_budget"),
+    ("stories.circuit_random=-1", "circuit_random"),
 ])
 def test_bad_settings_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -199,3 +202,64 @@ def test_steering_side_by_side_chooses_on_validation_and_compares_on_test(tiny_l
     titles = [t["title"] for t in r.results["stages"]["stories"]["tables"]]
     assert any(t.startswith("steering with each kind on the test set") for t in titles)
     assert not any(p.name.startswith(".partial-") for p in (tmp_path / "stages").iterdir())
+
+
+CIRCUITS = ['run.stages=["circuits", "stories"]', "circuits.lambdas=[1.0, 2.0]", "circuits.budgets=[2]",
+            "circuits.random_controls=1", "circuits.faithfulness=false", "circuits.n_influence_scenarios=1",
+            "circuits.influence_alphas=[0.5]", 'stories.sites=["resid_post", "resid_mid"]']
+
+
+def test_circuits_from_story_directions_beside_the_papers(tiny_llama, tmp_path):
+    """The story circuit: λ chosen on validation, same budget as the circuits stage's choice,
+    its own random control on test, compared with the paper's circuit on the same test rows."""
+    r = run(cfg(*CIRCUITS, "stories.circuit_lambdas=[0.5, 3.0]", "stories.circuit_random=2",
+                "stories.circuit_influence_scenarios=1"), tmp_path, tiny_llama)
+    assert r.ran == ["directions", "circuits", "stories"], r.results["stages"]
+    res = r.result("stories")
+    ci, circ = res.circuits, r.result("circuits")
+    assert ci["chosen"]["chosen_on"] == "validation" and ci["chosen"]["lambda"] in (0.5, 3.0)
+    assert ci["chosen"]["budget_per_sublayer"] == circ.chosen["budget_per_sublayer"] == 2
+    assert [g["setting"] for g in ci["grid"]] == ["none", "stories λ=0.5", "stories λ=3"]
+    methods = [row["method"] for row in ci["comparison"]["table"]]
+    assert methods == ["none", "circuit (paper)", "circuit (stories)", "random circuit 0 (stories sizes)",
+                       "random circuit 1 (stories sizes)"]
+    n_test = 2 * 3 * len(EMOS)
+    assert all(row["n"] == n_test for row in ci["comparison"]["table"])
+    paper_row = next(row for row in ci["comparison"]["table"] if row["method"] == "circuit (paper)")
+    paper_own = next(row for row in circ.comparison.table if row["method"] == "circuit")
+    assert paper_row["fluent_accuracy"] == paper_own["fluent_accuracy"]  # the circuits stage's texts, reused
+    verdicts = ci["comparison"]["verdicts"]
+    assert any("random circuit (mean of 2)" in v for v in verdicts) and any("circuit (paper)" in v for v in verdicts)
+    assert set(ci["sizes"]) == set(EMOS) and set(ci["overlap_with_paper"]) == set(EMOS)
+    titles = [t["title"] for t in r.results["stages"]["stories"]["tables"]]
+    assert any(t.startswith("circuits from each kind of directions on the test set") for t in titles)
+    # the plan counts the story circuit's texts: 2 λ on validation, 1 + 2 circuits on test
+    plan = ST.plan(cfg(*CIRCUITS, "stories.circuit_lambdas=[0.5, 3.0]", "stories.circuit_random=2"))
+    assert plan.generate == pytest.approx(2 * 1 * 3 * len(EMOS) + 3 * n_test) and plan.work_seconds > 0
+
+
+def test_story_circuits_need_the_circuits_stage(tiny_llama, tmp_path):
+    r = run(cfg("stories.circuit_lambdas=[1.0]"), tmp_path, tiny_llama)
+    res = r.result("stories")
+    assert res.circuits == {} and any("needs the circuits stage" in n for n in res.notes)
+
+
+def test_steering_side_by_side_reuses_the_steering_stage(tiny_llama, tmp_path):
+    """With the steering stage on the paper band at resid_post, its unsteered and paper texts
+    and its choice are reused: the paper rows equal the steering stage's, nothing generated twice."""
+    c = cfg('run.stages=["steering", "stories"]', "steering.strengths=[1.0, 4.0]",
+            "stories.steering_strengths=[0.5, 2.0]")
+    r = run(c, tmp_path, tiny_llama)
+    st, steer_res = r.result("stories").steering, r.result("steering")
+    assert st["chosen"]["paper"]["from"] == "the steering stage"
+    assert st["chosen"]["paper"]["strength"] == steer_res.chosen["strength"]
+    assert st["chosen"]["stories"]["strength"] in (0.5, 2.0)
+    assert [row["setting"] for row in st["grid"]] == ["none", "paper α=1", "paper α=4", "stories α=0.5",
+                                                     "stories α=2"]
+    table = {row["method"]: row for row in st["comparison"]["table"]}
+    assert table["steering (paper)"]["accuracy"] == steer_res.test.accuracy.overall
+    assert table["none"]["accuracy"] == steer_res.test_unsteered.accuracy.overall
+    e, nv, nt = len(EMOS), 1 * 3 * len(EMOS), 2 * 3 * len(EMOS)
+    assert ST.plan(c).generate == pytest.approx(2 * nv + nt)  # the story kind only
+    assert ST.plan(cfg("stories.steering_strengths=[0.5, 2.0]")).generate == pytest.approx(
+        nv / e + 4 * nv + nt / e + 2 * nt)

@@ -397,3 +397,29 @@ def test_story_directions_errors(tiny_llama, corpus):
         SD.story_directions(tiny_llama, picked, denoise_share=1.5, progress=False)
     with pytest.raises(ValueError, match="vector site"):
         SD.story_directions(tiny_llama, picked, sites="z", progress=False)
+
+
+def test_story_difference_vectors_match_a_loop_over_stories(tiny_llama, corpus):
+    """Δμ at mlp_post and z from stories against one collect per story and plain means."""
+    from emocircuits.activations import collect
+
+    picked, _ = corpus
+    emos = ["anger", "calm"]
+    rows = [x for x in picked if x.emotion in emos]
+    got = SD.story_difference_vectors(tiny_llama, rows, emos, from_token=2, batch_size=3, progress=False)
+    per = {e: {"mlp_post": [], "z": []} for e in emos}
+    for x in rows:
+        a = collect(tiny_llama, [x.text], ("mlp_post", "z"), "all", progress=False)
+        n = int(a.lengths[0])
+        for site in ("mlp_post", "z"):
+            per[x.emotion][site].append(a[site][0, :, 2:n].double().mean(1))
+    for site, field in (("mlp_post", "mlp"), ("z", "z")):
+        means = torch.stack([torch.stack(per[e][site]).mean(0) for e in emos])
+        want = means - means.mean(0, keepdim=True)
+        torch.testing.assert_close(getattr(got.difference, field).double(), want, atol=1e-5, rtol=1e-4)
+        if site == "mlp_post":
+            torch.testing.assert_close(got.mlp_means.double(), means, atol=1e-5, rtol=1e-4)
+    assert got.n_stories == {e: sum(x.emotion == e for x in rows) for e in emos}
+    assert got.difference.z.shape[2:] == (tiny_llama.cfg.n_heads, tiny_llama.cfg.d_head)
+    with pytest.raises(ValueError, match="no stories"):
+        SD.story_difference_vectors(tiny_llama, rows, ["anger", "love"], progress=False)

@@ -243,9 +243,20 @@ def top_components(res: CircuitsResult, k: int = 4) -> dict:
     return {"heads": h[::-1][:k], "neurons": n[::-1][:k]}
 
 
-def plan(cfg) -> Plan:
+def influence_seconds(cfg, n_scenarios: int) -> float:
+    """The estimated seconds of ``sublayer_influence`` on ``n_scenarios`` neutral scenarios (× 3
+    events): per prompt one prefix forward (batch 8), then one last-token row per (emotion, α,
+    sublayer) resumed at its layer, on average half the blocks."""
     from ..run.plan import INFLUENCE_ROW_SECONDS, SECONDS_PER_PROMPT_FORWARD
 
+    s = cfg.section("circuits")
+    n_layers = {"smollm2-135m-instruct": 30, "gemma-3-270m": 18}.get(cfg.model, 24)
+    depth = sum((n_layers - L) / n_layers for L in range(n_layers))
+    rows = len(cfg.emotions) * len(s.influence_alphas) * 2 * depth
+    return 3 * n_scenarios * (SECONDS_PER_PROMPT_FORWARD + rows * INFLUENCE_ROW_SECONDS)
+
+
+def plan(cfg) -> Plan:
     s = cfg.section("circuits")
     nt = common.n_prompts(cfg, "test")
     e = len(cfg.emotions)
@@ -256,13 +267,7 @@ def plan(cfg) -> Plan:
     if n_set > 1:
         nv = common.n_prompts(cfg, "validation")
         n_gen += nv * n_set + (0 if reuse else nv / e)
-    n_infl = 3 * s.n_influence_scenarios
-    n_layers = {"smollm2-135m-instruct": 30, "gemma-3-270m": 18}.get(cfg.model, 24)
-    # influence: per prompt one prefix forward (batch 8), then one last-token row per (emotion, α,
-    # sublayer) resumed at its layer: on average half the blocks
-    depth = sum((n_layers - L) / n_layers for L in range(n_layers))
-    rows = len(cfg.emotions) * len(s.influence_alphas) * 2 * depth
-    infl_s = n_infl * (SECONDS_PER_PROMPT_FORWARD + rows * INFLUENCE_ROW_SECONDS)
+    infl_s = influence_seconds(cfg, s.n_influence_scenarios)
     own = 0 if cfg.run.share_activations else common.n_prompts(cfg, "train")  # Δμ, σ: the shared collection
     return Plan(forward=own, work_seconds=infl_s, generate=n_gen, eval_forward=common.text_forwards(cfg) * n_gen,
                 what="Δμ, σ, influence, allocation; λ on validation; circuit vs random circuits on test")

@@ -40,8 +40,11 @@ when a preset asks only for ``stories``.
 
 With ``steering_strengths``, this stage also steers with each kind of directions (the paper's
 layer band, resid_post; α per kind chosen on validation by fluent accuracy) and compares them
-on test with paired intervals (``StoriesResult.steering``). Circuits assembled from story
-directions are not built here yet (pass ``StoriesResult.directions`` to the circuit functions).
+on test with paired intervals (``StoriesResult.steering``). With ``circuit_lambdas`` (and the
+circuits stage in the run) it assembles a circuit per emotion from the story directions on the
+circuits stage's footing (σ, budget, allocation; influence, neuron and head scores and Δμ read
+from stories) and compares it on test with the paper's circuit and with random circuits of its
+sizes (``StoriesResult.circuits``).
 """
 
 from __future__ import annotations
@@ -86,6 +89,13 @@ class Config:
     # steering with each kind of directions (the paper's layer band, resid_post): α chosen per
     # kind on validation by fluent accuracy, both on test with paired intervals; () = off
     steering_strengths: tuple[float, ...] = ()
+    # circuits assembled from the story directions beside the circuits stage's (needs it and
+    # resid_mid + resid_post story directions at every layer): the λ grid, chosen on validation
+    # by fluent accuracy; () = off
+    circuit_lambdas: tuple[float, ...] = ()
+    circuit_budget: int | None = None  # None: the budget the circuits stage chose on validation
+    circuit_influence_scenarios: int | None = None  # None: circuits.n_influence_scenarios
+    circuit_random: int | None = None  # random circuits of the story circuit's sizes (None: circuits.random_controls)
     ppl_guard: float = 3.0  # fluent: perplexity ≤ this × the unsteered texts' median
     max_repeat: float = 0.3  # fluent: repeated-3-gram rate below this
 
@@ -114,6 +124,13 @@ class Config:
             raise ValueError("stories.n_permutations must be >= 1")
         if any(a <= 0 for a in self.steering_strengths):
             raise ValueError(f"stories.steering_strengths must be > 0, got {list(self.steering_strengths)}")
+        if any(x <= 0 for x in self.circuit_lambdas):
+            raise ValueError(f"stories.circuit_lambdas must be > 0, got {list(self.circuit_lambdas)}")
+        for name in ("circuit_budget", "circuit_influence_scenarios"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"stories.{name} must be >= 1")
+        if self.circuit_random is not None and self.circuit_random < 0:
+            raise ValueError("stories.circuit_random must be >= 0")
         if self.sev_scenarios is not None and self.sev_scenarios < 0:
             raise ValueError("stories.sev_scenarios must be >= 0")
 
@@ -156,6 +173,9 @@ class StoriesResult(Result):
     # steering with each kind: {"grid": [row per kind × α], "chosen": {kind: α}, "layers": band,
     # "comparison": MethodComparison.to_dict(), "examples": {method: [...]}} (empty: not run)
     steering: dict = field(default_factory=dict)
+    # circuits from each kind (_circuit_side_by_side): {"grid", "chosen", "sizes",
+    # "overlap_with_paper", "comparison": MethodComparison.to_dict(), ...} (empty: not run)
+    circuits: dict = field(default_factory=dict)
 
     def headline(self) -> dict:
         out: dict = {}
@@ -187,6 +207,9 @@ class StoriesResult(Result):
             out["stories_cosine_with_paper_max"] = float(per_layer.max())
         if self.comparison is not None:
             out["stories_minus_paper_decoding"] = self.comparison.value
+        for row in (self.circuits.get("comparison") or {}).get("table", []):
+            if row["method"] in ("circuit (stories)", "circuit (paper)"):
+                out[f"stories_fluent_accuracy_{row['method'].replace(' ', '_')}"] = row["fluent_accuracy"]
         return out
 
 
@@ -391,6 +414,14 @@ def run(ctx: StageContext) -> StoriesResult:
     res.n_forwards = n_fwd
     if s.steering_strengths and shared:
         res.steering = _steering_side_by_side(ctx, paper, dirs, shared)
+    if s.circuit_lambdas:
+        if ctx.upstream("circuits") is None:
+            notes.append("story circuits: not built; stories.circuit_lambdas needs the circuits stage in the run")
+        elif shared != list(ctx.config.emotions):
+            notes.append(f"story circuits: not built; the story directions' emotions {shared} must be the "
+                         f"run's {list(ctx.config.emotions)} (the circuits stage's comparison)")
+        else:
+            res.circuits = _circuit_side_by_side(ctx, dirs, sel, shared)
     _report(ctx, res, figures)
     return res
 
@@ -399,7 +430,9 @@ def _steering_side_by_side(ctx: StageContext, paper, story, emotions: list[str])
     """Steer with the paper's and the story directions on the paper's layer band (resid_post):
     each kind's α from ``stories.steering_strengths`` chosen on validation by fluent accuracy
     (``evaluate.choose_setting``), then both and the unsteered model on test, compared with
-    paired 95 % intervals over scenarios (``evaluate.compare_methods``)."""
+    paired 95 % intervals over scenarios (``evaluate.compare_methods``). When the steering
+    stage ran on that band and site, its unsteered texts and its paper-direction choice (its
+    own α grid) and test texts are reused."""
     from ..evaluate import (
         choose_setting,
         compare_methods,
@@ -417,11 +450,24 @@ def _steering_side_by_side(ctx: StageContext, paper, story, emotions: list[str])
         return lambda e: steer(model, d, band, a, emotion=e, site="resid_post")
 
     val, test = common.records(ctx, "validation"), common.records(ctx, "test")
-    base = evaluate(val, lambda e: None, "none", "validation")
+    # the steering stage's paper-direction texts when it steered the same band and site (its α
+    # chosen on validation by the same fluent criterion, over its own grid): not generated twice
+    st = ctx.upstream("steering")
+    reuse = (st is not None and st.validation_unsteered is not None and st.chosen.get("site") == "resid_post"
+             and st.chosen.get("layers") == band_name(band) and list(emotions) == list(ctx.config.emotions))
+    base = st.validation_unsteered if reuse else evaluate(val, lambda e: None, "none", "validation")
     ref = base.fluency["perplexity_geomean"]
     rows = [summary_row("none", base, base, s.ppl_guard, s.max_repeat, kind="none", strength=0.0)]
-    chosen, evals = {}, {"none": evaluate(test, lambda e: None, "none", "test")}
+    chosen = {}
+    evals = {"none": st.test_unsteered if reuse else evaluate(test, lambda e: None, "none", "test")}
     for kind, d in (("paper", paper), ("stories", story)):
+        if kind == "paper" and reuse:
+            rows += [{**r, "setting": f"paper α={r['strength']:g}", "kind": "paper"} for r in st.grid
+                     if r.get("layers") == band_name(band)]
+            chosen[kind] = {"strength": st.chosen["strength"], "passes_fluency_guard": st.chosen["passes_fluency_guard"],
+                            "chosen_on": "validation", "from": "the steering stage"}
+            evals["steering (paper)"] = st.test
+            continue
         grid = {}
         for a in s.steering_strengths:
             ev = evaluate(val, steered(d, float(a)), f"{kind} α={a:g}", "validation")
@@ -437,6 +483,98 @@ def _steering_side_by_side(ctx: StageContext, paper, story, emotions: list[str])
     return {"grid": rows, "chosen": chosen, "layers": band_name(band), "site": "resid_post",
             "emotions": list(emotions), "comparison": cmp.to_dict(),
             "examples": {m: ev.examples for m, ev in evals.items()}}
+
+
+def _circuit_side_by_side(ctx: StageContext, story, sel: _Selection, emotions: list[str]) -> dict:
+    """Circuits assembled from the story directions beside the circuits stage's (the paper's
+    directions), on the same footing: the same σ, per-sublayer budget (the circuits stage's
+    choice), allocation and λ grid (``circuits.lambdas``, chosen on validation by fluent
+    accuracy); influence on ``circuit_influence_scenarios`` neutral train scenarios with the
+    story directions; neuron scores C_mean = mean g · β from the train stories' token means;
+    head scores the exact closed-form ablation score at the train stories' last token; Δμ
+    from the train stories (``story_difference_vectors``). On test: the story circuit, random
+    circuits of its per-layer sizes, against the paper's circuit, its random circuits and the
+    unmodulated model from the circuits stage (paired 95 % intervals over scenarios)."""
+    import torch
+
+    from .. import circuits as C
+    from .. import components as K
+    from .. import sites as S
+    from ..evaluate import choose_setting, compare_methods, passes_fluency_guard
+    from ..prompts import neutral_prompts
+    from ..run.plan import INFLUENCE_BATCH, INFLUENCE_MAX_ROWS
+    from ..story_directions import story_difference_vectors
+    from .steering import summary_row
+
+    model, s = ctx.model, ctx.settings
+    circ = ctx.upstream("circuits")
+    cs = ctx.config.section("circuits")
+    n = model.cfg.n_layers
+    missing = [x for x in ("resid_mid", "resid_post") if x not in story.sites]
+    if missing or story.layers != list(range(n)):
+        raise ValueError(f"stories.circuit_lambdas: the story circuit needs story directions at resid_mid and "
+                         f"resid_post at every layer (stories.sites = {story.sites}, layers {story.layers[:3]}...)")
+    bs = common.batch_size(ctx)
+    budget = int(s.circuit_budget if s.circuit_budget is not None else circ.chosen["budget_per_sublayer"])
+    n_infl = s.circuit_influence_scenarios if s.circuit_influence_scenarios is not None else cs.n_influence_scenarios
+    n_rand = s.circuit_random if s.circuit_random is not None else cs.random_controls
+    train = [x for x in sel.train if x.emotion in emotions]
+    sdv = story_difference_vectors(model, train, emotions, from_token=s.from_token, batch_size=bs,
+                                   progress=ctx.progress)
+    dv = sdv.difference
+    v_mid, v_post = story.tensor("resid_mid", emotions), story.tensor("resid_post", emotions)
+    W_out = torch.stack([S.W_out(model, L).detach().float().cpu() for L in range(n)])
+    nscores = torch.stack([(sdv.mlp_means[i].double() * K.neuron_betas_from_weights(W_out, v_post[i])).float()
+                           for i in range(len(emotions))])
+    hscores = K.head_ablation_importance_closed_form(model, [x.text for x in train], [x.emotion for x in train],
+                                                     v_mid, emotions, batch_size=bs, progress=ctx.progress).mean
+    infl_prompts = neutral_prompts(model, common.records(ctx, "train", n_infl))
+    infl = ctx.checkpoint("circuit/influence", lambda: C.sublayer_influence(
+        model, infl_prompts, v_mid, v_post, circ.sigma, alphas=tuple(cs.influence_alphas), emotions=emotions,
+        batch_size=min(bs, INFLUENCE_BATCH), max_rows=INFLUENCE_MAX_ROWS, progress=ctx.progress))
+    circuits = {e: C.assemble_circuit(e, infl.influence[i], nscores[i], hscores[i], dv.mlp[i], dv.z[i],
+                                      budget_per_sublayer=budget, meta={"directions": "stories"})
+                for i, e in enumerate(emotions)}
+    evaluate = common.evaluator(ctx, emotions, readout=cs.readout, n_examples=cs.n_examples,
+                                key_prefix="circuit/")
+
+    def modulated(cc, lam):
+        return lambda e: C.modulate(model, cc[e], lam)
+
+    val, test = common.records(ctx, "validation"), common.records(ctx, "test")
+    steer_res = ctx.upstream("steering")
+    base = (steer_res.validation_unsteered if steer_res is not None and steer_res.validation_unsteered is not None
+            else evaluate(val, lambda e: None, "none", "validation"))
+    ref = base.fluency["perplexity_geomean"]
+    rows = [summary_row("none", base, base, s.ppl_guard, s.max_repeat, strength=0.0, passes_guard=True)]
+    grid = {}
+    for lam in s.circuit_lambdas:
+        ev = evaluate(val, modulated(circuits, float(lam)), f"stories λ={lam:g}", "validation")
+        grid[float(lam)] = ev
+        rows.append(summary_row(f"stories λ={lam:g}", ev, base, s.ppl_guard, s.max_repeat, strength=float(lam),
+                                budget=budget, passes_guard=passes_fluency_guard(
+                                    ev, ref, max_ratio=s.ppl_guard, max_repeat=s.max_repeat)))
+    lam, ok = choose_setting(grid, base, max_ratio=s.ppl_guard, max_repeat=s.max_repeat)
+    paper_ev = circ.evaluations
+    evals = {"none": paper_ev["none"], "circuit (paper)": paper_ev["circuit"],
+             "circuit (stories)": evaluate(test, modulated(circuits, lam), "circuit (stories)", "test")}
+    for r in range(n_rand):
+        rc = {e: C.random_circuit(circuits[e], dv.mlp[i], dv.z[i], seed=r) for i, e in enumerate(emotions)}
+        evals[f"random circuit {r} (stories sizes)"] = evaluate(test, modulated(rc, lam), f"random circuit {r}", "test")
+    cmp = compare_methods(evals, focus="circuit (stories)", against=["circuit (paper)", "random circuit", "none"],
+                          max_ratio=s.ppl_guard, max_repeat=s.max_repeat)
+    paper_cmp = circ.comparison
+    paper_random = [v for v in (paper_cmp.verdicts if paper_cmp is not None else [])
+                    if v.startswith("circuit ") and "random circuit" in v]
+    overlap = {e: C.overlap(circuits[e], circ.circuits[e]) for e in emotions if e in circ.circuits}
+    return {"grid": rows, "chosen": {"lambda": lam, "passes_fluency_guard": ok, "chosen_on": "validation",
+                                     "budget_per_sublayer": budget, "paper_lambda": circ.chosen.get("lambda")},
+            "influence_scenarios": n_infl, "paper_influence_scenarios": cs.n_influence_scenarios,
+            "random_controls": n_rand, "emotions": list(emotions),
+            "sizes": {e: {"neurons": c.n_neurons, "heads": c.n_heads} for e, c in circuits.items()},
+            "overlap_with_paper": overlap, "comparison": cmp.to_dict(), "paper_random_verdicts": paper_random,
+            "head_scores": "exact closed-form zero-ablation score at the train stories' last token",
+            "examples": {m: ev.examples for m, ev in evals.items() if not m.startswith("random")}}
 
 
 def _decode(ctx, res, sel, dirs, paper, both, li_s, li_p) -> None:
@@ -577,6 +715,30 @@ def _report(ctx: StageContext, res: StoriesResult, figures) -> None:
         if cmp["verdicts"]:
             ctx.table("steering verdicts (paired by scenario, event and target; permutation p)", ["verdict"],
                       [[v] for v in cmp["verdicts"]])
+    ci = res.circuits
+    if ci:
+        pct = lambda v: None if v is None else round(100 * v, 1)  # noqa: E731
+        ch = ci["chosen"]
+        ctx.table(f"circuit from the story directions: λ on validation (budget {ch['budget_per_sublayer']} per "
+                  f"sublayer, influence on {ci['influence_scenarios']} scenarios)",
+                  ["setting", "fluent", "judge", "readout", "perplexity", "rep3", "passes guard", "n"],
+                  [[r["setting"], r["fluent_accuracy"], r["judge_accuracy"], r["readout_accuracy"], r["perplexity"],
+                    r["repeated_3gram"], r.get("passes_guard"), r["n"]] for r in ci["grid"]])
+        cmp = ci["comparison"]
+        ctx.table(f"circuits from each kind of directions on the test set (story λ = {ch['lambda']:g}, paper "
+                  f"λ = {ch['paper_lambda']}, chosen on validation), 95 % intervals over scenarios",
+                  ["method", "fluent accuracy %", "95 % interval", "raw accuracy %", "readout %",
+                   "perplexity (median)", "n", "scenarios"],
+                  [[r["method"], pct(r["fluent_accuracy"]), f"[{pct(r['fluent_low'])}, {pct(r['fluent_high'])}]",
+                    pct(r["accuracy"]), pct(r["readout_accuracy"]), r["perplexity_median"], r["n"], r["n_scenarios"]]
+                   for r in cmp["table"]])
+        ctx.table("circuit verdicts (paired by scenario, event and target; permutation p)", ["verdict"],
+                  [[v] for v in [*cmp["verdicts"], *ci["paper_random_verdicts"]]])
+        ov = ci["overlap_with_paper"]
+        if ov:
+            keys = list(next(iter(ov.values())))
+            ctx.table("overlap of the story circuit with the paper's circuit (Jaccard)", ["emotion", *keys],
+                      [[e, *[o[k] for k in keys]] for e, o in ov.items()])
     for i, n in enumerate(res.notes):
         ctx.notes[f"note {i + 1}"] = n
     if res.notes:
@@ -597,11 +759,29 @@ def plan(cfg) -> Plan:
     if s.steering_strengths:  # unsteered once per split, each kind × α on validation, each kind on test
         e = len(cfg.emotions)
         nv, nt = common.n_prompts(cfg, "validation"), common.n_prompts(cfg, "test")
-        gen = nv / e + 2 * len(s.steering_strengths) * nv + nt / e + 2 * nt
-    return Plan(forward=_forwards(sel, s, _n_sev(cfg, s)), generate=gen, eval_forward=common.text_forwards(cfg) * gen,
+        ss = cfg.section("steering")
+        reuse = ((cfg.run.stages is None or "steering" in cfg.run.stages) and ss.site == "resid_post"
+                 and ss.layer_bands == "paper" and len(ss.strengths) > 1 and s.emotions in (None, tuple(cfg.emotions)))
+        gen = (len(s.steering_strengths) * nv + nt if reuse
+               else nv / e + 2 * len(s.steering_strengths) * nv + nt / e + 2 * nt)
+    work = 0.0
+    fwd = _forwards(sel, s, _n_sev(cfg, s))
+    if s.circuit_lambdas:  # the story circuit: validation grid, test with its random circuits, influence
+        from .circuits import influence_seconds
+
+        cs = cfg.section("circuits")
+        nv, nt = common.n_prompts(cfg, "validation"), common.n_prompts(cfg, "test")
+        n_rand = s.circuit_random if s.circuit_random is not None else cs.random_controls
+        gen += len(s.circuit_lambdas) * nv + nt * (1 + n_rand)
+        n_infl = s.circuit_influence_scenarios if s.circuit_influence_scenarios is not None else cs.n_influence_scenarios
+        work += influence_seconds(cfg, n_infl)
+        fwd += 2 * len(sel.train)  # Δμ and the closed-form head scores
+    return Plan(forward=fwd, generate=gen, eval_forward=common.text_forwards(cfg) * gen, work_seconds=work,
                 what=f"story directions ({len(sel.emotions)} emotions, {len(sel.train)} train stories"
                      + (f"; {len(sel.concepts)} concepts" if sel.concepts else "")
-                     + "); VA geometry; cosine, held-out decoding and SEV valence AUC vs the paper's")
+                     + "); VA geometry; cosine, held-out decoding and SEV valence AUC vs the paper's"
+                     + ("; steering with each kind" if s.steering_strengths else "")
+                     + ("; circuit from the story directions vs the paper's" if s.circuit_lambdas else ""))
 
 
 def inputs(cfg) -> list[Path]:
@@ -615,4 +795,4 @@ def inputs(cfg) -> list[Path]:
 
 
 STUDY = Study("stories", "Emotion directions from stories (no emotion word)", Config, run, plan,
-              requires=("directions",), modules=("emocircuits.story_directions",), inputs=inputs)
+              requires=("directions",), optional=("steering", "circuits"), modules=("emocircuits.story_directions",), inputs=inputs)
