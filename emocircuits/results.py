@@ -212,7 +212,7 @@ class Result:
         body = _encode(self, "", tensors, {})
         doc: dict[str, Any] = {"format": FORMAT, "type": type(self).__name__,
                                "version": type(self).VERSION, "body": body}
-        st = stem.with_suffix(".safetensors")
+        st = with_suffix(stem, ".safetensors")
         if tensors:
             data = st_save(tensors)
             doc["tensors"] = {"file": st.name, "sha256": hashlib.sha256(data).hexdigest(),
@@ -220,7 +220,7 @@ class Result:
             atomic_write_bytes(st, data)
         elif st.exists():
             st.unlink()
-        return atomic_write_text(stem.with_suffix(".json"),
+        return atomic_write_text(with_suffix(stem, ".json"),
                                  json.dumps(doc, indent=1, allow_nan=False))
 
     @classmethod
@@ -341,7 +341,7 @@ def _load(path: str | os.PathLike, expect: type[R]) -> R:
     from safetensors.torch import load as st_load
 
     stem = _stem(path)
-    js = stem.with_suffix(".json")
+    js = with_suffix(stem, ".json")
     if not js.is_file():
         raise ResultFileMissing(f"{js}: result file missing")
     try:
@@ -396,6 +396,13 @@ def _load(path: str | os.PathLike, expect: type[R]) -> R:
 def _stem(path: str | os.PathLike) -> Path:
     p = Path(path)
     return p.with_suffix("") if p.suffix in _SUFFIXES else p
+
+
+def with_suffix(stem: str | os.PathLike, suffix: str) -> Path:
+    """``<stem><suffix>``, keeping every dot of the stem (``Path.with_suffix`` would turn
+    ``"α=0.25"`` and ``"α=0.5"`` both into ``"α=0.json"``)."""
+    p = Path(stem)
+    return p.parent / (p.name + suffix)
 
 
 def _encode(obj: Any, key: str, tensors: dict[str, torch.Tensor], seen: dict[int, str]) -> Any:

@@ -224,6 +224,35 @@ def test_checkpoints_resume_an_interrupted_stage_without_recomputing(tiny_llama,
                      model=tiny_llama, report=False)
 
 
+def test_checkpoint_keys_that_differ_after_a_dot_stay_apart(tiny_llama, tmp_path):
+    """"α=0.25" and "α=0.5" are two checkpoints, not one file "α=0.json" (Path.with_suffix)."""
+    cfg, calls = tiny_cfg(), {}
+
+    def fn(ctx):
+        out = []
+        for i, key in enumerate(("grid/α=0.25", "grid/α=0.5", "grid/α=0.5x")):
+            def unit(i=i, key=key):
+                calls[key] = calls.get(key, 0) + 1
+                return Numbers(torch.full((2,), float(i)), key)
+            out.append(ctx.checkpoint(key, unit))
+        if fail["on"]:
+            raise RuntimeError("stop after the grid")
+        return Numbers(torch.cat([o.x for o in out]), ",".join(o.note for o in out))
+
+    fail = {"on": True}
+    study = Study("dots", "dots", NoConfig, fn)
+    with pytest.raises(RunError, match="stop after the grid"):
+        run_pipeline(cfg, tmp_path, studies=[study], keep_going=False, progress=False, model=tiny_llama,
+                     report=False)
+    partial = next(p for p in (tmp_path / "stages").iterdir() if p.name.startswith(".partial-dots-"))
+    assert len(list(partial.glob("*.json"))) == 3
+    fail["on"] = False
+    r = run_pipeline(cfg, tmp_path, studies=[study], progress=False, model=tiny_llama, report=False)
+    assert calls == {"grid/α=0.25": 1, "grid/α=0.5": 1, "grid/α=0.5x": 1}  # each loaded, none mixed up
+    res = r.result("dots")
+    assert res.note == "grid/α=0.25,grid/α=0.5,grid/α=0.5x" and res.x.tolist() == [0, 0, 1, 1, 2, 2]
+
+
 def test_config_or_version_change_reruns_exactly_that_stage_and_after(tiny_llama, tmp_path):
     from dataclasses import replace
 

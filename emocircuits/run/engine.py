@@ -48,6 +48,7 @@ from ..results import (
     compact_json,
     jsonable,
     load_result,
+    with_suffix,
 )
 from .config import file_sha, section_dict, sha
 
@@ -205,7 +206,7 @@ class StageContext:
         uniquely within the stage (e.g. ``"test/circuit"``)."""
         safe = re.sub(r"[^A-Za-z0-9_.=-]+", "_", key).strip("_")[:80]
         stem = self.partial_dir / f"{safe}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
-        if stem.with_suffix(".json").is_file():
+        if with_suffix(stem, ".json").is_file():
             try:
                 out = load_result(stem)
             except Exception as e:  # a damaged checkpoint is recomputed, and said so

@@ -157,13 +157,15 @@ def shared_train_activations(ctx: StageContext, prompts: Sequence[Any]):
         return nullcontext()
     import hashlib
 
+    from ..results import with_suffix
+
     model = ctx.model
     texts = texts_of(prompts)
     key = hashlib.sha256("\n".join([str(ctx.config.model), str(ctx.config.run.dtype), *texts])
                          .encode()).hexdigest()[:16]
     stem = ctx.run_dir / "shared" / f"train-last-{key}"
     acts = None
-    if stem.with_suffix(".json").is_file():
+    if with_suffix(stem, ".json").is_file():
         try:
             acts = Activations.load(stem)
         except Exception as e:  # a damaged file is collected again, and said so
