@@ -313,15 +313,7 @@ def story_difference_vectors(model, stories: Sequence[Any], emotions: Sequence[s
     paper's ``circuits.delta_mu`` (last token of prompts that do). Float32 results."""
     from .circuits import DifferenceVectors
 
-    stories = list(stories)
-    labels = [str(_field(s, "emotion", "")) for s in stories]
-    emos = _emotion_order([e for e in labels if e and e != NEUTRAL], emotions)
-    if len(emos) < 2:
-        raise ValueError(f"story_difference_vectors: need at least 2 emotions to centre over, got {emos}")
-    keep = [i for i, e in enumerate(labels) if e in emos]
-    missing = [e for e in emos if not any(labels[i] == e for i in keep)]
-    if missing:
-        raise ValueError(f"story_difference_vectors: no stories of {missing}")
+    stories, labels, emos, keep = _labelled(stories, emotions, "story_difference_vectors")
     means, _, _ = story_token_means(model, [stories[i] for i in keep], ("mlp_post", "z"), from_token=from_token,
                                     batch_size=batch_size, progress=progress, desc="story Δμ")
     y = torch.tensor([emos.index(labels[i]) for i in keep])
@@ -330,6 +322,16 @@ def story_difference_vectors(model, stories: Sequence[Any], emotions: Sequence[s
                              centre_over_emotions(per["z"]).float())
     return StoryDifferenceVectors(list(emos), diff, per["mlp_post"].float(),
                                   {e: int((y == k).sum()) for k, e in enumerate(emos)}, int(from_token))
+
+
+def _labelled(stories: Sequence[Any], emotions: Sequence[str] | None, who: str):
+    """``(stories, labels, emotions, rows of those emotions)``; at least two emotions."""
+    stories = list(stories)
+    labels = [str(_field(s, "emotion", "")) for s in stories]
+    emos = _emotion_order([e for e in labels if e and e != NEUTRAL], emotions)
+    if len(emos) < 2:
+        raise ValueError(f"{who}: need at least 2 emotions to centre over, got {emos}")
+    return stories, labels, emos, [i for i, e in enumerate(labels) if e in emos]
 
 
 def _emotion_order(found: Sequence[str], emotions: Sequence[str] | None) -> list[str]:
@@ -396,12 +398,7 @@ def story_directions(
     if flat:
         raise ValueError(f"story_directions: site {flat[0]!r} is not a per-layer vector site "
                          "(use resid_pre/resid_mid/resid_post/attn_out/mlp_out/...)")
-    stories = list(stories)
-    labels = [str(_field(s, "emotion", "")) for s in stories]
-    emos = _emotion_order([e for e in labels if e and e != NEUTRAL], emotions)
-    if len(emos) < 2:
-        raise ValueError(f"story_directions: need at least 2 emotions to centre over, got {emos}")
-    keep = [i for i, e in enumerate(labels) if e in emos]
+    stories, labels, emos, keep = _labelled(stories, emotions, "story_directions")
     if neutral is None:
         neutral_items = [s for s, e in zip(stories, labels, strict=True) if e == NEUTRAL]
         neutral_source = "stories" if neutral_items else "none"
