@@ -497,14 +497,15 @@ def test_retries_give_up_after_max(server: _Server, tmp_path) -> None:
 
 def test_timeout_then_success(server: _Server, tmp_path) -> None:
     def respond(body: dict[str, Any], n: int):
-        delay = 1.0 if n == 1 else 0.0
+        delay = 3.0 if n == 1 else 0.0
         return 200, {}, _reply('{"match": 1, "reason": "fast now"}'), delay
 
     server.respond = respond
     t0 = time.perf_counter()
-    res = _judge(server, tmp_path, timeout=0.25).judge(["Oh no!"], ["fear"])
-    assert res.match == [True] and res.meta["n_requests"] == 2
-    assert time.perf_counter() - t0 < 1.0
+    res = _judge(server, tmp_path, timeout=1.0).judge(["Oh no!"], ["fear"])
+    # the first request times out, a retry succeeds (on a loaded machine a retry may time out too)
+    assert res.match == [True] and res.meta["n_requests"] >= 2
+    assert time.perf_counter() - t0 < 3.0  # did not wait for the slow first reply
 
 
 def test_timeout_counts_as_failure(server: _Server, tmp_path) -> None:
