@@ -162,6 +162,9 @@ BUILDERS = {
         _t(2, 2, seed=1), _t(2, 2, seed=2), _t(2, 2, seed=3), _t(3, 2, 2, seed=4), {"seeds": [0, 1, 2]}),
     "DifferenceVectors": lambda _: CI.DifferenceVectors(
         EMO, _t(3, 2, 16, seed=1), _t(3, 2, 4, 4, seed=2), D.GroupInfo([("s", "positive")], {("t", "negative"): ["joy"]})),
+    "StoryDifferenceVectors": lambda _: SD.StoryDifferenceVectors(
+        EMO, CI.DifferenceVectors(EMO, _t(3, 2, 16, seed=3), _t(3, 2, 4, 4, seed=4)), _t(3, 2, 16, seed=5),
+        {e: i + 2 for i, e in enumerate(EMO)}, 7),
     "VAGeometry": lambda _: SD.va_geometry(_t(4, 2, 8, seed=5), ["anger", "fear", "happiness", "calm"],
                                            n_permutations=50),
     "InfluenceResult": lambda _: CI.InfluenceResult(EMO, [0.1, 0.5], [0, 1, 2], _t(3, 2, 2, 3, seed=1),
