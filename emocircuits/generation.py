@@ -143,7 +143,9 @@ def _banned_ngram_tokens(rows: list[list[int]], n: int) -> list[list[int]]:
 
 LogitsProcessor = Callable[[int, list[list[int]], torch.Tensor], torch.Tensor]
 """``(step, rows, logits[b, vocab]) -> logits``: rows are each row's ids so far (prompt +
-generated); called before the built-in processors, in order, at every step."""
+generated); called before the built-in processors, in order, at every step. ``logits`` is the
+loop's float32 working tensor, reused from step to step: a processor may change it in place
+and return it, and must ``clone()`` it to keep it beyond the call."""
 
 
 class _NgramBans:
@@ -194,14 +196,15 @@ def _generate_batch(model, batch: TokenBatch, cfg: GenerationConfig, eos_ids: se
     with _phase(model, False):
         logits, cache = model(batch.tokens, attention_mask=mask, return_type="logits_and_cache",
                               use_cache=True, logits_to_keep=1)
+    work = None  # the step's float32 logits, one buffer per batch (see _step_logits)
     for step in range(cfg.max_new_tokens):
-        nxt_logits = logits[:, -1, :].float()
+        nxt_logits, work = _step_logits(logits, work)
         for proc in processors:
             nxt_logits = proc(step, rows, nxt_logits)
         if penalise:
             sc = nxt_logits.gather(1, seen_ids)
             sc = torch.where(sc > 0, sc / cfg.repetition_penalty, sc * cfg.repetition_penalty)
-            nxt_logits = nxt_logits.scatter(1, seen_ids, sc)
+            nxt_logits.scatter_(1, seen_ids, sc)
         if bans is not None:
             for i in range(b):
                 banned = bans.banned(i)
@@ -233,6 +236,19 @@ def _generate_batch(model, batch: TokenBatch, cfg: GenerationConfig, eos_ids: se
             logits, cache = model(nxt.unsqueeze(1), attention_mask=mask, past_key_values=cache,
                                   return_type="logits_and_cache", use_cache=True)
     return generated
+
+
+def _step_logits(logits: torch.Tensor, work: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The last position's logits as float32 ``[b, vocab]``, written into ``work`` (allocated on
+    the first step, reused after). A fresh tensor per step is slow on a CPU: with Gemma 3's
+    262k vocabulary at batch 64 it is 67 MB, and allocating it page-faults every step (37 ms
+    for the cast against 4 ms into a kept buffer). float32 logits are used as they are."""
+    last = logits[:, -1, :]
+    if last.dtype == torch.float32:
+        return last, work
+    if work is None or work.shape != last.shape or work.device != last.device:
+        work = torch.empty(last.shape, dtype=torch.float32, device=last.device)
+    return work.copy_(last), work
 
 
 def _eos_ids(model) -> set[int]:

@@ -214,3 +214,29 @@ def test_bench_reuse_smoke():
     assert r["influence"]["max_abs_diff"] < 1e-3 * max(1.0, r["influence"]["influence_scale"])
     assert r["patch_layers"]["max_abs_diff"] < 1e-5
     assert r["sweep"]["forwards_equivalent"]["fast"] < r["sweep"]["forwards_equivalent"]["straightforward"]
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gemma"])
+def test_bench_decode_expanded_caches_give_the_same_tokens(model):
+    # 30 new tokens: past tiny Gemma's sliding window of 8 and past the buffer's first size
+    r = _mod("bench_decode").main(["--model", model, "--n", "5", "--max-new-tokens", "30",
+                                   "--dtype", "float32", "--repeat", "1"])
+    assert r["tokens_identical"] == {"expanded_buffer": True, "expanded_cat": True}
+    assert r["new_tokens"] > 5 * 10
+    assert sum(r["op_shares_ordinary"].values()) <= 1.0
+
+
+def test_bench_decode_restores_attention_and_cache_class_on_error():
+    from transformers.cache_utils import DynamicCache
+
+    bd = _mod("bench_decode")
+    model = bd.C.load("tiny-gemma")
+    mods = bd.grouped_attention(model)
+    before, init = [m.num_key_value_groups for m in mods], DynamicCache.__init__
+    assert mods and all(g > 1 for g in before)
+    with pytest.raises(RuntimeError, match="boom"):
+        with bd.expanded_cache(model, 16):
+            assert all(m.num_key_value_groups == 1 for m in mods)
+            raise RuntimeError("boom")
+    assert [m.num_key_value_groups for m in mods] == before
+    assert DynamicCache.__init__ is init

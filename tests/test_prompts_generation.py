@@ -204,3 +204,21 @@ def test_incremental_ngram_bans_and_gathered_penalty_equal_the_from_scratch_vers
     sc = logits.gather(1, ids)
     got = logits.scatter(1, ids, torch.where(sc > 0, sc / 1.3, sc * 1.3))
     assert torch.equal(got, _apply_repetition_penalty(logits, seen, 1.3))
+
+
+def test_step_logits_reuses_one_float32_buffer():
+    from emocircuits.generation import _step_logits
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 2, 50, generator=g).to(torch.bfloat16)
+    b = torch.randn(3, 1, 50, generator=g).to(torch.bfloat16)
+    x, work = _step_logits(a, None)
+    assert x.dtype == torch.float32 and torch.equal(x, a[:, -1, :].float())
+    y, work2 = _step_logits(b, work)
+    assert work2 is work and y.data_ptr() == x.data_ptr()  # the same buffer, overwritten
+    assert torch.equal(y, b[:, -1, :].float())
+    f = torch.randn(3, 1, 50, generator=g)
+    z, work3 = _step_logits(f, work)
+    assert z.data_ptr() == f.data_ptr() and work3 is work  # float32: used as it is
+    w, work4 = _step_logits(torch.randn(2, 1, 50).to(torch.bfloat16), work)
+    assert work4 is not work and w.shape == (2, 50)  # another batch shape: a new buffer

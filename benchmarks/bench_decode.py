@@ -1,0 +1,207 @@
+"""Where a decoding step's time goes, and two grouped-query KV caches that avoid ``repeat_kv``.
+
+With grouped-query attention a layer has ``n_kv`` key/value heads, each shared by
+``g = n_heads / n_kv`` query heads. The bridge's attention (and HF's eager kernel) expands the
+whole cache at every step, for every layer::
+
+    K_exp[:, h] = K[:, h // g]        # repeat_kv: a copy of the cache
+
+This script profiles ``emocircuits.generate`` (``--n`` SEV prompts in one batch,
+``--max-new-tokens``, ``--dtype``) and reports the operators' shares of the CPU time. It then
+times three caches, interleaved, with the same prompts and settings:
+
+* ``ordinary``: HF's ``DynamicCache`` (what ``generate`` uses);
+* ``expanded_buffer``: keys and values expanded once when they are written, into a buffer
+  preallocated for the whole generation; attention reads a slice of the buffer;
+* ``expanded_cat``: keys and values expanded once when they are written, appended with ``cat``.
+
+For the two expanded caches every attention module's ``num_key_value_groups`` is set to 1, so
+that nothing is expanded again; the module attributes and the cache class are restored on exit.
+The tokens of every variant are compared with the ordinary cache's (they must be identical).
+Neither variant is used by the project: on the CPU neither is faster (docs/scaling.md).
+
+Usage: ``python benchmarks/bench_decode.py [--model M] [--n 64] [--max-new-tokens 40]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as C  # noqa: E402
+
+
+def expand(x: torch.Tensor, g: int) -> torch.Tensor:
+    """[b, n_kv, t, d] -> [b, n_kv·g, t, d], head h = input head h // g (HF's ``repeat_kv``)."""
+    if g == 1:
+        return x
+    b, n_kv, t, d = x.shape
+    return x[:, :, None].expand(b, n_kv, g, t, d).reshape(b, n_kv * g, t, d)
+
+
+class _Buffer:
+    """One layer's keys and values in a buffer of ``capacity`` positions (doubled when full)."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.k, self.v, self.length = max(1, capacity), None, None, 0
+
+    def write(self, k, v):
+        end = self.length + k.shape[-2]
+        if self.k is None or end > self.k.shape[-2]:
+            cap = max(self.capacity, end, 2 * (0 if self.k is None else self.k.shape[-2]))
+            nk, nv = k.new_empty(*k.shape[:2], cap, k.shape[-1]), v.new_empty(*v.shape[:2], cap, v.shape[-1])
+            if self.k is not None:
+                nk[:, :, :self.length], nv[:, :, :self.length] = self.k[:, :, :self.length], self.v[:, :, :self.length]
+            self.k, self.v = nk, nv
+        self.k[:, :, self.length:end], self.v[:, :, self.length:end] = k, v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def _layer_classes(g: int, capacity: int | None):
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    class Full(DynamicLayer):
+        def __init__(self):
+            super().__init__()
+            self.buf = None if capacity is None else _Buffer(capacity)
+
+        def update(self, k, v, *a, **kw):
+            k, v = expand(k, g), expand(v, g)
+            if self.buf is None:
+                return super().update(k, v, *a, **kw)
+            if not self.is_initialized:
+                self.lazy_initialization(k, v)
+            self.keys, self.values = self.buf.write(k, v)
+            return self.keys, self.values
+
+    class Sliding(DynamicSlidingWindowLayer):
+        def __init__(self, window):
+            super().__init__(sliding_window=window)
+            self.buf = None if capacity is None else _Buffer(min(capacity, window - 1))
+
+        def update(self, k, v, *a, **kw):
+            k, v = expand(k, g), expand(v, g)
+            if self.buf is not None and self.cumulative_length + k.shape[-2] <= self.sliding_window - 1:
+                if not self.is_initialized:
+                    self.lazy_initialization(k, v)
+                self.cumulative_length += k.shape[-2]
+                self.keys, self.values = self.buf.write(k, v)
+                return self.keys, self.values
+            self.buf = None  # the window is full: HF's own update, on the expanded states
+            return super().update(k, v, *a, **kw)
+
+    return DynamicLayer, DynamicSlidingWindowLayer, Full, Sliding
+
+
+def grouped_attention(model) -> list:
+    """The HF attention modules inside the bridge that expand K/V (``num_key_value_groups`` > 1)."""
+    out, seen = [], set()
+    for mod in model.modules():
+        hf = getattr(mod, "original_component", None)
+        if getattr(hf, "num_key_value_groups", 1) > 1 and id(hf) not in seen:
+            seen.add(id(hf))
+            out.append(hf)
+    return out
+
+
+@contextmanager
+def expanded_cache(model, capacity: int | None):
+    """While active, every new ``DynamicCache`` stores keys/values expanded on insert (in a
+    buffer of ``capacity`` positions, or appended with ``cat`` when None) and no attention
+    module expands them again. Restores the modules and the cache class on every exit."""
+    from transformers.cache_utils import DynamicCache
+
+    mods = grouped_attention(model)
+    gs = {int(m.num_key_value_groups) for m in mods}
+    if len(gs) != 1:
+        raise ValueError(f"bench_decode: needs one grouped-query group size, found {sorted(gs)}")
+    dyn, sliding, Full, Sliding = _layer_classes(gs.pop(), capacity)
+    init = DynamicCache.__init__
+
+    def patched(self, *a, **kw):
+        init(self, *a, **kw)
+        self.layers = [Sliding(layer.sliding_window) if type(layer) is sliding else
+                       Full() if type(layer) is dyn else layer for layer in self.layers]
+
+    saved = [m.num_key_value_groups for m in mods]
+    try:
+        DynamicCache.__init__ = patched
+        for m in mods:
+            m.num_key_value_groups = 1
+        yield
+    finally:
+        DynamicCache.__init__ = init
+        for m, s in zip(mods, saved):
+            m.num_key_value_groups = s
+
+
+def op_shares(model, prompts, gcfg, top: int = 8) -> dict:
+    """Self-CPU shares of the top operators in one profiled ``generate``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from emocircuits.generation import generate
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        generate(model, prompts, gcfg, progress=False)
+    ev = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    ev.sort(key=lambda e: -e.self_cpu_time_total)
+    return {e.key: e.self_cpu_time_total / total for e in ev[:top]}
+
+
+def main(argv=None) -> dict:
+    ap = C.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    ap.add_argument("--n", type=int, default=64, help="prompts, one batch")
+    ap.add_argument("--max-new-tokens", type=int, default=40)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--split", default="builtin:test")
+    args = ap.parse_args(argv)
+    C.setup(args)
+    from emocircuits.generation import GenerationConfig, generate
+    from emocircuits.prompts import neutral_prompts
+    from emocircuits.data import load_sev
+
+    model = C.load(args.model, args.device)
+    prompts = neutral_prompts(model, list(load_sev(args.split))[: -(-args.n // 3)])[: args.n]
+    gcfg = GenerationConfig.paper_steering()
+    gcfg = GenerationConfig(**{**gcfg.__dict__, "max_new_tokens": args.max_new_tokens,
+                               "min_new_tokens": min(gcfg.min_new_tokens, args.max_new_tokens),
+                               "batch_size": args.n, "dtype": args.dtype})
+    longest = max(len(model.tokenizer(p.text, add_special_tokens=False)["input_ids"]) for p in prompts)
+    caches = {"ordinary": None, "expanded_buffer": longest + args.max_new_tokens, "expanded_cat": None}
+    tokens = {}
+
+    def run(name):
+        def go():
+            if name == "ordinary":
+                tokens[name] = generate(model, prompts, gcfg, progress=False).tokens
+            else:
+                with expanded_cache(model, caches[name]):
+                    tokens[name] = generate(model, prompts, gcfg, progress=False).tokens
+        return go
+
+    shares = op_shares(model, prompts, gcfg)
+    times = C.interleaved({k: run(k) for k in caches}, repeat=args.repeat, warmup=1, device=args.device)
+    base = times["ordinary"]["min_s"]
+    res = {
+        "benchmark": "decode", "model": args.model, "n_prompts": len(prompts),
+        "max_new_tokens": args.max_new_tokens, "dtype": args.dtype,
+        "new_tokens": sum(len(t) for t in tokens["ordinary"]),
+        "op_shares_ordinary": shares, "times": times,
+        "ratio_vs_ordinary": {k: C.ratio(times[k]["min_s"], base) for k in caches if k != "ordinary"},
+        "tokens_identical": {k: tokens[k] == tokens["ordinary"] for k in caches if k != "ordinary"},
+        "timing": "min over repeats, variants interleaved",
+        "env": C.env_info(args.device),
+    }
+    return C.emit(C.rounded(res), args.out)
+
+
+if __name__ == "__main__":
+    main()
