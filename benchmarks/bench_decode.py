@@ -137,7 +137,7 @@ def expanded_cache(model, capacity: int | None):
         yield
     finally:
         DynamicCache.__init__ = init
-        for m, s in zip(mods, saved):
+        for m, s in zip(mods, saved, strict=True):
             m.num_key_value_groups = s
 
 
@@ -164,9 +164,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--split", default="builtin:test")
     args = ap.parse_args(argv)
     C.setup(args)
+    from emocircuits.data import load_sev
     from emocircuits.generation import GenerationConfig, generate
     from emocircuits.prompts import neutral_prompts
-    from emocircuits.data import load_sev
 
     model = C.load(args.model, args.device)
     prompts = neutral_prompts(model, list(load_sev(args.split))[: -(-args.n // 3)])[: args.n]
