@@ -8,12 +8,16 @@ whole cache at every step, for every layer::
 
 This script profiles ``emocircuits.generate`` (``--n`` SEV prompts in one batch,
 ``--max-new-tokens``, ``--dtype``) and reports the operators' shares of the CPU time. It then
-times three caches, interleaved, with the same prompts and settings:
+times four variants, interleaved, with the same prompts and settings:
 
 * ``ordinary``: HF's ``DynamicCache`` (what ``generate`` uses);
 * ``expanded_buffer``: keys and values expanded once when they are written, into a buffer
   preallocated for the whole generation; attention reads a slice of the buffer;
 * ``expanded_cat``: keys and values expanded once when they are written, appended with ``cat``.
+
+* ``fresh_logits``: ``generate`` with a new float32 ``[b, vocab]`` logits tensor at every step
+  (``generation._step_logits`` replaced; what the code did before 2026-12-03), against the one
+  kept buffer it uses now.
 
 For the two expanded caches every attention module's ``num_key_value_groups`` is set to 1, so
 that nothing is expanded again; the module attributes and the cache class are restored on exit.
@@ -141,6 +145,19 @@ def expanded_cache(model, capacity: int | None):
             m.num_key_value_groups = s
 
 
+@contextmanager
+def fresh_logits():
+    """While active, ``generate`` casts each step's logits into a new float32 tensor."""
+    from emocircuits import generation
+
+    kept = generation._step_logits
+    try:
+        generation._step_logits = lambda logits, work: (logits[:, -1, :].float().clone(), None)
+        yield
+    finally:
+        generation._step_logits = kept
+
+
 def op_shares(model, prompts, gcfg, top: int = 8) -> dict:
     """Self-CPU shares of the top operators in one profiled ``generate``."""
     from torch.profiler import ProfilerActivity, profile
@@ -175,13 +192,17 @@ def main(argv=None) -> dict:
                                "min_new_tokens": min(gcfg.min_new_tokens, args.max_new_tokens),
                                "batch_size": args.n, "dtype": args.dtype})
     longest = max(len(model.tokenizer(p.text, add_special_tokens=False)["input_ids"]) for p in prompts)
-    caches = {"ordinary": None, "expanded_buffer": longest + args.max_new_tokens, "expanded_cat": None}
+    caches = {"ordinary": None, "expanded_buffer": longest + args.max_new_tokens, "expanded_cat": None,
+              "fresh_logits": None}
     tokens = {}
 
     def run(name):
         def go():
             if name == "ordinary":
                 tokens[name] = generate(model, prompts, gcfg, progress=False).tokens
+            elif name == "fresh_logits":
+                with fresh_logits():
+                    tokens[name] = generate(model, prompts, gcfg, progress=False).tokens
             else:
                 with expanded_cache(model, caches[name]):
                     tokens[name] = generate(model, prompts, gcfg, progress=False).tokens
