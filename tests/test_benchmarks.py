@@ -28,6 +28,8 @@ def test_collect_matches_run_with_cache():
     r = _mod("bench_collect").main(["--model", "tiny-llama", "--n", "6", "--batch-size", "4",
                                     "--in-process", "--unsorted"])
     assert r["max_abs_diff"] <= 1e-5 and r["max_abs_diff_unsorted"] <= 1e-5
+    assert r["max_abs_diff_filtered"] <= 1e-5 and r["baseline_filtered"]["shape"] == [6, 3, 64]
+    assert r["baseline_filtered"]["full_cache_mb_per_batch"] < r["baseline"]["full_cache_mb_per_batch"]
     b = r["bound"]  # the FLOP floor is a floor: no variant ran faster than it
     assert 0 < b["fp32_floor_s"] <= min(r["project"]["seconds"], r["baseline"]["seconds"])
     assert b["max_possible_speedup"] >= r["speedup"]
