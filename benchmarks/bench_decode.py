@@ -24,13 +24,19 @@ that nothing is expanded again; the module attributes and the cache class are re
 The tokens of every variant are compared with the ordinary cache's (they must be identical).
 Neither variant is used by the project: on the CPU neither is faster (docs/scaling.md).
 
-Usage: ``python benchmarks/bench_decode.py [--model M] [--n 64] [--max-new-tokens 40]``.
+Each timed run is a fresh process by default: the variants allocate differently, and the
+allocator's state left by one variant changes the next one's page faults (in one process the
+ratios moved by ±20 % with the order). ``--in-process`` runs them interleaved in one process.
+
+Usage: ``python benchmarks/bench_decode.py [--model M] [--n 64] [--max-new-tokens 40] [--repeat 2]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -179,10 +185,64 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--split", default="builtin:test")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--in-process", action="store_true",
+                    help="all variants in this process (fast, but the allocator's state carries over)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     C.setup(args)
+    names = [v for v in args.variants.split(",") if v]
+    bad = sorted(set(names) - set(VARIANTS))
+    if bad or "ordinary" not in names:
+        raise SystemExit(f"bench_decode: --variants must include 'ordinary' and name only {VARIANTS}; got {bad}")
+    if args.child is not None:
+        return C.emit(_child(args))
+    if args.in_process:
+        model, prompts, gcfg, longest = _setup(args)
+        shares = op_shares(model, prompts, gcfg)
+        tokens: dict[str, list] = {}
+
+        def go(name):
+            def f():
+                tokens[name] = _generate(model, prompts, gcfg, name, longest + args.max_new_tokens)
+            return f
+        times = C.interleaved({k: go(k) for k in names}, repeat=args.repeat, warmup=1, device=args.device)
+        how = "min over repeats, variants interleaved in one process"
+    else:  # each (repeat, variant) in a fresh interpreter, round-robin
+        common = ["--model", args.model, "--n", str(args.n), "--max-new-tokens", str(args.max_new_tokens),
+                  "--dtype", args.dtype, "--split", args.split, "--device", args.device]
+        if args.threads:
+            common += ["--threads", str(args.threads)]
+        shares = C.run_child(Path(__file__), [*common, "--child", "profile"])["op_shares"]
+        runs: dict[str, list[float]] = {k: [] for k in names}
+        tokens = {}
+        for _ in range(max(1, args.repeat)):
+            for k in names:
+                r = C.run_child(Path(__file__), [*common, "--child", k])
+                runs[k].append(r["seconds"])
+                tokens[k] = r["tokens"]
+        times = {k: {"min_s": min(v), "median_s": statistics.median(v), "repeat": len(v)} for k, v in runs.items()}
+        how = "min over repeats; each run in a fresh process (after one warm-up generate), variants round-robin"
+    base = times["ordinary"]["min_s"]
+    res = {
+        "benchmark": "decode", "model": args.model, "n_prompts": args.n,
+        "max_new_tokens": args.max_new_tokens, "dtype": args.dtype,
+        "new_tokens": sum(len(t) for t in tokens["ordinary"]),
+        "op_shares_ordinary": shares, "times": times,
+        "ratio_vs_ordinary": {k: C.ratio(times[k]["min_s"], base) for k in names if k != "ordinary"},
+        "tokens_identical": {k: tokens[k] == tokens["ordinary"] for k in names if k != "ordinary"},
+        "timing": how,
+        "env": C.env_info(args.device),
+    }
+    return C.emit(C.rounded(res), args.out)
+
+
+VARIANTS = ("ordinary", "expanded_buffer", "expanded_cat", "fresh_logits")
+
+
+def _setup(args):
     from emocircuits.data import load_sev
-    from emocircuits.generation import GenerationConfig, generate
+    from emocircuits.generation import GenerationConfig
     from emocircuits.prompts import neutral_prompts
 
     model = C.load(args.model, args.device)
@@ -192,36 +252,30 @@ def main(argv=None) -> dict:
                                "min_new_tokens": min(gcfg.min_new_tokens, args.max_new_tokens),
                                "batch_size": args.n, "dtype": args.dtype})
     longest = max(len(model.tokenizer(p.text, add_special_tokens=False)["input_ids"]) for p in prompts)
-    caches = {"ordinary": None, "expanded_buffer": longest + args.max_new_tokens, "expanded_cat": None,
-              "fresh_logits": None}
-    tokens = {}
+    return model, prompts, gcfg, longest
 
-    def run(name):
-        def go():
-            if name == "ordinary":
-                tokens[name] = generate(model, prompts, gcfg, progress=False).tokens
-            elif name == "fresh_logits":
-                with fresh_logits():
-                    tokens[name] = generate(model, prompts, gcfg, progress=False).tokens
-            else:
-                with expanded_cache(model, caches[name]):
-                    tokens[name] = generate(model, prompts, gcfg, progress=False).tokens
-        return go
 
-    shares = op_shares(model, prompts, gcfg)
-    times = C.interleaved({k: run(k) for k in caches}, repeat=args.repeat, warmup=1, device=args.device)
-    base = times["ordinary"]["min_s"]
-    res = {
-        "benchmark": "decode", "model": args.model, "n_prompts": len(prompts),
-        "max_new_tokens": args.max_new_tokens, "dtype": args.dtype,
-        "new_tokens": sum(len(t) for t in tokens["ordinary"]),
-        "op_shares_ordinary": shares, "times": times,
-        "ratio_vs_ordinary": {k: C.ratio(times[k]["min_s"], base) for k in caches if k != "ordinary"},
-        "tokens_identical": {k: tokens[k] == tokens["ordinary"] for k in caches if k != "ordinary"},
-        "timing": "min over repeats, variants interleaved",
-        "env": C.env_info(args.device),
-    }
-    return C.emit(C.rounded(res), args.out)
+def _generate(model, prompts, gcfg, name: str, capacity: int) -> list[list[int]]:
+    from emocircuits.generation import generate
+
+    if name == "ordinary":
+        return generate(model, prompts, gcfg, progress=False).tokens
+    if name == "fresh_logits":
+        with fresh_logits():
+            return generate(model, prompts, gcfg, progress=False).tokens
+    with expanded_cache(model, capacity if name == "expanded_buffer" else None):
+        return generate(model, prompts, gcfg, progress=False).tokens
+
+
+def _child(args) -> dict:
+    """One fresh process: the operator profile, or one variant (a warm-up generate, then one timed)."""
+    model, prompts, gcfg, longest = _setup(args)
+    if args.child == "profile":
+        return {"op_shares": op_shares(model, prompts, gcfg)}
+    _generate(model, prompts, gcfg, args.child, longest + args.max_new_tokens)
+    t = time.perf_counter()
+    toks = _generate(model, prompts, gcfg, args.child, longest + args.max_new_tokens)
+    return {"variant": args.child, "seconds": time.perf_counter() - t, "tokens": toks}
 
 
 if __name__ == "__main__":

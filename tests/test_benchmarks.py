@@ -222,7 +222,7 @@ def test_bench_reuse_smoke():
 def test_bench_decode_expanded_caches_give_the_same_tokens(model):
     # 30 new tokens: past tiny Gemma's sliding window of 8 and past the buffer's first size
     r = _mod("bench_decode").main(["--model", model, "--n", "5", "--max-new-tokens", "30",
-                                   "--dtype", "float32", "--repeat", "1"])
+                                   "--dtype", "float32", "--repeat", "1", "--in-process"])
     assert r["tokens_identical"] == {"expanded_buffer": True, "expanded_cat": True, "fresh_logits": True}
     assert r["new_tokens"] > 5 * 10
     assert sum(r["op_shares_ordinary"].values()) <= 1.0
@@ -242,3 +242,11 @@ def test_bench_decode_restores_attention_and_cache_class_on_error():
             raise RuntimeError("boom")
     assert [m.num_key_value_groups for m in mods] == before
     assert DynamicCache.__init__ is init
+
+
+def test_bench_decode_fresh_processes():
+    r = _mod("bench_decode").main(["--model", "tiny-llama", "--n", "3", "--max-new-tokens", "4",
+                                   "--dtype", "bfloat16", "--repeat", "1",
+                                   "--variants", "ordinary,fresh_logits"])
+    assert r["tokens_identical"] == {"fresh_logits": True}
+    assert set(r["times"]) == {"ordinary", "fresh_logits"} and "fresh process" in r["timing"]
