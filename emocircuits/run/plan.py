@@ -43,6 +43,11 @@ INFLUENCE_MAX_ROWS = 192
 UTTERANCE_FORWARD = 0.07
 MODEL_COST = {"smollm2-135m-instruct": 1.0, "gemma-3-270m": 2.5, "tiny-llama": 0.02,
               "tiny-gemma": 0.02}
+# The same factor for the work done in the generation dtype (decoding, its prefill, the scoring
+# forwards); MODEL_COST where a model is not listed. Gemma-3-270M's steering stage of the full
+# preset (bf16, batch 64; all of it generation-dtype work) took 1,272 s against 996 SmolLM2
+# seconds by the constants above (2026-12-03, after the kept logits buffer): 1.28.
+MODEL_GENERATION_COST = {"gemma-3-270m": 1.28}
 
 
 def _dtype_key(dtype) -> str:
@@ -54,7 +59,8 @@ def _dtype_key(dtype) -> str:
 def estimate_seconds(plan: Plan, model: str, generation) -> float:
     """A rough CPU time for ``plan``: analysis forwards at the batch's cost; each generated text one prefill
     plus max_new_tokens row-tokens at (ROW_TOKEN_SECONDS + DECODE_STEP_SECONDS / batch), its
-    scoring forwards in the generation dtype; all × the model's factor.
+    scoring forwards in the generation dtype; all × the model's factor (MODEL_GENERATION_COST for
+    the generation-dtype work).
 
     ``generation``: the run's ``[generation]`` section (or an int max_new_tokens: float32,
     batch 16)."""
@@ -63,13 +69,14 @@ def estimate_seconds(plan: Plan, model: str, generation) -> float:
     else:
         max_new, batch, dt = generation.max_new_tokens, generation.batch_size, _dtype_key(generation.dtype)
     f = MODEL_COST.get(str(model), 1.0)
+    f_gen = MODEL_GENERATION_COST.get(str(model), f)
     fwd_dt = FORWARD_DTYPE_FACTOR.get(dt, 1.0)
     s_fwd = FORWARD_SECONDS + FORWARD_SECONDS_PER_BATCH / max(1, batch)
     row_tok = ROW_TOKEN_SECONDS.get(dt, ROW_TOKEN_SECONDS["float32"]) + DECODE_STEP_SECONDS / max(1, batch)
-    gen = float(plan.generate) * (fwd_dt * s_fwd + max_new * row_tok)
+    gen = float(plan.generate) * (fwd_dt * s_fwd + max_new * row_tok) + fwd_dt * float(plan.eval_forward) * s_fwd
     other = float(plan.decode_tokens) * (ROW_TOKEN_SECONDS["float32"] + DECODE_STEP_SECONDS / 16)
-    fwd = (float(plan.forward) + fwd_dt * float(plan.eval_forward)) * s_fwd
-    return f * (fwd + gen + other + float(plan.work_seconds)) + float(plan.extra_seconds)
+    fwd = float(plan.forward) * s_fwd
+    return f * (fwd + other + float(plan.work_seconds)) + f_gen * gen + float(plan.extra_seconds)
 
 
 def dry_run(cfg: RunConfigLike, run_dir: str | os.PathLike, studies: Sequence[Study], *,
