@@ -18,6 +18,9 @@ times four variants, interleaved, with the same prompts and settings:
 * ``fresh_logits``: ``generate`` with a new float32 ``[b, vocab]`` logits tensor at every step
   (``generation._step_logits`` replaced; what the code did before 2026-12-03), against the one
   kept buffer it uses now.
+* ``bridge_path``: ``generate`` with ``bypass_unhooked=False``: every component runs through the
+  bridge's wrappers (the code before 2026-12-03 evening), against running the hook-free ones as
+  their HF modules (``emocircuits.bypass``).
 
 For the two expanded caches every attention module's ``num_key_value_groups`` is set to 1, so
 that nothing is expanded again; the module attributes and the cache class are restored on exit.
@@ -237,7 +240,7 @@ def main(argv=None) -> dict:
     return C.emit(C.rounded(res), args.out)
 
 
-VARIANTS = ("ordinary", "expanded_buffer", "expanded_cat", "fresh_logits")
+VARIANTS = ("ordinary", "expanded_buffer", "expanded_cat", "fresh_logits", "bridge_path")
 
 
 def _setup(args):
@@ -256,10 +259,13 @@ def _setup(args):
 
 
 def _generate(model, prompts, gcfg, name: str, capacity: int) -> list[list[int]]:
-    from emocircuits.generation import generate
+    from emocircuits.generation import GenerationConfig, generate
 
     if name == "ordinary":
         return generate(model, prompts, gcfg, progress=False).tokens
+    if name == "bridge_path":
+        off = GenerationConfig(**{**gcfg.__dict__, "bypass_unhooked": False})
+        return generate(model, prompts, off, progress=False).tokens
     if name == "fresh_logits":
         with fresh_logits():
             return generate(model, prompts, gcfg, progress=False).tokens

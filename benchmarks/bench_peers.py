@@ -188,6 +188,11 @@ def bench_steering(model, hf, args) -> dict:
         with steer(model, vecs, strength=1.0, scale="none", positions="all"):
             out["project"] = generate(model, prompts, cfg, progress=False).tokens
 
+    def bridge_path():  # every component through the bridge's wrappers (the code before 2026-12-03)
+        off = GenerationConfig(**{**cfg.__dict__, "bypass_unhooked": False})
+        with steer(model, vecs, strength=1.0, scale="none", positions="all"):
+            out["bridge_path"] = generate(model, prompts, off, progress=False).tokens
+
     def peer():
         with torch.no_grad(), sv.apply(hf, multiplier=1.0, min_token_index=0):
             gen = hf.generate(batch.tokens, attention_mask=batch.attention_mask, do_sample=False,
@@ -196,13 +201,15 @@ def bench_steering(model, hf, args) -> dict:
         new = gen[:, batch.tokens.shape[1]:]
         out["peer"] = new
 
-    t = C.interleaved({"project": project, "steering_vectors": peer}, repeat=args.repeat, warmup=1,
-                      device=args.device)
+    t = C.interleaved({"project": project, "project_bridge_path": bridge_path, "steering_vectors": peer},
+                      repeat=args.repeat, warmup=1, device=args.device)
     # the project returns rows in input order; the peer ran the same (one) batch
     same = all(list(map(int, out["peer"][i])) == list(out["project"][i]) for i in range(len(prompts)))
     return {"n_prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "layers": band,
             "times": t, "ratio_vs_steering_vectors": C.ratio(t["project"]["min_s"], t["steering_vectors"]["min_s"]),
-            "tokens_identical": same}
+            "ratio_bridge_path_vs_steering_vectors": C.ratio(t["project_bridge_path"]["min_s"],
+                                                             t["steering_vectors"]["min_s"]),
+            "tokens_identical": same and out["bridge_path"] == out["project"]}
 
 
 def main(argv=None) -> dict:

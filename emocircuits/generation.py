@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
+from .bypass import bypass_unhooked
 from .models import compute_dtype
 from .progress import tqdm
 from .prompts import Prompt, TokenBatch, check_context, texts_of, tokenize
@@ -60,6 +61,9 @@ class GenerationConfig:
     # compute dtype while generating (e.g. "bfloat16"); None: the model's own. The model's
     # parameters are cast for the call and restored exactly (models.compute_dtype).
     dtype: str | None = None
+    # run the bridge's hook-free components as the HF modules they wrap (bypass.bypass_unhooked):
+    # the same tokens, less per-step overhead. Hooks must be attached before generate is called.
+    bypass_unhooked: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype is not None:
@@ -308,7 +312,7 @@ def generate(
     t0 = time.perf_counter()
     bar = tqdm(total=len(texts), desc="generate", disable=not progress, leave=False)
     try:
-        with compute_dtype(model, cfg.dtype):
+        with compute_dtype(model, cfg.dtype), (bypass_unhooked(model) if cfg.bypass_unhooked else nullcontext()):
             for s in range(0, len(order), cfg.batch_size):
                 idx = order[s:s + cfg.batch_size]
                 batch = tokenize(model, [texts[i] for i in idx])

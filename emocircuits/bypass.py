@@ -1,0 +1,150 @@
+"""Run the bridge's hook-free components as the HF modules they wrap.
+
+``TransformerBridge`` puts a wrapper (a ``GeneralizedComponent``) in the HF module tree in
+place of every block, norm, attention, MLP and linear layer. A wrapper fires its hook points
+and then computes its output, some of them (attention, the norms) by re-deriving the
+intermediate values that their hook points expose. When no hook is attached anywhere under a
+wrapper, that work is thrown away: the same numbers come from calling the wrapped HF module.
+
+``bypass_unhooked(model)`` walks the HF tree once and, for the duration of the block, puts
+every hook-free wrapper's ``original_component`` back where the wrapper was; wrappers that
+carry a hook (at any depth below them) stay in place, and the hook-free wrappers under them
+are bypassed in turn. On exit, also on an exception, every wrapper is put back. Hooks must be
+attached before the block is entered: one added inside a bypassed component would not fire,
+so ``bypass_unhooked`` checks this on exit and raises.
+
+    cost per decoding step ≈ HF's own forward + the wrappers that carry a hook
+
+What is bypassed computes what HF computes: the norms' outputs are bitwise those of the
+bridge (it calls the same HF module); attention and the MLP agree with the bridge's to float
+rounding (the bridge re-implements them), and greedy tokens are equal (tests on tiny Llama and
+Gemma 3, and HF ``generate``).
+
+``generate`` runs inside it (``GenerationConfig.bypass_unhooked``, on by default). It pays off
+where a forward is small and the wrappers' fixed cost shows: decoding at small batches (the
+measurements are in docs/scaling.md). Collection and batched bf16 decoding are bound by the
+matmuls, and there it changed nothing measurable, so the other forwards do not use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+def _component_class():
+    from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+
+    return GeneralizedComponent
+
+
+def _inert(fn, cfg) -> bool:
+    """True for the bridge's own capture hooks when they do nothing: ``BlockBridge`` puts a
+    pre-hook on ln2 that fires ``hook_mlp_in`` (an identity while it has no hooks) and one on
+    ln1 that keeps the residual for the split-qkv inputs (read only with ``use_split_qkv_input``
+    or ``use_attn_in``). Any other hook counts as a hook."""
+    import inspect
+
+    name = getattr(fn, "__qualname__", "")
+    if name.endswith("_capture_mlp_in"):
+        hp = inspect.getclosurevars(fn).nonlocals.get("hook_mlp_in")
+        return hp is not None and not (hp.fwd_hooks or hp.bwd_hooks or _has_torch_hooks(hp, cfg))
+    if name.endswith("_capture_pre_ln1"):
+        return not (getattr(cfg, "use_split_qkv_input", False) or getattr(cfg, "use_attn_in", False))
+    return False
+
+
+def _has_torch_hooks(m: torch.nn.Module, cfg=None) -> bool:
+    if m._backward_hooks or getattr(m, "_backward_pre_hooks", None):
+        return True
+    return any(not _inert(fn, cfg) for fn in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
+
+
+def _hooked_map(root: torch.nn.Module, cfg=None) -> dict[int, bool]:
+    """id(module) -> whether a hook point or wrapper anywhere under it carries a hook (TL or
+    plain torch; the bridge's inert capture hooks excepted), or part of it is offloaded by
+    accelerate (its wrappers materialise the weights). One pass, bottom-up."""
+    from transformer_lens.hook_points import HookPoint
+
+    base = _component_class()
+    memo: dict[int, bool] = {}
+
+    def walk(m: torch.nn.Module) -> bool:
+        if id(m) in memo:
+            return memo[id(m)]
+        memo[id(m)] = False  # a module reached again through a cycle adds nothing
+        own = hasattr(m, "_hf_hook")
+        if isinstance(m, HookPoint):
+            own = own or bool(m.fwd_hooks or m.bwd_hooks) or _has_torch_hooks(m, cfg)
+        elif isinstance(m, base):
+            own = own or _has_torch_hooks(m, cfg)
+        below = [walk(c) for c in m._modules.values() if c is not None]
+        memo[id(m)] = own or any(below)
+        return memo[id(m)]
+
+    walk(root)
+    return memo
+
+
+def _plan(root: torch.nn.Module, cfg=None) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """(parent, attribute, wrapper) for every hook-free wrapper on the HF computation path:
+    children of HF modules, outermost first; below a wrapper, its wrapped module's children are
+    visited (a kept wrapper may call that module, a bypassed one is that module)."""
+    base = _component_class()
+    hooked = _hooked_map(root, cfg)
+    out: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
+    seen: set[int] = set()
+
+    def visit(hf_module: torch.nn.Module) -> None:
+        if id(hf_module) in seen:
+            return
+        seen.add(id(hf_module))
+        for name, child in list(hf_module._modules.items()):
+            if child is None:
+                continue
+            if isinstance(child, base):
+                orig = getattr(child, "original_component", None)
+                if orig is None:
+                    continue
+                if not hooked[id(child)]:
+                    out.append((hf_module, name, child))
+                visit(orig)
+            else:
+                visit(child)
+
+    visit(root)
+    return out
+
+
+@contextmanager
+def bypass_unhooked(model) -> Iterator[int]:
+    """While active, hook-free bridge components run as their HF modules (see the module
+    docstring). Yields the number of components bypassed. Restores the tree on every exit.
+    Not for ``stop_at_layer`` / ``start_at_layer`` forwards: the bridge's blocks implement
+    those, and a bypassed block ignores them."""
+    root = getattr(model, "original_model", None)
+    if root is None:  # not a TransformerBridge: nothing to bypass
+        yield 0
+        return
+    cfg = getattr(model, "cfg", None)
+    swaps = _plan(root, cfg)
+    done: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
+    try:
+        for parent, name, wrapper in swaps:
+            parent._modules[name] = wrapper.original_component
+            done.append((parent, name, wrapper))
+        yield len(done)
+    finally:
+        for parent, name, wrapper in reversed(done):
+            parent._modules[name] = wrapper
+    now = _hooked_map(root, cfg)
+    late = [w for _, _, w in done if now.get(id(w), False)]
+    if late:
+        names = ", ".join(sorted({getattr(w, "name", type(w).__name__) or "?" for w in late})[:5])
+        raise RuntimeError(f"bypass_unhooked: hooks were added inside the block to bypassed "
+                           f"components ({names}); they did not fire. Attach hooks before entering it")
+
+
+__all__ = ["bypass_unhooked"]
