@@ -21,6 +21,9 @@ times four variants, interleaved, with the same prompts and settings:
 * ``bridge_path``: ``generate`` with ``bypass_unhooked=False``: every component runs through the
   bridge's wrappers (the code before 2026-12-03 evening), against running the hook-free ones as
   their HF modules (``emocircuits.bypass``).
+* ``repeat_kv``: ``generate`` with ``grouped_decoding=False``: HF's eager kernel expands the KV
+  cache to every query head at every step, against the grouped decoding kernel
+  (``emocircuits.grouped_attention``).
 
 For the two expanded caches every attention module's ``num_key_value_groups`` is set to 1, so
 that nothing is expanded again; the module attributes and the cache class are restored on exit.
@@ -240,7 +243,7 @@ def main(argv=None) -> dict:
     return C.emit(C.rounded(res), args.out)
 
 
-VARIANTS = ("ordinary", "expanded_buffer", "expanded_cat", "fresh_logits", "bridge_path")
+VARIANTS = ("ordinary", "expanded_buffer", "expanded_cat", "fresh_logits", "bridge_path", "repeat_kv")
 
 
 def _setup(args):
@@ -263,8 +266,9 @@ def _generate(model, prompts, gcfg, name: str, capacity: int) -> list[list[int]]
 
     if name == "ordinary":
         return generate(model, prompts, gcfg, progress=False).tokens
-    if name == "bridge_path":
-        off = GenerationConfig(**{**gcfg.__dict__, "bypass_unhooked": False})
+    if name in ("bridge_path", "repeat_kv"):
+        flag = "bypass_unhooked" if name == "bridge_path" else "grouped_decoding"
+        off = GenerationConfig(**{**gcfg.__dict__, flag: False})
         return generate(model, prompts, off, progress=False).tokens
     if name == "fresh_logits":
         with fresh_logits():

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .bypass import bypass_unhooked
+from .grouped_attention import grouped_decoding
 from .models import compute_dtype
 from .progress import tqdm
 from .prompts import Prompt, TokenBatch, check_context, texts_of, tokenize
@@ -64,6 +65,9 @@ class GenerationConfig:
     # run the bridge's hook-free components as the HF modules they wrap (bypass.bypass_unhooked):
     # the same tokens, less per-step overhead. Hooks must be attached before generate is called.
     bypass_unhooked: bool = True
+    # decode grouped-query attention without expanding the KV cache (grouped_attention; used by
+    # the HF attention modules that bypass_unhooked puts in place): the same tokens, fewer copies
+    grouped_decoding: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype is not None:
@@ -312,7 +316,8 @@ def generate(
     t0 = time.perf_counter()
     bar = tqdm(total=len(texts), desc="generate", disable=not progress, leave=False)
     try:
-        with compute_dtype(model, cfg.dtype), (bypass_unhooked(model) if cfg.bypass_unhooked else nullcontext()):
+        with compute_dtype(model, cfg.dtype), (bypass_unhooked(model) if cfg.bypass_unhooked else nullcontext()), \
+                (grouped_decoding(model) if cfg.grouped_decoding else nullcontext()):
             for s in range(0, len(order), cfg.batch_size):
                 idx = order[s:s + cfg.batch_size]
                 batch = tokenize(model, [texts[i] for i in idx])

@@ -224,7 +224,7 @@ def test_bench_decode_expanded_caches_give_the_same_tokens(model):
     r = _mod("bench_decode").main(["--model", model, "--n", "5", "--max-new-tokens", "30",
                                    "--dtype", "float32", "--repeat", "1", "--in-process"])
     assert r["tokens_identical"] == {"expanded_buffer": True, "expanded_cat": True, "fresh_logits": True,
-                                     "bridge_path": True}
+                                     "bridge_path": True, "repeat_kv": True}
     assert r["new_tokens"] > 5 * 10
     assert sum(r["op_shares_ordinary"].values()) <= 1.0
 
