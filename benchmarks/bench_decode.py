@@ -192,6 +192,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--split", default="builtin:test")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--hooks", default="none", choices=("none", "units"),
+                    help="units: scale 2 heads of z and 16 neurons of mlp_post at every layer (a circuit's hooks)")
     ap.add_argument("--in-process", action="store_true",
                     help="all variants in this process (fast, but the allocator's state carries over)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -205,18 +207,19 @@ def main(argv=None) -> dict:
         return C.emit(_child(args))
     if args.in_process:
         model, prompts, gcfg, longest = _setup(args)
-        shares = op_shares(model, prompts, gcfg)
+        with _hooks(model, args.hooks):
+            shares = op_shares(model, prompts, gcfg)
         tokens: dict[str, list] = {}
 
         def go(name):
             def f():
-                tokens[name] = _generate(model, prompts, gcfg, name, longest + args.max_new_tokens)
+                tokens[name] = _generate(model, prompts, gcfg, name, longest + args.max_new_tokens, args.hooks)
             return f
         times = C.interleaved({k: go(k) for k in names}, repeat=args.repeat, warmup=1, device=args.device)
         how = "min over repeats, variants interleaved in one process"
     else:  # each (repeat, variant) in a fresh interpreter, round-robin
         common = ["--model", args.model, "--n", str(args.n), "--max-new-tokens", str(args.max_new_tokens),
-                  "--dtype", args.dtype, "--split", args.split, "--device", args.device]
+                  "--dtype", args.dtype, "--split", args.split, "--device", args.device, "--hooks", args.hooks]
         if args.threads:
             common += ["--threads", str(args.threads)]
         shares = C.run_child(Path(__file__), [*common, "--child", "profile"])["op_shares"]
@@ -232,7 +235,7 @@ def main(argv=None) -> dict:
     base = times["ordinary"]["min_s"]
     res = {
         "benchmark": "decode", "model": args.model, "n_prompts": args.n,
-        "max_new_tokens": args.max_new_tokens, "dtype": args.dtype,
+        "max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "hooks": args.hooks,
         "new_tokens": sum(len(t) for t in tokens["ordinary"]),
         "op_shares_ordinary": shares, "times": times,
         "ratio_vs_ordinary": {k: C.ratio(times[k]["min_s"], base) for k in names if k != "ordinary"},
@@ -261,7 +264,26 @@ def _setup(args):
     return model, prompts, gcfg, longest
 
 
-def _generate(model, prompts, gcfg, name: str, capacity: int) -> list[list[int]]:
+@contextmanager
+def _hooks(model, kind: str):
+    """``units``: what a circuit's modulation hooks (heads of z, neurons of mlp_post), at every layer."""
+    if kind == "none":
+        yield
+        return
+    from emocircuits.interventions import Intervention, intervene
+
+    ivs = [Intervention(site, L, op="scale", units=units, strength=1.5)
+           for L in range(model.cfg.n_layers) for site, units in (("z", [0, 1]), ("mlp_post", list(range(16))))]
+    with intervene(model, ivs):
+        yield
+
+
+def _generate(model, prompts, gcfg, name: str, capacity: int, hooks: str = "none") -> list[list[int]]:
+    with _hooks(model, hooks):
+        return _generate_variant(model, prompts, gcfg, name, capacity)
+
+
+def _generate_variant(model, prompts, gcfg, name: str, capacity: int) -> list[list[int]]:
     from emocircuits.generation import GenerationConfig, generate
 
     if name == "ordinary":
@@ -281,10 +303,11 @@ def _child(args) -> dict:
     """One fresh process: the operator profile, or one variant (a warm-up generate, then one timed)."""
     model, prompts, gcfg, longest = _setup(args)
     if args.child == "profile":
-        return {"op_shares": op_shares(model, prompts, gcfg)}
-    _generate(model, prompts, gcfg, args.child, longest + args.max_new_tokens)
+        with _hooks(model, args.hooks):
+            return {"op_shares": op_shares(model, prompts, gcfg)}
+    _generate(model, prompts, gcfg, args.child, longest + args.max_new_tokens, args.hooks)
     t = time.perf_counter()
-    toks = _generate(model, prompts, gcfg, args.child, longest + args.max_new_tokens)
+    toks = _generate(model, prompts, gcfg, args.child, longest + args.max_new_tokens, args.hooks)
     return {"variant": args.child, "seconds": time.perf_counter() - t, "tokens": toks}
 
 

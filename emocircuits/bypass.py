@@ -7,13 +7,16 @@ intermediate values that their hook points expose. When no hook is attached anyw
 wrapper, that work is thrown away: the same numbers come from calling the wrapped HF module.
 
 ``bypass_unhooked(model)`` walks the HF tree once and, for the duration of the block, puts
-every hook-free wrapper's ``original_component`` back where the wrapper was; wrappers that
-carry a hook (at any depth below them) stay in place, and the hook-free wrappers under them
-are bypassed in turn. On exit, also on an exception, every wrapper is put back. Hooks must be
+a wrapper's ``original_component`` back where the wrapper was whenever no hook would be lost:
+a wrapper stays in place when one of its own hook points (or the wrapper itself) carries a
+hook. Hooks on the wrappers that the wrapped module calls still fire: ``hook_z`` is the input
+hook of the attention's ``o_proj`` wrapper and ``mlp.hook_post`` that of ``down_proj``, so a
+circuit's head and neuron hooks keep only those two linear wrappers, and HF's attention and
+MLP modules run around them. On exit, also on an exception, every wrapper is put back. Hooks must be
 attached before the block is entered: one added inside a bypassed component would not fire,
 so ``bypass_unhooked`` checks this on exit and raises.
 
-    cost per decoding step ≈ HF's own forward + the wrappers that carry a hook
+    cost per decoding step ≈ HF's own forward + the wrappers whose own hook points carry a hook
 
 What is bypassed computes what HF computes: the norms' outputs are bitwise those of the
 bridge (it calls the same HF module); attention and the MLP agree with the bridge's to float
@@ -62,30 +65,35 @@ def _has_torch_hooks(m: torch.nn.Module, cfg=None) -> bool:
     return any(not _inert(fn, cfg) for fn in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
 
 
-def _hooked_map(root: torch.nn.Module, cfg=None) -> dict[int, bool]:
-    """id(module) -> whether a hook point or wrapper anywhere under it carries a hook (TL or
-    plain torch; the bridge's inert capture hooks excepted), or part of it is offloaded by
-    accelerate (its wrappers materialise the weights). One pass, bottom-up."""
+def _hooked_modules(root: torch.nn.Module, cfg=None) -> set[int]:
+    """ids of the hook points that carry a hook (TL or plain torch) and of the wrappers that
+    carry a torch hook themselves (the bridge's inert capture hooks excepted)."""
     from transformer_lens.hook_points import HookPoint
 
     base = _component_class()
-    memo: dict[int, bool] = {}
-
-    def walk(m: torch.nn.Module) -> bool:
-        if id(m) in memo:
-            return memo[id(m)]
-        memo[id(m)] = False  # a module reached again through a cycle adds nothing
-        own = hasattr(m, "_hf_hook")
+    out: set[int] = set()
+    for m in root.modules():
         if isinstance(m, HookPoint):
-            own = own or bool(m.fwd_hooks or m.bwd_hooks) or _has_torch_hooks(m, cfg)
-        elif isinstance(m, base):
-            own = own or _has_torch_hooks(m, cfg)
-        below = [walk(c) for c in m._modules.values() if c is not None]
-        memo[id(m)] = own or any(below)
-        return memo[id(m)]
+            if m.fwd_hooks or m.bwd_hooks or _has_torch_hooks(m, cfg):
+                out.add(id(m))
+        elif isinstance(m, base) and _has_torch_hooks(m, cfg):
+            out.add(id(m))
+    return out
 
-    walk(root)
-    return memo
+
+def _needs_wrapper(wrapper: torch.nn.Module, hooked: set[int]) -> bool:
+    """True when running the wrapped module instead of ``wrapper`` would lose a hook: a hooked
+    module under ``wrapper`` that the wrapped module does not reach (the wrapper's own hook
+    points, the wrapper itself, submodules only the wrapper calls). Hooks on wrappers that the
+    wrapped module calls (e.g. ``o_proj``'s, where ``hook_z`` lives) fire either way. A subtree
+    offloaded by accelerate keeps its wrapper (the wrapper materialises the weights)."""
+    mods = list(wrapper.modules())
+    if any(hasattr(m, "_hf_hook") for m in mods):
+        return True
+    inside = {id(m) for m in mods} & hooked
+    if not inside:
+        return False
+    return bool(inside - {id(m) for m in wrapper.original_component.modules()})
 
 
 def _plan(root: torch.nn.Module, cfg=None) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
@@ -93,7 +101,7 @@ def _plan(root: torch.nn.Module, cfg=None) -> list[tuple[torch.nn.Module, str, t
     children of HF modules, outermost first; below a wrapper, its wrapped module's children are
     visited (a kept wrapper may call that module, a bypassed one is that module)."""
     base = _component_class()
-    hooked = _hooked_map(root, cfg)
+    hooked = _hooked_modules(root, cfg)
     out: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
     seen: set[int] = set()
 
@@ -108,7 +116,7 @@ def _plan(root: torch.nn.Module, cfg=None) -> list[tuple[torch.nn.Module, str, t
                 orig = getattr(child, "original_component", None)
                 if orig is None:
                     continue
-                if not hooked[id(child)]:
+                if not _needs_wrapper(child, hooked):
                     out.append((hf_module, name, child))
                 visit(orig)
             else:
@@ -139,8 +147,8 @@ def bypass_unhooked(model) -> Iterator[int]:
     finally:
         for parent, name, wrapper in reversed(done):
             parent._modules[name] = wrapper
-    now = _hooked_map(root, cfg)
-    late = [w for _, _, w in done if now.get(id(w), False)]
+    now = _hooked_modules(root, cfg)
+    late = [w for _, _, w in done if _needs_wrapper(w, now)]
     if late:
         names = ", ".join(sorted({getattr(w, "name", type(w).__name__) or "?" for w in late})[:5])
         raise RuntimeError(f"bypass_unhooked: hooks were added inside the block to bypassed "
