@@ -203,13 +203,23 @@ def bench_steering(model, hf, args) -> dict:
 
     t = C.interleaved({"project": project, "project_bridge_path": bridge_path, "steering_vectors": peer},
                       repeat=args.repeat, warmup=1, device=args.device)
+    calls = {}
+    if args.profile:  # Python function calls of one run each (cProfile), the wrappers' overhead
+        import cProfile
+        import pstats
+
+        for name, fn in (("project", project), ("project_bridge_path", bridge_path), ("steering_vectors", peer)):
+            prof = cProfile.Profile()
+            prof.runcall(fn)
+            calls[name] = pstats.Stats(prof).total_calls
     # the project returns rows in input order; the peer ran the same (one) batch
     same = all(list(map(int, out["peer"][i])) == list(out["project"][i]) for i in range(len(prompts)))
     return {"n_prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "layers": band,
             "times": t, "ratio_vs_steering_vectors": C.ratio(t["project"]["min_s"], t["steering_vectors"]["min_s"]),
             "ratio_bridge_path_vs_steering_vectors": C.ratio(t["project_bridge_path"]["min_s"],
                                                              t["steering_vectors"]["min_s"]),
-            "tokens_identical": same and out["bridge_path"] == out["project"]}
+            "tokens_identical": same and out["bridge_path"] == out["project"],
+            **({"python_calls": calls} if calls else {})}
 
 
 def main(argv=None) -> dict:
@@ -221,6 +231,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--only", default="collect,patching,steering")
+    ap.add_argument("--profile", action="store_true", help="steering: count Python calls of one run each (cProfile)")
     args = ap.parse_args(argv)
     C.setup(args)
     if nnsight is None:

@@ -3,8 +3,8 @@
 ``TransformerBridge`` puts a wrapper (a ``GeneralizedComponent``) in the HF module tree in
 place of every block, norm, attention, MLP and linear layer. A wrapper fires its hook points
 and then computes its output, some of them (attention, the norms) by re-deriving the
-intermediate values that their hook points expose. When no hook is attached anywhere under a
-wrapper, that work is thrown away: the same numbers come from calling the wrapped HF module.
+intermediate values that their hook points expose. When none of those hook points carries a
+hook, that work is thrown away: the same numbers come from calling the wrapped HF module.
 
 ``bypass_unhooked(model)`` walks the HF tree once and, for the duration of the block, puts
 a wrapper's ``original_component`` back where the wrapper was whenever no hook would be lost:
@@ -23,10 +23,10 @@ bridge (it calls the same HF module); attention and the MLP agree with the bridg
 rounding (the bridge re-implements them), and greedy tokens are equal (tests on tiny Llama and
 Gemma 3, and HF ``generate``).
 
-``generate`` runs inside it (``GenerationConfig.bypass_unhooked``, on by default). It pays off
-where a forward is small and the wrappers' fixed cost shows: decoding at small batches (the
-measurements are in docs/scaling.md). Collection and batched bf16 decoding are bound by the
-matmuls, and there it changed nothing measurable, so the other forwards do not use it.
+``generate`` runs inside it (``GenerationConfig.bypass_unhooked``, on by default), together
+with ``grouped_attention.grouped_decoding``, which only the HF attention modules put back here
+can use. The measurements are in docs/scaling.md. Collection, bound by the matmuls, did not
+change measurably, so the other forwards do not use it.
 """
 
 from __future__ import annotations

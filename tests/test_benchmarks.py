@@ -203,8 +203,10 @@ def test_bench_peers_smoke():
     pytest.importorskip("nnsight")
     pytest.importorskip("steering_vectors")
     r = _mod("bench_peers").main(["--model", "tiny-llama", "--n", "4", "--batch-size", "2", "--n-patch", "2",
-                                  "--n-gen", "2", "--max-new-tokens", "3", "--repeat", "1"])
+                                  "--n-gen", "2", "--max-new-tokens", "3", "--repeat", "1", "--profile"])
     assert r["collect"]["max_abs_diff_nnsight"] < 1e-5
+    calls = r["steering"]["python_calls"]
+    assert calls["project"] < calls["project_bridge_path"]  # the bypass skips the wrappers' calls
     assert r["patching"]["max_abs_diff_effect"] < 1e-5
     assert r["steering"]["tokens_identical"] is True
 
