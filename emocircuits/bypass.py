@@ -81,14 +81,17 @@ def _hooked_modules(root: torch.nn.Module, cfg=None) -> set[int]:
     return out
 
 
-def _needs_wrapper(wrapper: torch.nn.Module, hooked: set[int]) -> bool:
+def _needs_wrapper(wrapper: torch.nn.Module, hooked: set[int], offloaded: bool = True) -> bool:
     """True when running the wrapped module instead of ``wrapper`` would lose a hook: a hooked
     module under ``wrapper`` that the wrapped module does not reach (the wrapper's own hook
     points, the wrapper itself, submodules only the wrapper calls). Hooks on wrappers that the
     wrapped module calls (e.g. ``o_proj``'s, where ``hook_z`` lives) fire either way. A subtree
-    offloaded by accelerate keeps its wrapper (the wrapper materialises the weights)."""
+    offloaded by accelerate keeps its wrapper (the wrapper materialises the weights);
+    ``offloaded=False`` says that nothing in the model is."""
+    if not hooked and not offloaded:  # the common case: nothing below any wrapper to look for
+        return False
     mods = list(wrapper.modules())
-    if any(hasattr(m, "_hf_hook") for m in mods):
+    if offloaded and any(hasattr(m, "_hf_hook") for m in mods):
         return True
     inside = {id(m) for m in mods} & hooked
     if not inside:
@@ -102,6 +105,7 @@ def _plan(root: torch.nn.Module, cfg=None) -> list[tuple[torch.nn.Module, str, t
     visited (a kept wrapper may call that module, a bypassed one is that module)."""
     base = _component_class()
     hooked = _hooked_modules(root, cfg)
+    offloaded = any(hasattr(m, "_hf_hook") for m in root.modules())
     out: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
     seen: set[int] = set()
 
@@ -116,7 +120,7 @@ def _plan(root: torch.nn.Module, cfg=None) -> list[tuple[torch.nn.Module, str, t
                 orig = getattr(child, "original_component", None)
                 if orig is None:
                     continue
-                if not _needs_wrapper(child, hooked):
+                if not _needs_wrapper(child, hooked, offloaded):
                     out.append((hf_module, name, child))
                 visit(orig)
             else:
