@@ -30,6 +30,8 @@ def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     metavar="SECTION.KEY=VALUE", help="override a preset value (repeatable)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    ap.add_argument("--timing", action="store_true",
+                    help="print the plan (as --dry-run) with the finished stages' measured seconds beside their estimates")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--stop-on-error", action="store_true",
                     help="stop at the first failing stage (default: record it and go on)")
@@ -134,8 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or f"runs/{cfg.run.preset or 'run'}"
     only = None if args.command == "run" else [args.command]
     try:
-        if args.dry_run:
-            print(dry_run(cfg, out, only=only))
+        if args.dry_run or args.timing:
+            print(dry_run(cfg, out, only=only, timing=args.timing))
             return 0
         t = time.perf_counter()
         res = run_pipeline(cfg, out, only=only, keep_going=False if args.stop_on_error else None,

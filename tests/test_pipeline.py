@@ -9,6 +9,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,6 +198,7 @@ def _checkpointed(calls: dict, fail_at: str | None = None):
 
             def unit(k=k):
                 calls[k] = calls.get(k, 0) + 1
+                time.sleep(0.2)  # a measurable compute time, reported again when resumed
                 return Numbers(v.norm(dim=-1) * (ord(k) - 96) + torch.rand(1), k)  # random: a rerun differs
             out.append(ctx.checkpoint(f"unit/{k}", unit))
         return Numbers(torch.cat([o.x for o in out]), ",".join(o.note for o in out))
@@ -209,14 +211,20 @@ def test_checkpoints_resume_an_interrupted_stage_without_recomputing(tiny_llama,
         run_pipeline(cfg, tmp_path, studies=[dirs, _checkpointed(calls, fail_at="c")], keep_going=False,
                      progress=False, model=tiny_llama, report=False)
     partial = [p for p in (tmp_path / "stages").iterdir() if p.name.startswith(".partial-chk-")]
-    assert len(partial) == 1 and len(list(partial[0].glob("*.json"))) == 2  # a and b kept
+    assert len(partial) == 1 and len(list(partial[0].glob("unit_*.json"))) == 2  # a and b kept
+    kept = json.loads((partial[0] / "seconds.json").read_text())
+    assert sorted(k.split("-")[0] for k in kept) == ["unit_a", "unit_b"] and min(kept.values()) >= 0.2
     first_a = Numbers.load(next(partial[0].glob("unit_a-*.json"))).x
     r = run_pipeline(cfg, tmp_path, studies=[dirs, _checkpointed(calls)], progress=False,
                      model=tiny_llama, report=False)
     assert calls == {"a": 1, "b": 1, "c": 1}  # a and b loaded, not recomputed
     res = r.result("chk")
     assert res.note == "a,b,c" and torch.equal(res.x[: first_a.shape[0]], first_a)
-    assert "2 checkpoint(s)" in r.results["stages"]["chk"]["notes"]["resumed"]
+    st = r.results["stages"]["chk"]
+    assert "2 checkpoint(s)" in st["notes"]["resumed"]
+    # seconds: this run (c only); compute_seconds adds what a and b took in the stopped run
+    assert st["seconds"] < sum(kept.values()) + 0.2 <= st["compute_seconds"] + 0.01
+    assert st["compute_seconds"] == pytest.approx(st["seconds"] + sum(kept.values()), abs=0.02)
     assert not any(p.name.startswith(".partial-") for p in (tmp_path / "stages").iterdir())
     with pytest.raises(RunError, match="not a Result"):
         bad = Study("bad", "bad", NoConfig, lambda ctx: ctx.checkpoint("x", lambda: {"x": 1}))
@@ -424,6 +432,19 @@ def test_cli_dry_run_prints_plan_and_cache_state(tmp_path, capsys):
     assert cli.main(args) == 0
     lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines() if ln.strip()}
     assert "cached" in lines["judge_agreement"] and "to run" in lines["directions"]
+    # --timing: the finished stage's measured seconds (from its output.json) beside its estimate
+    out_json = next((out / "stages").glob("judge_agreement-*/output.json"))
+    doc = json.loads(out_json.read_text())
+    doc["compute_seconds"] = 1234.0
+    out_json.write_text(json.dumps(doc))
+    assert cli.main([*args, "--timing"]) == 0
+    text = capsys.readouterr().out
+    lines = {ln.split()[0]: ln for ln in text.splitlines() if ln.strip()}
+    assert "1234s" in lines["judge_agreement"] and lines["directions"].split()[7:9] == ["-", "-"]
+    assert "finished stages: estimated" in text and "measured 1234 s" in text
+    out_json.write_text("{broken")
+    assert cli.main([*args, "--timing"]) == 2
+    assert "output.json: no readable seconds" in capsys.readouterr().err
 
 
 def test_cli_errors_and_version(capsys):

@@ -188,6 +188,7 @@ class StageContext:
     notes: dict[str, str] = field(default_factory=dict)
     hash: str = ""  # the stage's key: checkpoints of an interrupted run are kept under it
     resumed: list[str] = field(default_factory=list)  # checkpoint keys loaded instead of computed
+    resumed_seconds: float = 0.0  # what the loaded checkpoints took to compute, in earlier runs
 
     @property
     def model(self):
@@ -213,14 +214,28 @@ class StageContext:
                 self.notes[f"checkpoint {key}"] = f"recomputed (could not load: {type(e).__name__}: {e})"
             else:
                 self.resumed.append(key)
+                self.resumed_seconds += float(self._checkpoint_seconds().get(stem.name, 0.0))
                 return out  # type: ignore[return-value]
+        t = time.perf_counter()
         out = compute()
+        seconds = time.perf_counter() - t
         if not isinstance(out, Result):
             raise RunError(f"stage {self.study.name!r}: checkpoint {key!r} computed "
                            f"{type(out).__name__}, not a Result")
         self.partial_dir.mkdir(parents=True, exist_ok=True)
         out.save(stem)
+        atomic_write_json(self.partial_dir / "seconds.json",
+                          {**self._checkpoint_seconds(), stem.name: round(seconds, 3)})
         return out
+
+    def _checkpoint_seconds(self) -> dict[str, float]:
+        """``partial_dir/seconds.json``: each saved checkpoint's compute time (so that a resumed
+        stage can report the compute of every run that worked on it)."""
+        try:
+            d = json.loads((self.partial_dir / "seconds.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return d if isinstance(d, dict) else {}
 
     def upstream(self, name: str) -> Any:
         """The typed result of upstream stage ``name`` (None when an optional one is absent)."""
@@ -498,7 +513,8 @@ def _entry(st: Study, rec: StageRecord, run_dir: Path) -> dict:
     out = rec.output
     return {
         "title": st.title, "status": "done", "cached": rec.cached, "config_hash": rec.hash,
-        "version": out.get("version"), "seconds": out.get("seconds"), "folder": rel,
+        "version": out.get("version"), "seconds": out.get("seconds"),
+        "compute_seconds": out.get("compute_seconds", out.get("seconds")), "folder": rel,
         "result_type": out.get("result_type"), "results": out.get("results", {}),
         "headline": out.get("headline", {}), "notes": out.get("notes", {}),
         "figures": [{**f, "path": f"{rel}/{f['path']}"} for f in out.get("figures", [])],
@@ -524,8 +540,10 @@ def _run_stage(st: Study, h: str, cfg: RunConfigLike, run_dir: Path, records: di
         headline = result.headline() if hasattr(result, "headline") else {}
         if ctx.resumed:
             ctx.notes["resumed"] = (f"{len(ctx.resumed)} checkpoint(s) of an interrupted run loaded, not "
-                                    f"recomputed; seconds counts this run only: {', '.join(ctx.resumed)}")
+                                    f"recomputed; seconds counts this run only, compute_seconds adds the "
+                                    f"{ctx.resumed_seconds:.0f} s they took: {', '.join(ctx.resumed)}")
         output = {"stage": st.name, "hash": h, "version": st.version, "seconds": round(seconds, 2),
+                  "compute_seconds": round(seconds + ctx.resumed_seconds, 2),
                   "result_type": type(result).__name__, "results": compact_json(jsonable(result.to_dict())),
                   "headline": jsonable(headline), "notes": ctx.notes, "figures": ctx.figures,
                   "tables": jsonable(ctx.tables), "views": ctx.views,

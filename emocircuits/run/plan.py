@@ -81,22 +81,39 @@ def estimate_seconds(plan: Plan, model: str, generation) -> float:
 
 def dry_run(cfg: RunConfigLike, run_dir: str | os.PathLike, studies: Sequence[Study], *,
             estimate: Callable[[Plan], float], header: Sequence[str] = (),
-            load_seconds: float = 10.0, only: Sequence[str] | None = None) -> str:
-    """The plan as text: stages in order, forwards/generations, cached or not, estimated time."""
-    from .engine import closure
+            load_seconds: float = 10.0, only: Sequence[str] | None = None, timing: bool = False) -> str:
+    """The plan as text: stages in order, forwards/generations, cached or not, estimated time.
+
+    ``timing``: also estimate the cached stages and print each one's measured compute seconds
+    (``output.json``'s ``compute_seconds``: this stage's runs, resumed checkpoints included) and
+    measured / estimated: how the cost model is checked against a finished run."""
+    import json
+
+    from .engine import RunError, closure
 
     run_dir = Path(run_dir)
     hashes = stage_hashes(studies, cfg)
     wanted = closure(studies, only)
-    lines = [*header, f"{'stage':<16} {'state':<28} {'fwd':>7} {'gen':>6} {'est.':>8}  what"]
+    extra = f" {'measured':>9} {'ratio':>6}" if timing else ""
+    lines = [*header, f"{'stage':<16} {'state':<28} {'fwd':>7} {'gen':>6} {'est.':>8}{extra}  what"]
     total, model_needed = 0.0, False
+    t_est = t_meas = 0.0
     done: dict[str, bool] = {}
     for st in studies:
         h = effective_hash(st, hashes, done)
         plan = st.plan(cfg)
-        if stage_dir(run_dir, st.name, h).joinpath("output.json").is_file():
+        out_json = stage_dir(run_dir, st.name, h).joinpath("output.json")
+        measured = None
+        if out_json.is_file():
             done[st.name] = True
             state, est = "cached", 0.0
+            if timing:
+                try:
+                    out = json.loads(out_json.read_text())
+                    measured = float(out.get("compute_seconds", out.get("seconds")))
+                except (OSError, ValueError, TypeError) as e:
+                    raise RunError(f"{out_json}: no readable seconds ({e})") from e
+                est = estimate(plan) if st.name in wanted else 0.0
         elif st.name not in wanted:
             state, est = "not asked", 0.0
         elif st.missing_modules():
@@ -104,11 +121,24 @@ def dry_run(cfg: RunConfigLike, run_dir: str | os.PathLike, studies: Sequence[St
         else:
             state, est = f"to run [{h[:8]}]", estimate(plan)
             model_needed = True
-        total += est
+        col = ""
+        if timing:
+            if measured is None:
+                col = f" {'-':>9} {'-':>6}"
+            else:
+                t_est, t_meas = t_est + est, t_meas + measured
+                ratio = f"{measured / est:.2f}" if est > 0 else "-"
+                col = f" {measured:>8.0f}s {ratio:>6}"
+        if state != "cached":
+            total += est
         lines.append(f"{st.name:<16} {state:<28} {plan.forward + plan.eval_forward:>7.0f} {plan.generate:>6.0f} "
-                     f"{est:>7.0f}s  {plan.what}")
+                     f"{est:>7.0f}s{col}  {plan.what}")
     if model_needed:
         total += load_seconds
     lines.append(f"estimated total: {total / 60:.1f} min ({total:.0f} s, incl. model load; "
                  "a rough CPU estimate)")
+    if timing:
+        ratio = f"{t_meas / t_est:.2f}" if t_est > 0 else "-"
+        lines.append(f"finished stages: estimated {t_est:.0f} s, measured {t_meas:.0f} s "
+                     f"({t_meas / 60:.1f} min), measured / estimated {ratio}")
     return "\n".join(lines)

@@ -147,8 +147,10 @@ def run_pipeline(config: RunConfig | Mapping[str, Any], run_dir: str | os.PathLi
 
 
 def dry_run(config: RunConfig | Mapping[str, Any], run_dir: str | os.PathLike, *,
-            studies: Sequence[Study] | None = None, only: Sequence[str] | None = None) -> str:
-    """The plan as text (nothing is loaded or run)."""
+            studies: Sequence[Study] | None = None, only: Sequence[str] | None = None,
+            timing: bool = False) -> str:
+    """The plan as text (nothing is loaded or run); ``timing``: with the finished stages' measured
+    seconds beside their estimates."""
     from ..run.plan import MODEL_COST, estimate_seconds
     from ..run.plan import dry_run as _dry
 
@@ -162,7 +164,7 @@ def dry_run(config: RunConfig | Mapping[str, Any], run_dir: str | os.PathLike, *
               f"max_new_tokens={cfg.generation.max_new_tokens}"]
     return _dry(cfg, run_dir, studies, header=header, only=_only(cfg, only),
                 estimate=lambda p: estimate_seconds(p, cfg.model, cfg.generation),
-                load_seconds=10 * MODEL_COST.get(cfg.model, 1.0))
+                load_seconds=10 * MODEL_COST.get(cfg.model, 1.0), timing=timing)
 
 
 __all__ = ["STUDIES", "Plan", "RunConfig", "Study", "check_before_work", "describe", "dry_run", "find_preset", "get_study",
