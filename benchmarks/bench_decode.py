@@ -6,9 +6,11 @@ whole cache at every step, for every layer::
 
     K_exp[:, h] = K[:, h // g]        # repeat_kv: a copy of the cache
 
-This script profiles ``emocircuits.generate`` (``--n`` SEV prompts in one batch,
-``--max-new-tokens``, ``--dtype``) and reports the operators' shares of the CPU time. It then
-times four variants, interleaved, with the same prompts and settings:
+This script times ``emocircuits.generate`` (``--n`` SEV prompts in one batch,
+``--max-new-tokens``, ``--dtype``) by kind of module (self wall time from forward hooks:
+``Linear``, attention, norms, ``lm_head``, the loop outside the model), and checks in the same
+run how much torch.profiler inflates ``aten::cat`` (it does, several-fold, so its operator
+shares are not reported). It then times these variants, with the same prompts and settings:
 
 * ``ordinary``: HF's ``DynamicCache`` (what ``generate`` uses);
 * ``expanded_buffer``: keys and values expanded once when they are written, into a buffer
@@ -170,18 +172,95 @@ def fresh_logits():
         generation._step_logits = kept
 
 
-def op_shares(model, prompts, gcfg, top: int = 8) -> dict:
-    """Self-CPU shares of the top operators in one profiled ``generate``."""
-    from torch.profiler import ProfilerActivity, profile
+@contextmanager
+def module_timer(model):
+    """Self wall time per kind of module while the block runs: forward pre/post hooks on the
+    bridge and on every module of its HF model record entry and exit; a module's self time is
+    its time minus its timed children's. Kinds: the module's class, with ``lm_head`` apart from
+    the blocks' ``Linear``; ``outside the model`` is the rest of the block's time (logits
+    processing, n-gram bans, the loop). On a CPU every op is synchronous, so wall time is exact.
+    Yields the dict of seconds, filled on exit; the hooks are removed on every exit."""
+    root = getattr(model, "original_model", None)
+    mods = [("model", model)] + ([(n or "hf", m) for n, m in root.named_modules()] if root is not None else [])
+    stack: list[list[float]] = []  # [start, children's time]
+    out: dict[str, float] = {}
 
+    def kind(name: str, m) -> str:
+        if name == "model":
+            return "bridge (its own code)"
+        if name.endswith("lm_head"):
+            return "lm_head"
+        return type(m).__name__
+
+    def pre(_m, _a, *_r):
+        stack.append([time.perf_counter(), 0.0])
+
+    def post(k):
+        def f(_m, _a, _o, *_r):
+            start, child = stack.pop()
+            dt = time.perf_counter() - start
+            out[k] = out.get(k, 0.0) + dt - child
+            if stack:
+                stack[-1][1] += dt
+        return f
+
+    handles = []
+    try:
+        for name, m in mods:
+            handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(m.register_forward_hook(post(kind(name, m)), with_kwargs=True))
+        t = time.perf_counter()
+        yield out
+    finally:
+        total = time.perf_counter() - t
+        for h in handles:
+            h.remove()
+        out["outside the model"] = total - sum(out.values())
+        out["total"] = total
+
+
+def time_shares(model, prompts, gcfg, top: int = 10) -> dict:
+    """Shares of one ``generate``'s wall time by kind of module (:func:`module_timer`), with the
+    time of the same ``generate`` without the timing hooks. torch.profiler is not used: on this
+    CPU build it inflates ``aten::cat`` several-fold (:func:`profiler_cat_inflation`)."""
     from emocircuits.generation import generate
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    t = time.perf_counter()
+    generate(model, prompts, gcfg, progress=False)
+    plain = time.perf_counter() - t
+    with module_timer(model) as sec:
         generate(model, prompts, gcfg, progress=False)
-    ev = [e for e in prof.key_averages() if e.key.startswith("aten::")]
-    total = sum(e.self_cpu_time_total for e in prof.key_averages())
-    ev.sort(key=lambda e: -e.self_cpu_time_total)
-    return {e.key: e.self_cpu_time_total / total for e in ev[:top]}
+    total = sec.pop("total")
+    shares = dict(sorted(((k, v / total) for k, v in sec.items()), key=lambda kv: -kv[1])[:top])
+    return {"shares": shares, "timed_s": total, "untimed_s": plain}
+
+
+def profiler_cat_inflation(steps: int = 30) -> dict:
+    """A decoding-like loop (60 KV caches of [64, 3, t, 64] bf16 appended with ``cat``, one
+    [64, 576] x [576, 576] matmul each) timed plainly and under torch.profiler, and the
+    profiler's own total for ``aten::cat``: why op shares from the profiler mislead here."""
+    from torch.profiler import ProfilerActivity, profile
+
+    caches = [torch.randn(64, 3, 65, 64).bfloat16() for _ in range(60)]
+    new, x, w = torch.randn(64, 3, 1, 64).bfloat16(), torch.randn(64, 576).bfloat16(), torch.randn(576, 576).bfloat16()
+
+    def loop(ks):
+        ks = list(ks)
+        for _ in range(steps):
+            for i in range(len(ks)):
+                ks[i] = torch.cat([ks[i], new], dim=-2)
+                x @ w
+    loop(caches)
+    t = time.perf_counter()
+    loop(caches)
+    plain = time.perf_counter() - t
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        loop(caches)
+        profiled = time.perf_counter() - t
+    cat = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key == "aten::cat") / 1e6
+    mm = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key == "aten::mm") / 1e6
+    return {"loop_s": plain, "loop_profiled_s": profiled, "profiler_cat_s": cat, "profiler_mm_s": mm}
 
 
 def main(argv=None) -> dict:
@@ -208,7 +287,7 @@ def main(argv=None) -> dict:
     if args.in_process:
         model, prompts, gcfg, longest = _setup(args)
         with _hooks(model, args.hooks):
-            shares = op_shares(model, prompts, gcfg)
+            shares = time_shares(model, prompts, gcfg)
         tokens: dict[str, list] = {}
 
         def go(name):
@@ -222,7 +301,7 @@ def main(argv=None) -> dict:
                   "--dtype", args.dtype, "--split", args.split, "--device", args.device, "--hooks", args.hooks]
         if args.threads:
             common += ["--threads", str(args.threads)]
-        shares = C.run_child(Path(__file__), [*common, "--child", "profile"])["op_shares"]
+        shares = C.run_child(Path(__file__), [*common, "--child", "profile"])["time_shares"]
         runs: dict[str, list[float]] = {k: [] for k in names}
         tokens = {}
         for _ in range(max(1, args.repeat)):
@@ -237,7 +316,7 @@ def main(argv=None) -> dict:
         "benchmark": "decode", "model": args.model, "n_prompts": args.n,
         "max_new_tokens": args.max_new_tokens, "dtype": args.dtype, "hooks": args.hooks,
         "new_tokens": sum(len(t) for t in tokens["ordinary"]),
-        "op_shares_ordinary": shares, "times": times,
+        "time_shares_ordinary": shares, "profiler_check": profiler_cat_inflation(), "times": times,
         "ratio_vs_ordinary": {k: C.ratio(times[k]["min_s"], base) for k in names if k != "ordinary"},
         "tokens_identical": {k: tokens[k] == tokens["ordinary"] for k in names if k != "ordinary"},
         "timing": how,
@@ -304,7 +383,7 @@ def _child(args) -> dict:
     model, prompts, gcfg, longest = _setup(args)
     if args.child == "profile":
         with _hooks(model, args.hooks):
-            return {"op_shares": op_shares(model, prompts, gcfg)}
+            return {"time_shares": time_shares(model, prompts, gcfg)}
     _generate(model, prompts, gcfg, args.child, longest + args.max_new_tokens, args.hooks)
     t = time.perf_counter()
     toks = _generate(model, prompts, gcfg, args.child, longest + args.max_new_tokens, args.hooks)

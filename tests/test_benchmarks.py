@@ -11,6 +11,7 @@ import importlib
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -229,7 +230,38 @@ def test_bench_decode_expanded_caches_give_the_same_tokens(model):
     assert r["tokens_identical"] == {"expanded_buffer": True, "expanded_cat": True, "fresh_logits": True,
                                      "bridge_path": True, "repeat_kv": True}
     assert r["new_tokens"] > 5 * 10
-    assert sum(r["op_shares_ordinary"].values()) <= 1.0
+    shares = r["time_shares_ordinary"]["shares"]
+    assert 0.9 < sum(shares.values()) <= 1.0 + 1e-9 and "Linear" in shares
+    assert r["profiler_check"]["loop_s"] > 0
+
+
+def test_module_timer_puts_a_module_s_time_on_its_own_kind_not_its_parent_s():
+    """A 20 ms sleep inside one MLP's forward is that MLP kind's time; its decoder layer's self
+    time and the bridge's do not hold it; the kinds add up to the total."""
+    from emocircuits.generation import GenerationConfig, generate
+
+    bd = _mod("bench_decode")
+    model = bd.C.load("tiny-llama")
+    mlp = next(m for m in model.original_model.modules() if type(m).__name__.endswith("MLP"))
+    orig, calls = mlp.forward, []
+
+    def slow(*a, **k):
+        calls.append(1)
+        time.sleep(0.02)
+        return orig(*a, **k)
+    mlp.forward = slow
+    try:
+        with bd.module_timer(model) as sec:
+            generate(model, ["Hello there", "A much longer prompt than that"],
+                     GenerationConfig(max_new_tokens=4, min_new_tokens=4), progress=False)
+    finally:
+        del mlp.forward
+    slept = 0.02 * len(calls)
+    kind = type(mlp).__name__
+    assert len(calls) >= 4 and sec[kind] >= slept
+    layer = next(k for k in sec if k.endswith("DecoderLayer"))
+    assert sec[layer] < slept and sec["bridge (its own code)"] < slept and sec["outside the model"] < slept
+    assert sum(v for k, v in sec.items() if k != "total") == pytest.approx(sec["total"], rel=1e-9)
 
 
 def test_bench_decode_restores_attention_and_cache_class_on_error():
