@@ -175,20 +175,28 @@ def fresh_logits():
 @contextmanager
 def module_timer(model):
     """Self wall time per kind of module while the block runs: forward pre/post hooks on the
-    bridge and on every module of its HF model record entry and exit; a module's self time is
+    bridge and on every HF module of its model (not on its wrappers and hook points, so that
+    ``generate`` still bypasses them) record entry and exit; a module's self time is
     its time minus its timed children's. Kinds: the module's class, with ``lm_head`` apart from
-    the blocks' ``Linear``; ``outside the model`` is the rest of the block's time (logits
-    processing, n-gram bans, the loop). On a CPU every op is synchronous, so wall time is exact.
+    the blocks' ``Linear``; a wrapper kept for its hooks counts in its HF parent's time;
+    ``outside the model`` is the rest of the block's time (logits processing, n-gram bans, the loop). On a CPU every op is synchronous, so wall time is exact.
     Yields the dict of seconds, filled on exit; the hooks are removed on every exit."""
+    from transformer_lens.hook_points import HookPoint
+    from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+
     root = getattr(model, "original_model", None)
-    mods = [("model", model)] + ([(n or "hf", m) for n, m in root.named_modules()] if root is not None else [])
+    # HF modules only: a torch hook on a bridge wrapper or hook point would keep that wrapper in
+    # place (emocircuits.bypass), and time a path that generate does not take
+    mods = [("model", model)] + ([(n or "hf", m) for n, m in root.named_modules()
+                                  if not isinstance(m, (GeneralizedComponent, HookPoint))]
+                                 if root is not None else [])
     stack: list[list[float]] = []  # [start, children's time]
     out: dict[str, float] = {}
 
     def kind(name: str, m) -> str:
         if name == "model":
             return "bridge (its own code)"
-        if name.endswith("lm_head"):
+        if "lm_head" in name.split("."):  # the unembedding (under the bridge's wrapper)
             return "lm_head"
         return type(m).__name__
 
@@ -221,10 +229,11 @@ def module_timer(model):
 
 def time_shares(model, prompts, gcfg, top: int = 10) -> dict:
     """Shares of one ``generate``'s wall time by kind of module (:func:`module_timer`), with the
-    time of the same ``generate`` without the timing hooks. torch.profiler is not used: on this
+    time of the same ``generate`` without the timing hooks (both after a warm-up). torch.profiler is not used: on this
     CPU build it inflates ``aten::cat`` several-fold (:func:`profiler_cat_inflation`)."""
     from emocircuits.generation import generate
 
+    generate(model, prompts, gcfg, progress=False)  # warm-up
     t = time.perf_counter()
     generate(model, prompts, gcfg, progress=False)
     plain = time.perf_counter() - t

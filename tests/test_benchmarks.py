@@ -262,6 +262,7 @@ def test_module_timer_puts_a_module_s_time_on_its_own_kind_not_its_parent_s():
     layer = next(k for k in sec if k.endswith("DecoderLayer"))
     assert sec[layer] < slept and sec["bridge (its own code)"] < slept and sec["outside the model"] < slept
     assert sum(v for k, v in sec.items() if k != "total") == pytest.approx(sec["total"], rel=1e-9)
+    assert not any(k.endswith("Bridge") or k == "HookPoint" for k in sec)  # the bypass still applies
 
 
 def test_bench_decode_restores_attention_and_cache_class_on_error():
