@@ -3,7 +3,6 @@ generate's decoding steps; configs restored on every exit."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from transformers.models.gemma3.modeling_gemma3 import eager_attention_forward as gemma_eager
