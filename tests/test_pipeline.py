@@ -253,7 +253,7 @@ def test_checkpoint_keys_that_differ_after_a_dot_stay_apart(tiny_llama, tmp_path
         run_pipeline(cfg, tmp_path, studies=[study], keep_going=False, progress=False, model=tiny_llama,
                      report=False)
     partial = next(p for p in (tmp_path / "stages").iterdir() if p.name.startswith(".partial-dots-"))
-    assert len(list(partial.glob("*.json"))) == 3
+    assert len(list(partial.glob("grid_*.json"))) == 3
     fail["on"] = False
     r = run_pipeline(cfg, tmp_path, studies=[study], progress=False, model=tiny_llama, report=False)
     assert calls == {"grid/α=0.25": 1, "grid/α=0.5": 1, "grid/α=0.5x": 1}  # each loaded, none mixed up
