@@ -19,9 +19,12 @@ SECONDS_PER_PROMPT_FORWARD = FORWARD_SECONDS + FORWARD_SECONDS_PER_BATCH / 16  #
 # Greedy decoding, per generated row-token: ROW_TOKEN_SECONDS[dtype] + DECODE_STEP_SECONDS / batch
 # (the fixed per-step part: logits processors, hooks, the bridge's wrappers). Fitted on
 # benchmarks/bench_reuse.py --only decode (2026-12-02, SEV neutral prompts, 100 new tokens): float32
-# 1.00 / 0.73 s per text at batch 16 / 64, bfloat16 0.41 s at batch 64.
+# 1.00 / 0.73 s per text at batch 16 / 64. bfloat16 refitted on the full preset's generating
+# stages run on the bypass and grouped decoding (prompting, steering, circuits; SmolLM2,
+# 2026-12-04; `emocircuits run --preset full --timing`), where texts also stop at EOS:
+# 0.15 s per text at batch 64 (0.41 s before the bypass).
 DECODE_STEP_SECONDS = 0.060
-ROW_TOKEN_SECONDS = {"float32": 0.00447, "bfloat16": 0.00256, "float16": 0.00447}
+ROW_TOKEN_SECONDS = {"float32": 0.00447, "bfloat16": 0.000575, "float16": 0.00447}
 # A prompt forward in bfloat16 costs this fraction of float32 (prefill: 3.67 s vs 11.4 s, 64 prompts).
 FORWARD_DTYPE_FACTOR = {"float32": 1.0, "bfloat16": 0.32, "float16": 1.0}
 # One last-token rerun on a cached prompt prefix (component sweeps), as a fraction of a full
@@ -34,8 +37,9 @@ LAST_TOKEN_STEP_FORWARDS = 0.015
 # The influence runs at INFLUENCE_BATCH prompts × up to INFLUENCE_MAX_ROWS rows per forward
 # whatever the generation batch: 24 SEV prompts × 1,440 interventions took 3.4 s per prompt at
 # (8, 192), 3.8 s at (16, 128), 4.5 s at (24, 576); the full run's 64 prompts per batch 5.2 s
-# (2026-12-02). (3.4 − 0.22) / (1,440 rows × 0.52 mean depth) = 4.3 ms.
-INFLUENCE_ROW_SECONDS = 0.0043
+# (2026-12-02). (3.4 − 0.22) / (1,440 rows × 0.52 mean depth) = 4.3 ms. The full preset's
+# influence on SmolLM2 (480 prompts) took 1,091 s on 2026-12-04 against 1,641 s by that: 2.85 ms.
+INFLUENCE_ROW_SECONDS = 0.00285
 INFLUENCE_BATCH = 8
 INFLUENCE_MAX_ROWS = 192
 # The probes stage's forwards run short utterances (not SEV chat prompts): one costs this
@@ -44,10 +48,11 @@ UTTERANCE_FORWARD = 0.07
 MODEL_COST = {"smollm2-135m-instruct": 1.0, "gemma-3-270m": 2.5, "tiny-llama": 0.02,
               "tiny-gemma": 0.02}
 # The same factor for the work done in the generation dtype (decoding, its prefill, the scoring
-# forwards); MODEL_COST where a model is not listed. Gemma-3-270M's steering stage of the full
-# preset (bf16, batch 64; all of it generation-dtype work) took 1,272 s against 996 SmolLM2
-# seconds by the constants above (2026-12-03, after the kept logits buffer): 1.28.
-MODEL_GENERATION_COST = {"gemma-3-270m": 1.28}
+# forwards); MODEL_COST where a model is not listed. Gemma-3-270M's stories and control stages
+# of the full preset, run on the bypass and grouped decoding (2026-12-03/04: 3,464 s and 829 s),
+# fit 1.7 with the constants above (Gemma's generation: 13.3 s against SmolLM2's 8.4 s for 64
+# texts of 100 tokens in bench_decode.py; its 262k-token unembedding is 38 % of a step).
+MODEL_GENERATION_COST = {"gemma-3-270m": 1.7}
 
 
 def _dtype_key(dtype) -> str:
