@@ -81,15 +81,38 @@ def _hooked_modules(root: torch.nn.Module, cfg=None) -> set[int]:
     return out
 
 
-def _needs_wrapper(wrapper: torch.nn.Module, hooked: set[int], offloaded: bool = True) -> bool:
+def _dirty(root: torch.nn.Module, hooked: set[int]) -> set[int]:
+    """ids of the modules whose subtree (the module included) holds a module of ``hooked``:
+    one pass over the tree, so that hook-free subtrees are not walked again per wrapper."""
+    memo: dict[int, bool] = {}
+
+    def visit(m: torch.nn.Module) -> bool:
+        k = id(m)
+        if k in memo:
+            return memo[k]
+        memo[k] = False  # a module reached again below itself (shared) counts once
+        found = k in hooked
+        for c in m._modules.values():
+            if c is not None and visit(c):
+                found = True
+        memo[k] = found
+        return found
+
+    visit(root)
+    return {k for k, v in memo.items() if v}
+
+
+def _needs_wrapper(wrapper: torch.nn.Module, hooked: set[int], offloaded: bool = True,
+                   dirty: set[int] | None = None) -> bool:
     """True when running the wrapped module instead of ``wrapper`` would lose a hook: a hooked
     module under ``wrapper`` that the wrapped module does not reach (the wrapper's own hook
     points, the wrapper itself, submodules only the wrapper calls). Hooks on wrappers that the
     wrapped module calls (e.g. ``o_proj``'s, where ``hook_z`` lives) fire either way. A subtree
     offloaded by accelerate keeps its wrapper (the wrapper materialises the weights);
-    ``offloaded=False`` says that nothing in the model is."""
-    if not hooked and not offloaded:  # the common case: nothing below any wrapper to look for
-        return False
+    ``offloaded=False`` says that nothing in the model is. ``dirty``: :func:`_dirty` of the
+    tree, when known (a wrapper outside it has no hooked module below it)."""
+    if not offloaded and (not hooked or (dirty is not None and id(wrapper) not in dirty)):
+        return False  # the common case: nothing below this wrapper to look for
     mods = list(wrapper.modules())
     if offloaded and any(hasattr(m, "_hf_hook") for m in mods):
         return True
@@ -99,13 +122,16 @@ def _needs_wrapper(wrapper: torch.nn.Module, hooked: set[int], offloaded: bool =
     return bool(inside - {id(m) for m in wrapper.original_component.modules()})
 
 
-def _plan(root: torch.nn.Module, cfg=None) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+def _plan(root: torch.nn.Module, cfg=None, hooked: set[int] | None = None
+          ) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
     """(parent, attribute, wrapper) for every hook-free wrapper on the HF computation path:
     children of HF modules, outermost first; below a wrapper, its wrapped module's children are
     visited (a kept wrapper may call that module, a bypassed one is that module)."""
     base = _component_class()
-    hooked = _hooked_modules(root, cfg)
+    if hooked is None:
+        hooked = _hooked_modules(root, cfg)
     offloaded = any(hasattr(m, "_hf_hook") for m in root.modules())
+    dirty = _dirty(root, hooked) if hooked else set()
     out: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
     seen: set[int] = set()
 
@@ -120,7 +146,7 @@ def _plan(root: torch.nn.Module, cfg=None) -> list[tuple[torch.nn.Module, str, t
                 orig = getattr(child, "original_component", None)
                 if orig is None:
                     continue
-                if not _needs_wrapper(child, hooked, offloaded):
+                if not _needs_wrapper(child, hooked, offloaded, dirty):
                     out.append((hf_module, name, child))
                 visit(orig)
             else:
@@ -141,7 +167,8 @@ def bypass_unhooked(model) -> Iterator[int]:
         yield 0
         return
     cfg = getattr(model, "cfg", None)
-    swaps = _plan(root, cfg)
+    before = _hooked_modules(root, cfg)
+    swaps = _plan(root, cfg, before)
     done: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
     try:
         for parent, name, wrapper in swaps:
@@ -151,8 +178,9 @@ def bypass_unhooked(model) -> Iterator[int]:
     finally:
         for parent, name, wrapper in reversed(done):
             parent._modules[name] = wrapper
-    now = _hooked_modules(root, cfg)
-    late = [w for _, _, w in done if _needs_wrapper(w, now)]
+    new = _hooked_modules(root, cfg) - before  # only a module hooked inside the block can be missed
+    dirty = _dirty(root, new) if new else set()
+    late = [w for _, _, w in done if _needs_wrapper(w, new, False, dirty)]
     if late:
         names = ", ".join(sorted({getattr(w, "name", type(w).__name__) or "?" for w in late})[:5])
         raise RuntimeError(f"bypass_unhooked: hooks were added inside the block to bypassed "

@@ -104,3 +104,22 @@ def test_not_a_bridge_is_left_alone():
     with bypass_unhooked(torch.nn.Linear(2, 2)) as n:
         assert n == 0
 
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_one_pass_plan_equals_the_wrapper_by_wrapper_walk(tiny, seed, monkeypatch):
+    """_dirty (one pass over the tree) picks the same wrappers to bypass as walking every
+    wrapper's subtree, for hooks at a random set of sites and layers."""
+    from emocircuits import bypass as B
+
+    g = torch.Generator().manual_seed(seed)
+    names = [sites.hook_name(tiny, s, layer) for s in ("resid_pre", "resid_post", "attn_out", "mlp_out", "z",
+                                                        "mlp_post", "pattern", "ln2_out")
+             for layer in range(tiny.cfg.n_layers)]
+    pick = [names[i] for i in torch.randperm(len(names), generator=g)[:3].tolist()]
+    with tiny.hooks(fwd_hooks=[(n, lambda x, hook: x) for n in pick]):
+        root, cfg = tiny.original_model, tiny.cfg
+        fast = [(id(p), a, id(w)) for p, a, w in B._plan(root, cfg)]
+        monkeypatch.setattr(B, "_dirty", lambda root, hooked: None)  # every wrapper walked
+        slow = [(id(p), a, id(w)) for p, a, w in B._plan(root, cfg)]
+    assert fast == slow and 0 < len(fast)
