@@ -8,6 +8,11 @@ timed in the same run (interleaved, min over repeats), with the largest differen
 * ``influence``: sublayer influence. Straightforward: one full forward per (prompt batch,
   intervention chunk). Fast: KV-cached prefix, each intervention resumed at its own layer
   (``sublayer_influence(use_cache=True)``).
+* ``influence_copies``: the cached influence at the full preset's shape (6 emotions × 4 doses
+  per site, ``INFLUENCE_BATCH`` prompts × ``INFLUENCE_MAX_ROWS`` rows): each chunk's
+  interventions as copies of the last token stacked on the position axis of one prompt cache
+  (``stack_copies=True``, the default) against rows on a cache repeated per intervention
+  (``stack_copies=False``, the path before 2026-12-05).
 * ``patch_layers``: a whole-layer sweep of mlp_out from a source. Straightforward: ``patch``
   once per layer (source and target rerun for every layer, every block run). Fast:
   ``patch_layers`` (source and target once, each patched forward resumed at its layer).
@@ -96,6 +101,37 @@ def bench_influence(model, args) -> dict:
             "influence_scale": float(out["slow"].abs().max())}
 
 
+def bench_influence_copies(model, args) -> dict:
+    from emocircuits import circuits as CI
+    from emocircuits.data import load_sev
+    from emocircuits.prompts import neutral_prompts
+    from emocircuits.run.plan import INFLUENCE_BATCH, INFLUENCE_MAX_ROWS
+
+    recs = load_sev("builtin:train")[: args.copies_scenarios]
+    prompts = neutral_prompts(model, recs)
+    L, d, E = model.cfg.n_layers, model.cfg.d_model, 6
+    g = torch.Generator().manual_seed(2)
+    v_mid, v_post = torch.randn(E, L, d, generator=g), torch.randn(E, L, d, generator=g)
+    v_mid, v_post = v_mid / v_mid.norm(dim=-1, keepdim=True), v_post / v_post.norm(dim=-1, keepdim=True)
+    sigma = torch.rand(2, L, generator=g) + 0.5
+    kw = dict(alphas=(0.1, 0.3, 0.5, 0.7), batch_size=INFLUENCE_BATCH, max_rows=INFLUENCE_MAX_ROWS,
+              progress=False)
+    out = {}
+
+    def run(stack):
+        def fn():
+            out[stack] = CI.sublayer_influence(model, prompts, v_mid, v_post, sigma, stack_copies=stack,
+                                               **kw).influence
+        return fn
+
+    t = C.interleaved({"stacked": run(True), "repeated": run(False)}, repeat=args.repeat, warmup=0,
+                      device=args.device)
+    return {"n_prompts": len(prompts), "interventions": E * 4 * 2 * L, "times": t,
+            "ratio": C.ratio(t["stacked"]["min_s"], t["repeated"]["min_s"]),
+            "max_abs_diff": float((out[True] - out[False]).abs().max()),
+            "influence_scale": float(out[False].abs().max())}
+
+
 def bench_patch_layers(model, args) -> dict:
     from bench_peers import same_length_pairs
 
@@ -162,19 +198,21 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=6, help="sweep steps (k = 1, 2, 4, ...)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--influence-scenarios", type=int, default=1)
+    ap.add_argument("--copies-scenarios", type=int, default=3, help="train scenarios (× 3 prompts) of influence_copies")
     ap.add_argument("--n-patch", type=int, default=8)
     ap.add_argument("--decode-batches", default="16,32,64")
     ap.add_argument("--decode-tokens", type=int, default=24)
     ap.add_argument("--decode-dtypes", default="float32,bfloat16",
                     help="generation dtypes (GenerationConfig.dtype; bfloat16 needs CPU/GPU support)")
     ap.add_argument("--repeat", type=int, default=1)
-    ap.add_argument("--only", default="sweep,influence,patch_layers,decode")
+    ap.add_argument("--only", default="sweep,influence,influence_copies,patch_layers,decode")
     args = ap.parse_args(argv)
     C.setup(args)
     model = C.load(args.model, args.device)
     only = set(args.only.split(","))
     res: dict = {"benchmark": "reuse", "model": args.model}
     for name, fn in (("sweep", bench_sweep), ("influence", bench_influence),
+                     ("influence_copies", bench_influence_copies),
                      ("patch_layers", bench_patch_layers), ("decode", bench_decode)):
         if name in only:
             res[name] = fn(model, args)

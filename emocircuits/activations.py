@@ -199,7 +199,8 @@ def _blocks_from(model, start: int):
 
 def forward_from(model, resid_pre: Float[torch.Tensor, "batch pos d_model"], layer: int,
                  attention_mask: torch.Tensor | None, stop: int | None = None,
-                 fwd_hooks: Sequence = (), past=None) -> torch.Tensor | None:
+                 fwd_hooks: Sequence = (), past=None, position_ids: torch.Tensor | None = None
+                 ) -> torch.Tensor | None:
     """Resume a forward at block ``layer`` from its input ``resid_pre`` (as captured on an
     earlier run of the same tokens and mask): blocks ``0..layer−1`` are not run at all.
 
@@ -207,7 +208,9 @@ def forward_from(model, resid_pre: Float[torch.Tensor, "batch pos d_model"], lay
     produce (tested against it: equal to float32 rounding, ~1e-7). Hooks on blocks below ``layer`` never fire.
     ``stop`` and the return value are as in ``forward_until``. ``past``: an HF KV cache of the
     earlier positions (``resid_pre`` then holds the new positions only, ``attention_mask``
-    covers all); only its layers ``layer..`` are read and extended."""
+    covers all); only its layers ``layer..`` are read and extended. ``position_ids`` ``[batch,
+    pos]``: the new positions' RoPE positions (required with a 4D ``attention_mask``; derived
+    from a 2D mask otherwise)."""
     n = model.cfg.n_layers
     if not 0 <= layer < n:
         raise ValueError(f"forward_from: layer {layer} outside [0, {n})")
@@ -221,7 +224,9 @@ def forward_from(model, resid_pre: Float[torch.Tensor, "batch pos d_model"], lay
     if past is not None:
         kw["past_key_values"] = past
     accepts = getattr(model, "_accepts_derived_position_ids", lambda: False)
-    if attention_mask is not None and attention_mask.dim() == 2 and accepts():
+    if position_ids is not None:
+        kw["position_ids"] = position_ids
+    elif attention_mask is not None and attention_mask.dim() == 2 and accepts():
         # the bridge derives positions from the mask for token input, not for a residual:
         # derive them the same way (left padding shifts every real token)
         pos = attention_mask.long().cumsum(-1) - 1

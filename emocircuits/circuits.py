@@ -289,6 +289,7 @@ def sublayer_influence(
     batch_size: int = 8,
     max_rows: int = 128,
     use_cache: bool = True,
+    stack_copies: bool = True,
     progress: bool = True,
 ) -> InfluenceResult:
     """I[e, α, p, L] (module docstring, step 4), batched over prompts AND interventions.
@@ -297,7 +298,11 @@ def sublayer_influence(
     ``[emotion, layer, d_model]`` (all emotions share the neutral inputs, as the paper's nearly
     did: see the known flaws on the method page). Every (emotion, α, p, L) is one intervention;
     up to ``max_rows`` (prompt × intervention) rows go in one forward. ``v_ref`` defaults to
-    ``reference_direction`` over ``band``.
+    ``reference_direction`` over ``band``. ``use_cache`` (default): each intervention resumes at
+    its layer from the prompt's KV cache, its last token only; ``stack_copies`` (default): the
+    interventions of a chunk as copies of the last token on the position axis of one cache,
+    else as rows on a repeated cache (slower; kept for benchmarks). ``use_cache=False``: full
+    forwards (the reference).
 
     Or ``sublayer_influence(model, prompts, dirs, sigma=sigma)`` with ``EmotionDirections``
     (sites resid_mid and resid_post at every model layer; ``emotions`` default to its own).
@@ -349,7 +354,7 @@ def sublayer_influence(
     n = len(texts)
     if use_cache:
         return _influence_resumed(model, texts, iv, doses, v_ref, n_emo, emotions, alphas, sigma, lay,
-                                  batch_size, max_rows, progress)
+                                  batch_size, max_rows, progress, stack_copies)
     # the straightforward path: one full forward per (prompt batch, chunk of interventions)
     dev = model.cfg.device
     sums = torch.zeros(len(iv), dtype=torch.float64)
@@ -407,9 +412,10 @@ def sublayer_influence(
     return _influence_result(sums, base_sum, n, iv, emotions, alphas, sigma, lay, v_ref)
 
 
-def _croppable_layers(cache) -> list | None:
-    """The cache's per-layer objects when each can drop its last position (plain dynamic or
-    sliding layers below their window), else None."""
+def _croppable_layers(cache, extra: int = 1) -> list | None:
+    """The cache's per-layer objects when each can take ``extra`` more positions and drop them
+    again (plain dynamic layers, or sliding ones that stay below their window, where the window
+    masks nothing), else None."""
     layers = getattr(cache, "layers", None)
     if layers is None:
         return None
@@ -418,23 +424,39 @@ def _croppable_layers(cache) -> list | None:
         if name == "DynamicLayer":
             continue
         window = getattr(x, "sliding_window", None)
-        if name == "DynamicSlidingWindowLayer" and window and x.get_seq_length() + 1 < window:
+        if name == "DynamicSlidingWindowLayer" and window and x.get_seq_length() + extra < window:
             continue
         return None
     return list(layers)
 
 
+def _stacked_mask(attention_mask: torch.Tensor, r: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4D mask ``[b, 1, r, T−1+r]`` for r stacked copies of the last token: each copy
+    sees the prompt's earlier (non-padding) positions and itself, not the other copies."""
+    b, width = attention_mask.shape
+    neg = torch.finfo(dtype).min
+    m = torch.full((b, 1, r, width - 1 + r), neg, dtype=dtype, device=attention_mask.device)
+    m[:, 0, :, :width - 1] = torch.where(attention_mask[:, None, :-1].bool(), 0.0, neg).to(dtype)
+    idx = torch.arange(r, device=attention_mask.device)
+    m[:, 0, idx, width - 1 + idx] = 0.0
+    return m
+
+
 @torch.no_grad()
 def _influence_resumed(model, texts, iv, doses, v_ref, n_emo, emotions, alphas, sigma, lay,
-                       batch_size, max_rows, progress) -> InfluenceResult:
+                       batch_size, max_rows, progress, stack_copies: bool = True) -> InfluenceResult:
     """``sublayer_influence`` with every intervention resumed at its own layer.
 
     Per batch: the prompt minus its last token runs once into a KV cache; the last token runs
     once unmodified, keeping the residual entering every block. An intervention at sublayer
     (p, L) adds its dose at the last position only, so nothing below block L and no earlier
-    position changes: its forward starts at block L from the kept residual, on the cache
-    (repeated once per batch for the interventions that share a site), and reads s at the final
-    norm. The cache's layers ≥ L drop the appended position afterwards."""
+    position changes: its forward starts at block L from the kept residual and reads s at the
+    final norm. The r interventions of a chunk that share a site run as r copies of the last
+    token stacked along the position axis, all at the last token's position, on the one
+    prompt cache: a 4D mask lets each copy see the prompt and itself only
+    (:func:`_stacked_mask`), so no cache is repeated per intervention. The cache's layers ≥ L
+    drop the r appended positions afterwards. A cache that cannot (a sliding window reached)
+    gets the interventions as rows on a repeated copy instead."""
     from .activations import forward_from
 
     n = len(texts)
@@ -464,15 +486,22 @@ def _influence_resumed(model, texts, iv, doses, v_ref, n_emo, emotions, alphas, 
                 return fn
 
             def read(x, hook, store=store):  # noqa: ARG001
-                store["s"] = x[:, -1].float() @ v_ref.T.to(x.device)
+                store["s"] = x.float() @ v_ref.T.to(x.device)  # [b, pos, emotion]
 
             hooks = [(S.hook_name(model, "resid_pre", L), keep(L)) for L in sorted({L for _, L in by_site})]
-            base_cache = copy.deepcopy(cache)
+            stacked = _croppable_layers(cache, extra=reps) if stack_copies else None
+            base_cache = cache if stacked is not None else copy.deepcopy(cache)
             with model.hooks(fwd_hooks=[*hooks, (fn_name, read)]):
                 model(batch.tokens[:, -1:], attention_mask=batch.attention_mask, past_key_values=base_cache,
                       use_cache=True, logits_to_keep=1)
+            base_sum += store["s"][:, -1].cpu().double().sum(0)
+            if stacked is not None:
+                for cache_layer in stacked:
+                    cache_layer.crop(-1)
+                _stacked_sites(model, batch, cache, stacked, resid, by_site, iv, doses, reps, sums, store,
+                               fn_name, read, forward_from, bar)
+                continue
             del base_cache
-            base_sum += store["s"].cpu().double().sum(0)
             rep_cache = copy.deepcopy(cache)
             if reps > 1:
                 rep_cache.batch_repeat_interleave(reps)
@@ -501,13 +530,46 @@ def _influence_resumed(model, texts, iv, doses, v_ref, n_emo, emotions, alphas, 
                     forward_from(model, x0, L, mask, fwd_hooks=[(site, add), (fn_name, read)], past=past)
                     for cache_layer in (layers_c or [])[L:]:
                         cache_layer.crop(-1)
-                    s_ = store["s"].cpu().double().view(b, reps, n_emo)
+                    s_ = store["s"][:, -1].cpu().double().view(b, reps, n_emo)
                     emo_idx = torch.tensor([iv[k][0] for k in chunk])
                     sums[chunk] += s_[:, torch.arange(r), emo_idx].sum(0)
                 bar.update(1)
     finally:
         bar.close()
     return _influence_result(sums, base_sum, n, iv, emotions, alphas, sigma, lay, v_ref)
+
+
+def _stacked_sites(model, batch, cache, cache_layers, resid, by_site, iv, doses, reps, sums, store,
+                   fn_name, read, forward_from, bar) -> None:
+    """One batch's interventions, r per forward stacked along the position axis (see
+    ``_influence_resumed``); adds each intervention's s summed over prompts into ``sums``."""
+    dev = model.cfg.device
+    b = len(batch)
+    am = batch.attention_mask.to(dev)
+    pos_last = am.long().sum(-1) - 1  # the last token's RoPE position under left padding
+    dtype = next(iter(resid.values())).dtype
+    masks: dict[int, torch.Tensor] = {}
+    for (p, L), ks in by_site.items():
+        site = S.hook_name(model, _WRITE_SITE[SUBLAYERS[p]], L)
+        for c0 in range(0, len(ks), reps):
+            chunk = ks[c0:c0 + reps]
+            r = len(chunk)
+            if r not in masks:
+                masks[r] = _stacked_mask(am, r, dtype)
+            d = doses[chunk].to(dev)  # copy j of every prompt gets intervention chunk[j]
+
+            def add(x, hook, d=d):  # noqa: ARG001
+                return x + d.to(x.dtype)
+
+            x0 = resid[L].expand(b, r, resid[L].shape[-1])
+            forward_from(model, x0, L, masks[r], fwd_hooks=[(site, add), (fn_name, read)], past=cache,
+                         position_ids=pos_last[:, None].expand(b, r))
+            for cache_layer in cache_layers[L:]:
+                cache_layer.crop(-r)
+            s_ = store["s"].cpu().double()  # [b, r, emotion]
+            emo_idx = torch.tensor([iv[k][0] for k in chunk])
+            sums[chunk] += s_[:, torch.arange(r), emo_idx].sum(0)
+        bar.update(1)
 
 
 # ============================================================================ 4. allocation

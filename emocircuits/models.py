@@ -429,10 +429,12 @@ def model_id(model) -> str:
     return alias or str(getattr(model.cfg, "model_name", "model"))
 
 
-def tiny_model(arch: str = "llama", *, seed: int = 0, n_layers: int = 3, tokenizer: Any = None):
+def tiny_model(arch: str = "llama", *, seed: int = 0, n_layers: int = 3, tokenizer: Any = None,
+               sliding_window: int = 8):
     """A random tiny Llama- or Gemma3-config model (no download) for fast tests.
 
     Uses the embedded SmolLM2 tokenizer (from the cache) unless one is given.
+    ``sliding_window``: the Gemma layers' window (8 by default: shorter than most test prompts).
     """
     from transformers import (
         AutoTokenizer,
@@ -462,7 +464,7 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, n_layers: int = 3, tokeniz
     elif arch == "gemma":
         layer_types = ["sliding_attention"] * (n_layers - 1) + ["full_attention"]
         cfg = Gemma3TextConfig(
-            num_key_value_heads=1, head_dim=16, sliding_window=8, layer_types=layer_types,
+            num_key_value_heads=1, head_dim=16, sliding_window=sliding_window, layer_types=layer_types,
             **common,
         )
         hf = Gemma3ForCausalLM(cfg)

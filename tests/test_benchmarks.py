@@ -215,9 +215,11 @@ def test_bench_peers_smoke():
 
 def test_bench_reuse_smoke():
     r = _mod("bench_reuse").main(["--model", "tiny-llama", "--n", "4", "--steps", "2", "--batch-size", "2",
-                                  "--n-patch", "2", "--decode-batches", "1,2", "--decode-tokens", "2"])
+                                  "--n-patch", "2", "--decode-batches", "1,2", "--decode-tokens", "2",
+                                  "--copies-scenarios", "1"])
     assert r["sweep"]["max_abs_diff"] < 1e-4
     assert r["influence"]["max_abs_diff"] < 1e-3 * max(1.0, r["influence"]["influence_scale"])
+    assert r["influence_copies"]["max_abs_diff"] < 1e-4 * max(1.0, r["influence_copies"]["influence_scale"])
     assert r["patch_layers"]["max_abs_diff"] < 1e-5
     assert r["sweep"]["forwards_equivalent"]["fast"] < r["sweep"]["forwards_equivalent"]["straightforward"]
 

@@ -277,6 +277,44 @@ def test_influence_matches_loop(tiny, use_cache):
     assert r1.mean(0).shape == (2, n_layers)
 
 
+@pytest.mark.parametrize("arch,window,stacked", [("llama", 8, True), ("gemma", 8, False), ("gemma", 512, True)])
+def test_influence_stacked_copies_match_loop(arch, window, stacked, monkeypatch):
+    """The cached influence runs each chunk's interventions as copies of the last token stacked
+    on the position axis (one prompt cache, a 4D mask); a cache whose sliding window would be
+    reached falls back to rows on a repeated cache. Both equal one unpadded forward per
+    (prompt, intervention); padding (prompts of different lengths) and chunks that do not
+    divide the interventions are exercised."""
+    from emocircuits.models import tiny_model
+
+    model = tiny_model(arch, seed=1, sliding_window=window)
+    calls = []
+    real = C._stacked_sites
+    monkeypatch.setattr(C, "_stacked_sites", lambda *a, **k: calls.append(1) or real(*a, **k))
+    n_layers, d, E = model.cfg.n_layers, model.cfg.d_model, 3
+    g = torch.Generator().manual_seed(3)
+    v_mid, v_post = torch.randn(E, n_layers, d, generator=g), torch.randn(E, n_layers, d, generator=g)
+    v_mid, v_post = v_mid / v_mid.norm(dim=-1, keepdim=True), v_post / v_post.norm(dim=-1, keepdim=True)
+    sigma = torch.rand(2, n_layers, generator=g) * 2 + 0.5
+    alphas = (0.3, 0.7)
+    res = C.sublayer_influence(model, TEXTS, v_mid, v_post, sigma, alphas=alphas, batch_size=2, max_rows=10,
+                               progress=False)
+    assert bool(calls) == stacked
+    ref = _influence_loop(model, TEXTS, v_mid, v_post, sigma, alphas, res.v_ref)
+    assert ref.abs().max() > 1e-3
+    torch.testing.assert_close(res.influence.double(), ref, atol=2e-4, rtol=2e-3)
+
+
+def test_stacked_mask_sees_prompt_and_itself_only():
+    am = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    m = C._stacked_mask(am, 3, torch.float32)
+    assert m.shape == (2, 1, 3, 6)
+    seen = m == 0
+    # row 0: position 0 is padding; the three earlier real positions are seen by every copy
+    assert seen[0, 0, :, :3].tolist() == [[False, True, True]] * 3
+    assert seen[1, 0, :, :3].all()
+    assert seen[:, 0, :, 3:].tolist() == [[[True, False, False], [False, True, False], [False, False, True]]] * 2
+
+
 # ----------------------------------------------------------------------------- circuit, modulation
 
 
